@@ -1,0 +1,324 @@
+//! Device-side vocabulary shared by every ring layout: the segments of a popped chain,
+//! where they are collected, and what a hostile driver can be caught doing.
+
+use core::fmt;
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+
+/// One segment of a popped chain, translated to host memory and bounds-checked once.
+///
+/// It borrows the guest memory for `'m`, so it cannot outlive the mapping it points into.
+/// The driver may change the bytes at any time (they are its memory); the accessors copy
+/// in and out and never hand out references into guest memory.
+#[derive(Clone, Copy)]
+pub struct Segment<'m> {
+    host: NonNull<u8>,
+    addr: u64,
+    len: u32,
+    writable: bool,
+    _memory: PhantomData<&'m [u8]>,
+}
+
+// SAFETY: a segment is an address range in guest memory that the `GuestMemory` contract
+// keeps valid for `'m`, whichever thread uses it; all accesses are copies.
+unsafe impl Send for Segment<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for Segment<'_> {}
+
+impl<'m> Segment<'m> {
+    /// # Safety
+    ///
+    /// `host` is valid for reads and writes of `len` bytes for `'m`.
+    pub(crate) unsafe fn new(host: NonNull<u8>, addr: u64, len: u32, writable: bool) -> Self {
+        Self {
+            host,
+            addr,
+            len,
+            writable,
+            _memory: PhantomData,
+        }
+    }
+
+    /// Guest address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Whether the segment is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the driver marked it device-writable.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Host address of the first byte, for zero-copy I/O (e.g. `preadv` into the guest).
+    /// Valid for `len` bytes for `'m`.
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.host.as_ptr()
+    }
+
+    /// Copies bytes from the segment, starting `offset` bytes in, into `buf`. Returns the
+    /// count copied (short at the segment's end).
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> usize {
+        let n = buf.len().min((self.len as usize).saturating_sub(offset));
+        if n > 0 {
+            // SAFETY: `offset + n <= len`, and the segment is valid for `len` bytes (see
+            // `new`); `buf` is ours and cannot overlap guest memory we do not own.
+            unsafe {
+                core::ptr::copy_nonoverlapping(self.host.as_ptr().add(offset), buf.as_mut_ptr(), n)
+            };
+        }
+        n
+    }
+
+    /// Copies `data` into the segment at `offset`. Returns the count copied (short at the
+    /// segment's end). Writing a device-readable segment is allowed here; the device
+    /// decides what its protocol permits.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> usize {
+        let n = data.len().min((self.len as usize).saturating_sub(offset));
+        if n > 0 {
+            // SAFETY: as in `read_at`.
+            unsafe {
+                core::ptr::copy_nonoverlapping(data.as_ptr(), self.host.as_ptr().add(offset), n)
+            };
+        }
+        n
+    }
+}
+
+impl fmt::Debug for Segment<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Segment")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("len", &self.len)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+/// Where `pop` collects a chain's segments: readable ones first, then writable ones.
+pub trait SegmentSink<'m> {
+    /// Empties the sink.
+    fn clear(&mut self);
+    /// Appends a segment; false if the sink is full.
+    fn push(&mut self, seg: Segment<'m>) -> bool;
+}
+
+/// A fixed-capacity segment list that needs no allocation.
+pub struct Segments<'m, const N: usize> {
+    segs: [Option<Segment<'m>>; N],
+    len: usize,
+}
+
+impl<'m, const N: usize> Default for Segments<'m, N> {
+    fn default() -> Self {
+        Self {
+            segs: [None; N],
+            len: 0,
+        }
+    }
+}
+
+impl<'m, const N: usize> Segments<'m, N> {
+    /// An empty list.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The collected segments.
+    pub fn iter(&self) -> impl Iterator<Item = &Segment<'m>> {
+        self.segs[..self.len].iter().flatten()
+    }
+
+    /// Number collected.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<'m, const N: usize> SegmentSink<'m> for Segments<'m, N> {
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    fn push(&mut self, seg: Segment<'m>) -> bool {
+        if self.len == N {
+            return false;
+        }
+        self.segs[self.len] = Some(seg);
+        self.len += 1;
+        true
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<'m> SegmentSink<'m> for alloc::vec::Vec<Segment<'m>> {
+    fn clear(&mut self) {
+        alloc::vec::Vec::clear(self);
+    }
+
+    fn push(&mut self, seg: Segment<'m>) -> bool {
+        alloc::vec::Vec::push(self, seg);
+        true
+    }
+}
+
+/// A chain popped from the available ring, to be completed exactly once.
+///
+/// It is not `Clone`: completing it consumes it, so a chain cannot be completed twice.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a popped chain must be completed, or the driver never gets its buffer back"]
+pub struct Chain {
+    pub(crate) id: u16,
+    /// Ring descriptors the chain occupies (packed rings skip that many on completion).
+    pub(crate) descs: u16,
+    readable: u32,
+    writable: u32,
+    readable_segments: u16,
+    writable_segments: u16,
+}
+
+impl Chain {
+    pub(crate) fn new(id: u16, descs: u16) -> Self {
+        Self {
+            id,
+            descs,
+            readable: 0,
+            writable: 0,
+            readable_segments: 0,
+            writable_segments: 0,
+        }
+    }
+
+    pub(crate) fn add(&mut self, len: u32, writable: bool) -> Result<(), DeviceError> {
+        let (total, count) = if writable {
+            (&mut self.writable, &mut self.writable_segments)
+        } else {
+            (&mut self.readable, &mut self.readable_segments)
+        };
+        *total = total.checked_add(len).ok_or(DeviceError::LengthOverflow)?;
+        if self.readable.checked_add(self.writable).is_none() {
+            return Err(DeviceError::LengthOverflow);
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    /// The buffer id (split: the head descriptor index) the driver will see in the used
+    /// entry.
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// Total bytes in readable segments.
+    pub fn readable_len(&self) -> u32 {
+        self.readable
+    }
+
+    /// Total bytes in writable segments: the most a completion may claim to have written.
+    pub fn writable_len(&self) -> u32 {
+        self.writable
+    }
+
+    /// Number of readable segments (they come first in the sink).
+    pub fn readable_segments(&self) -> u16 {
+        self.readable_segments
+    }
+
+    /// Number of writable segments (after the readable ones in the sink).
+    pub fn writable_segments(&self) -> u16 {
+        self.writable_segments
+    }
+}
+
+/// A driver mistake (or attack) found while popping, or a local limit.
+///
+/// All but [`DeviceError::SinkFull`] latch the queue broken (the spec's
+/// `DEVICE_NEEDS_RESET` situation): the ring can no longer be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceError {
+    /// The queue is broken by an earlier error.
+    Broken,
+    /// The driver moved `avail.idx` by more than the ring size.
+    AvailIndexJump {
+        /// The index the driver published.
+        avail_idx: u16,
+        /// Where the device had got to.
+        last_avail_idx: u16,
+    },
+    /// A head (or `next`) index is not below the ring size.
+    IndexOutOfRange {
+        /// The index.
+        index: u32,
+    },
+    /// A chain is longer than the ring (or its indirect table): a loop, or a bad chain.
+    ChainTooLong,
+    /// An indirect descriptor inside an indirect table.
+    NestedIndirect,
+    /// An indirect descriptor that also has `NEXT`, or that is not the chain's head.
+    MisplacedIndirect,
+    /// An indirect table whose length is zero or not a multiple of 16.
+    BadIndirectLength {
+        /// The length.
+        len: u32,
+    },
+    /// A buffer (or table, or ring) lies outside guest memory.
+    AddressOutOfRange {
+        /// Guest address.
+        addr: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The chain's total length does not fit in 32 bits.
+    LengthOverflow,
+    /// A readable descriptor follows a writable one.
+    ReadableAfterWritable,
+    /// A ring area is not aligned as the spec requires.
+    Misaligned,
+    /// The ring size is not valid for the layout.
+    InvalidSize,
+    /// The packed descriptor's flags are not a valid available descriptor.
+    BadDescriptorFlags,
+    /// The caller's segment sink is full; the chain stays available (not a driver fault,
+    /// does not break the queue). Pop again with a larger sink.
+    SinkFull,
+}
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Broken => f.write_str("the queue is broken"),
+            Self::AvailIndexJump { avail_idx, last_avail_idx } => write!(
+                f,
+                "driver moved the available index to {avail_idx}, more than a ring ahead of {last_avail_idx}"
+            ),
+            Self::IndexOutOfRange { index } => write!(f, "descriptor index {index} is out of range"),
+            Self::ChainTooLong => f.write_str("descriptor chain is longer than the ring (a loop?)"),
+            Self::NestedIndirect => f.write_str("indirect descriptor inside an indirect table"),
+            Self::MisplacedIndirect => f.write_str("indirect descriptor with NEXT, or not at the head of a chain"),
+            Self::BadIndirectLength { len } => write!(f, "indirect table length {len} is not a positive multiple of 16"),
+            Self::AddressOutOfRange { addr, len } => {
+                write!(f, "guest range {addr:#x}+{len:#x} is outside guest memory")
+            }
+            Self::LengthOverflow => f.write_str("descriptor chain length overflows 32 bits"),
+            Self::ReadableAfterWritable => f.write_str("readable descriptor after a writable one"),
+            Self::Misaligned => f.write_str("ring area is misaligned"),
+            Self::InvalidSize => f.write_str("invalid queue size"),
+            Self::BadDescriptorFlags => f.write_str("descriptor flags are not a valid available descriptor"),
+            Self::SinkFull => f.write_str("segment sink is full"),
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Little-endian fields of memory shared with the peer.
+//!
+//! The peer may write any of these at any time, so they are atomics (never plain
+//! references to plain integers) and every access is a single relaxed load or store:
+//! Linux's `READ_ONCE` / `WRITE_ONCE`. Callers copy a value out once, validate the copy,
+//! and use only the copy. Ordering between fields comes from [`crate::Barriers`].
+
+use core::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering::Relaxed};
+
+/// A shared little-endian `u16`.
+#[repr(transparent)]
+pub struct Le16(AtomicU16);
+
+/// A shared little-endian `u32`.
+#[repr(transparent)]
+pub struct Le32(AtomicU32);
+
+/// A shared little-endian `u64`.
+#[repr(transparent)]
+pub struct Le64(AtomicU64);
+
+macro_rules! le_field {
+    ($name:ident, $int:ty) => {
+        impl $name {
+            /// One load of the field.
+            #[inline(always)]
+            pub fn load(&self) -> $int {
+                <$int>::from_le(self.0.load(Relaxed))
+            }
+
+            /// One store to the field.
+            #[inline(always)]
+            pub fn store(&self, value: $int) {
+                self.0.store(value.to_le(), Relaxed)
+            }
+        }
+    };
+}
+
+le_field!(Le16, u16);
+le_field!(Le32, u32);
+le_field!(Le64, u64);
+
+/// One 16-byte descriptor, viewed as two 8-byte words so that a reader fetches it in two
+/// loads and a writer publishes it in two stores.
+///
+/// Word 0 is the buffer address. Word 1 holds, from its low bits up, `len: u32` and then
+/// two `u16` fields: split rings use them as `flags, next`, packed rings as `id, flags`.
+/// Ring descriptor tables are 16-byte aligned (VIRTIO 1.3, 2.7.5 and 2.8.13); indirect
+/// tables need only 8 for both words to be naturally aligned.
+#[repr(C, align(8))]
+pub struct RawDesc {
+    addr: Le64,
+    word1: Le64,
+}
+
+/// The fields of one descriptor, copied out of shared memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DescWords {
+    /// Buffer address.
+    pub addr: u64,
+    /// Buffer length in bytes.
+    pub len: u32,
+    /// Bits 32..48 of word 1: split `flags`, packed `id`.
+    pub lo16: u16,
+    /// Bits 48..64 of word 1: split `next`, packed `flags`.
+    pub hi16: u16,
+}
+
+impl RawDesc {
+    /// Reads the whole descriptor: exactly one load per word.
+    #[inline(always)]
+    pub fn read(&self) -> DescWords {
+        let addr = self.addr.load();
+        let w1 = self.word1.load();
+        DescWords {
+            addr,
+            len: w1 as u32,
+            lo16: (w1 >> 32) as u16,
+            hi16: (w1 >> 48) as u16,
+        }
+    }
+
+    /// Writes the whole descriptor.
+    #[inline(always)]
+    pub fn write(&self, d: DescWords) {
+        self.addr.store(d.addr);
+        self.word1
+            .store(d.len as u64 | (d.lo16 as u64) << 32 | (d.hi16 as u64) << 48);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_words_have_the_spec_byte_layout() {
+        let d = RawDesc {
+            addr: Le64(AtomicU64::new(0)),
+            word1: Le64(AtomicU64::new(0)),
+        };
+        d.write(DescWords {
+            addr: 0x1122_3344_5566_7788,
+            len: 0xaabb_ccdd,
+            lo16: 0x0102,
+            hi16: 0x0304,
+        });
+        // SAFETY: RawDesc is 16 plain bytes and nothing else touches `d` meanwhile.
+        let bytes: [u8; 16] = unsafe { core::mem::transmute_copy(&d) };
+        assert_eq!(
+            bytes,
+            [
+                0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0xdd, 0xcc, 0xbb, 0xaa, 0x02, 0x01,
+                0x04, 0x03
+            ]
+        );
+        assert_eq!(
+            d.read(),
+            DescWords {
+                addr: 0x1122_3344_5566_7788,
+                len: 0xaabb_ccdd,
+                lo16: 0x0102,
+                hi16: 0x0304
+            }
+        );
+    }
+}
