@@ -30,13 +30,7 @@ impl<'m> Segment<'m> {
     ///
     /// `host` is valid for reads and writes of `len` bytes for `'m`.
     pub(crate) unsafe fn new(host: NonNull<u8>, addr: u64, len: u32, writable: bool) -> Self {
-        Self {
-            host,
-            addr,
-            len,
-            writable,
-            _memory: PhantomData,
-        }
+        Self { host, addr, len, writable, _memory: PhantomData }
     }
 
     /// Guest address.
@@ -72,9 +66,7 @@ impl<'m> Segment<'m> {
         if n > 0 {
             // SAFETY: `offset + n <= len`, and the segment is valid for `len` bytes (see
             // `new`); `buf` is ours and cannot overlap guest memory we do not own.
-            unsafe {
-                core::ptr::copy_nonoverlapping(self.host.as_ptr().add(offset), buf.as_mut_ptr(), n)
-            };
+            unsafe { core::ptr::copy_nonoverlapping(self.host.as_ptr().add(offset), buf.as_mut_ptr(), n) };
         }
         n
     }
@@ -86,9 +78,7 @@ impl<'m> Segment<'m> {
         let n = data.len().min((self.len as usize).saturating_sub(offset));
         if n > 0 {
             // SAFETY: as in `read_at`.
-            unsafe {
-                core::ptr::copy_nonoverlapping(data.as_ptr(), self.host.as_ptr().add(offset), n)
-            };
+            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), self.host.as_ptr().add(offset), n) };
         }
         n
     }
@@ -120,10 +110,7 @@ pub struct Segments<'m, const N: usize> {
 
 impl<'m, const N: usize> Default for Segments<'m, N> {
     fn default() -> Self {
-        Self {
-            segs: [None; N],
-            len: 0,
-        }
+        Self { segs: [None; N], len: 0 }
     }
 }
 
@@ -193,14 +180,7 @@ pub struct Chain {
 
 impl Chain {
     pub(crate) fn new(id: u16, descs: u16) -> Self {
-        Self {
-            id,
-            descs,
-            readable: 0,
-            writable: 0,
-            readable_segments: 0,
-            writable_segments: 0,
-        }
+        Self { id, descs, readable: 0, writable: 0, readable_segments: 0, writable_segments: 0 }
     }
 
     pub(crate) fn add(&mut self, len: u32, writable: bool) -> Result<(), DeviceError> {
@@ -301,15 +281,16 @@ impl fmt::Display for DeviceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Self::Broken => f.write_str("the queue is broken"),
-            Self::AvailIndexJump { avail_idx, last_avail_idx } => write!(
-                f,
-                "driver moved the available index to {avail_idx}, more than a ring ahead of {last_avail_idx}"
-            ),
+            Self::AvailIndexJump { avail_idx, last_avail_idx } => {
+                write!(f, "driver moved the available index to {avail_idx}, more than a ring ahead of {last_avail_idx}")
+            }
             Self::IndexOutOfRange { index } => write!(f, "descriptor index {index} is out of range"),
             Self::ChainTooLong => f.write_str("descriptor chain is longer than the ring (a loop?)"),
             Self::NestedIndirect => f.write_str("indirect descriptor inside an indirect table"),
             Self::MisplacedIndirect => f.write_str("indirect descriptor with NEXT, or not at the head of a chain"),
-            Self::BadIndirectLength { len } => write!(f, "indirect table length {len} is not a positive multiple of 16"),
+            Self::BadIndirectLength { len } => {
+                write!(f, "indirect table length {len} is not a positive multiple of 16")
+            }
             Self::AddressOutOfRange { addr, len } => {
                 write!(f, "guest range {addr:#x}+{len:#x} is outside guest memory")
             }

@@ -32,10 +32,7 @@ impl Sg {
     /// buffer comes back is the caller's business, typically by moving its owner into the
     /// token.
     pub fn from_slice(buf: &[u8]) -> Self {
-        Self {
-            addr: buf.as_ptr() as u64,
-            len: buf.len() as u32,
-        }
+        Self { addr: buf.as_ptr() as u64, len: buf.len() as u32 }
     }
 }
 
@@ -75,9 +72,7 @@ impl<T> AddError<T> {
 
 impl<T> fmt::Debug for AddError<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AddError")
-            .field("kind", &self.kind)
-            .finish_non_exhaustive()
+        f.debug_struct("AddError").field("kind", &self.kind).finish_non_exhaustive()
     }
 }
 
@@ -88,9 +83,7 @@ impl<T> fmt::Display for AddError<T> {
             AddErrorKind::NoMemory => "mapping a buffer for the device failed",
             AddErrorKind::Broken => "the virtqueue is broken",
             AddErrorKind::NoSegments => "a buffer needs at least one segment",
-            AddErrorKind::TooManySegments => {
-                "the buffer has more segments than the virtqueue can hold"
-            }
+            AddErrorKind::TooManySegments => "the buffer has more segments than the virtqueue can hold",
             AddErrorKind::NoContext => "add_inbuf_ctx needs a queue created with context",
         })
     }
@@ -141,15 +134,9 @@ impl fmt::Display for Fault {
                 write!(f, "device used id {id}, which is not a buffer in flight")
             }
             Self::UsedLenTooLong { id, len, writable } => {
-                write!(
-                    f,
-                    "device wrote {len} bytes to buffer {id}, which has {writable} writable"
-                )
+                write!(f, "device wrote {len} bytes to buffer {id}, which has {writable} writable")
             }
-            Self::UsedIndexRanAhead {
-                used_idx,
-                last_used_idx,
-            } => {
+            Self::UsedIndexRanAhead { used_idx, last_used_idx } => {
                 write!(f, "device used index {used_idx} is ahead of the buffers in flight (last used {last_used_idx})")
             }
             Self::UsedDescriptorInvalid => f.write_str("device wrote an invalid used descriptor"),
@@ -191,9 +178,24 @@ impl Notify for () {
     }
 }
 
-impl<F: Fn(NotifyData) -> bool + Send + Sync> Notify for F {
+impl<N: Notify + ?Sized> Notify for &N {
     fn notify(&self, data: NotifyData) -> bool {
-        self(data)
+        (**self).notify(data)
+    }
+}
+
+impl<N: Notify + ?Sized> Notify for Arc<N> {
+    fn notify(&self, data: NotifyData) -> bool {
+        (**self).notify(data)
+    }
+}
+
+/// A closure as a notifier: `NotifyFn(|data| doorbell.write(data.to_u32()))`.
+pub struct NotifyFn<F>(pub F);
+
+impl<F: Fn(NotifyData) -> bool + Send + Sync> Notify for NotifyFn<F> {
+    fn notify(&self, data: NotifyData) -> bool {
+        (self.0)(data)
     }
 }
 
@@ -213,10 +215,7 @@ pub(crate) struct Shared<N> {
 
 impl<N: Notify> Shared<N> {
     pub(crate) fn new(notifier: N) -> Arc<Self> {
-        Arc::new(Self {
-            broken: AtomicBool::new(false),
-            notifier,
-        })
+        Arc::new(Self { broken: AtomicBool::new(false), notifier })
     }
 
     #[inline]
@@ -257,9 +256,7 @@ pub struct QueueHandle<N> {
 
 impl<N> Clone for QueueHandle<N> {
     fn clone(&self) -> Self {
-        Self {
-            shared: self.shared.clone(),
-        }
+        Self { shared: self.shared.clone() }
     }
 }
 

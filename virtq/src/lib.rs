@@ -70,8 +70,8 @@ pub use barrier::Barriers;
 pub use device::{Chain, DeviceError, Segment, SegmentSink, Segments};
 #[cfg(feature = "alloc")]
 pub use driver::{
-    AddError, AddErrorKind, CreateError, Fault, InterruptAction, Kick, Notify, NotifyData,
-    QueueConfig, QueueHandle, Sg, UsedBuf, UsedSnapshot,
+    AddError, AddErrorKind, CreateError, Fault, InterruptAction, Kick, Notify, NotifyData, NotifyFn, QueueConfig,
+    QueueHandle, Sg, UsedBuf, UsedSnapshot,
 };
 pub use event::need_event;
 pub use features::Features;

@@ -22,6 +22,12 @@ pub struct DmaRegion {
     pub size: usize,
 }
 
+// SAFETY: a region is an address range owned by whoever allocated it; the value carries
+// no thread affinity, and the ring inside is accessed only through atomics.
+unsafe impl Send for DmaRegion {}
+// SAFETY: as above.
+unsafe impl Sync for DmaRegion {}
+
 /// How a driver queue gets device-visible memory: Linux's DMA API as the ring uses it.
 ///
 /// The queue allocates its ring (and its pool of indirect tables) once, at creation, and
@@ -119,11 +125,7 @@ unsafe impl Dma for IdentityDma {
         let layout = core::alloc::Layout::from_size_align(size.max(1), IDENTITY_ALIGN).ok()?;
         // SAFETY: the layout has a non-zero size.
         let cpu = NonNull::new(unsafe { alloc::alloc::alloc_zeroed(layout) })?;
-        Some(DmaRegion {
-            cpu,
-            device_addr: cpu.as_ptr() as u64,
-            size,
-        })
+        Some(DmaRegion { cpu, device_addr: cpu.as_ptr() as u64, size })
     }
 
     unsafe fn free(&self, region: DmaRegion) {
@@ -217,34 +219,13 @@ impl<const N: usize> GuestRegions<N> {
     ///
     /// `host` must be valid for reads and writes of `size` bytes for as long as this table
     /// exists (until it is dropped or the region removed by [`GuestRegions::clear`]).
-    pub unsafe fn add_region(
-        &mut self,
-        guest_base: u64,
-        size: u64,
-        host: NonNull<u8>,
-    ) -> Result<(), RegionError> {
-        let end = guest_base
-            .checked_add(size)
-            .filter(|_| size > 0)
-            .ok_or(RegionError::InvalidRange)?;
-        if self
-            .regions
-            .iter()
-            .flatten()
-            .any(|r| guest_base < r.guest_base + r.size && r.guest_base < end)
-        {
+    pub unsafe fn add_region(&mut self, guest_base: u64, size: u64, host: NonNull<u8>) -> Result<(), RegionError> {
+        let end = guest_base.checked_add(size).filter(|_| size > 0).ok_or(RegionError::InvalidRange)?;
+        if self.regions.iter().flatten().any(|r| guest_base < r.guest_base + r.size && r.guest_base < end) {
             return Err(RegionError::Overlap);
         }
-        let slot = self
-            .regions
-            .iter_mut()
-            .find(|r| r.is_none())
-            .ok_or(RegionError::TableFull)?;
-        *slot = Some(Region {
-            guest_base,
-            size,
-            host,
-        });
+        let slot = self.regions.iter_mut().find(|r| r.is_none()).ok_or(RegionError::TableFull)?;
+        *slot = Some(Region { guest_base, size, host });
         Ok(())
     }
 

@@ -73,20 +73,14 @@ impl RawDesc {
     pub fn read(&self) -> DescWords {
         let addr = self.addr.load();
         let w1 = self.word1.load();
-        DescWords {
-            addr,
-            len: w1 as u32,
-            lo16: (w1 >> 32) as u16,
-            hi16: (w1 >> 48) as u16,
-        }
+        DescWords { addr, len: w1 as u32, lo16: (w1 >> 32) as u16, hi16: (w1 >> 48) as u16 }
     }
 
     /// Writes the whole descriptor.
     #[inline(always)]
     pub fn write(&self, d: DescWords) {
         self.addr.store(d.addr);
-        self.word1
-            .store(d.len as u64 | (d.lo16 as u64) << 32 | (d.hi16 as u64) << 48);
+        self.word1.store(d.len as u64 | (d.lo16 as u64) << 32 | (d.hi16 as u64) << 48);
     }
 }
 
@@ -96,33 +90,14 @@ mod tests {
 
     #[test]
     fn descriptor_words_have_the_spec_byte_layout() {
-        let d = RawDesc {
-            addr: Le64(AtomicU64::new(0)),
-            word1: Le64(AtomicU64::new(0)),
-        };
-        d.write(DescWords {
-            addr: 0x1122_3344_5566_7788,
-            len: 0xaabb_ccdd,
-            lo16: 0x0102,
-            hi16: 0x0304,
-        });
+        let d = RawDesc { addr: Le64(AtomicU64::new(0)), word1: Le64(AtomicU64::new(0)) };
+        d.write(DescWords { addr: 0x1122_3344_5566_7788, len: 0xaabb_ccdd, lo16: 0x0102, hi16: 0x0304 });
         // SAFETY: RawDesc is 16 plain bytes and nothing else touches `d` meanwhile.
         let bytes: [u8; 16] = unsafe { core::mem::transmute_copy(&d) };
         assert_eq!(
             bytes,
-            [
-                0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0xdd, 0xcc, 0xbb, 0xaa, 0x02, 0x01,
-                0x04, 0x03
-            ]
+            [0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0xdd, 0xcc, 0xbb, 0xaa, 0x02, 0x01, 0x04, 0x03]
         );
-        assert_eq!(
-            d.read(),
-            DescWords {
-                addr: 0x1122_3344_5566_7788,
-                len: 0xaabb_ccdd,
-                lo16: 0x0102,
-                hi16: 0x0304
-            }
-        );
+        assert_eq!(d.read(), DescWords { addr: 0x1122_3344_5566_7788, len: 0xaabb_ccdd, lo16: 0x0102, hi16: 0x0304 });
     }
 }

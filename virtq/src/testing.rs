@@ -40,12 +40,7 @@ impl TestMemory {
         let layout = Layout::from_size_align(size.max(1), ALIGN).expect("test memory size");
         // SAFETY: non-zero size.
         let host = NonNull::new(unsafe { alloc_zeroed(layout) }).expect("test memory allocation");
-        Self {
-            host,
-            size,
-            base: Self::BASE,
-            next: AtomicUsize::new(0),
-        }
+        Self { host, size, base: Self::BASE, next: AtomicUsize::new(0) }
     }
 
     /// Bump-allocates `len` bytes aligned to `align` (a power of two); returns the guest
@@ -67,10 +62,7 @@ impl TestMemory {
 
     /// A fresh zeroed buffer of `len` bytes, as a segment.
     pub fn alloc_sg(&self, len: u32) -> Sg {
-        Sg::new(
-            self.alloc(len as usize, 8).expect("test memory exhausted"),
-            len,
-        )
+        Sg::new(self.alloc(len as usize, 8).expect("test memory exhausted"), len)
     }
 
     /// One past the last guest address.
@@ -89,18 +81,14 @@ impl TestMemory {
 
     /// Copies `data` into guest memory at `addr`. Panics outside the block (a test bug).
     pub fn write(&self, addr: u64, data: &[u8]) {
-        let p = self
-            .host_range(addr, data.len())
-            .expect("write outside test memory");
+        let p = self.host_range(addr, data.len()).expect("write outside test memory");
         // SAFETY: the range is inside the block.
         unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }
     }
 
     /// Copies guest memory at `addr` into `buf`. Panics outside the block (a test bug).
     pub fn read(&self, addr: u64, buf: &mut [u8]) {
-        let p = self
-            .host_range(addr, buf.len())
-            .expect("read outside test memory");
+        let p = self.host_range(addr, buf.len()).expect("read outside test memory");
         // SAFETY: the range is inside the block.
         unsafe { core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) }
     }
@@ -152,11 +140,7 @@ unsafe impl Dma for TestMemory {
     fn alloc_zeroed(&self, size: usize, align: usize) -> Option<DmaRegion> {
         let addr = self.alloc(size, align.max(1))?;
         let cpu = NonNull::new(self.host_range(addr, size)?)?;
-        Some(DmaRegion {
-            cpu,
-            device_addr: addr,
-            size,
-        })
+        Some(DmaRegion { cpu, device_addr: addr, size })
     }
 
     unsafe fn free(&self, _region: DmaRegion) {}
@@ -194,12 +178,7 @@ impl<'a> CountingDma<'a> {
 
     /// Wraps `inner`.
     pub fn new(inner: &'a TestMemory) -> Self {
-        Self {
-            inner,
-            maps: AtomicU64::new(0),
-            unmaps: AtomicU64::new(0),
-            fail_at: AtomicU64::new(u64::MAX),
-        }
+        Self { inner, maps: AtomicU64::new(0), unmaps: AtomicU64::new(0), fail_at: AtomicU64::new(u64::MAX) }
     }
 
     /// The CPU address that maps to guest address `addr`.

@@ -7,9 +7,7 @@
 
 use core::ptr::NonNull;
 
-use super::{
-    SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY,
-};
+use super::{SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY};
 use crate::device::{Chain, DeviceError, Segment, SegmentSink};
 use crate::event::need_event;
 use crate::memory::GuestMemory;
@@ -59,21 +57,11 @@ pub struct SplitDevice<'m, M: GuestMemory + ?Sized> {
     fault: Option<DeviceError>,
 }
 
-fn translate<M: GuestMemory + ?Sized>(
-    mem: &M,
-    addr: u64,
-    len: usize,
-    align: u64,
-) -> Result<NonNull<u8>, DeviceError> {
+fn translate<M: GuestMemory + ?Sized>(mem: &M, addr: u64, len: usize, align: u64) -> Result<NonNull<u8>, DeviceError> {
     if addr % align != 0 {
         return Err(DeviceError::Misaligned);
     }
-    let host = mem
-        .translate(addr, len as u64)
-        .ok_or(DeviceError::AddressOutOfRange {
-            addr,
-            len: len as u64,
-        })?;
+    let host = mem.translate(addr, len as u64).ok_or(DeviceError::AddressOutOfRange { addr, len: len as u64 })?;
     if host.as_ptr() as u64 % align != 0 {
         return Err(DeviceError::Misaligned);
     }
@@ -91,24 +79,9 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         if !super::valid_size(size) {
             return Err(DeviceError::InvalidSize);
         }
-        let desc = translate(
-            mem,
-            config.desc_addr,
-            super::desc_table_bytes(size),
-            super::DESC_ALIGN,
-        )?;
-        let avail = translate(
-            mem,
-            config.avail_addr,
-            super::avail_bytes(size),
-            super::AVAIL_ALIGN,
-        )?;
-        let used = translate(
-            mem,
-            config.used_addr,
-            super::used_bytes(size),
-            super::USED_ALIGN,
-        )?;
+        let desc = translate(mem, config.desc_addr, super::desc_table_bytes(size), super::DESC_ALIGN)?;
+        let avail = translate(mem, config.avail_addr, super::avail_bytes(size), super::AVAIL_ALIGN)?;
+        let used = translate(mem, config.used_addr, super::used_bytes(size), super::USED_ALIGN)?;
         // SAFETY: each area was translated for its full length with the spec's alignment,
         // and `GuestMemory` keeps the pointers valid while `mem` is borrowed, i.e. for 'm.
         let ring = unsafe { SplitRing::new(desc, avail, used, size) };
@@ -154,10 +127,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
                 return Ok(None);
             }
             if avail_idx.wrapping_sub(self.last_avail_idx) > self.size {
-                return Err(self.fail(DeviceError::AvailIndexJump {
-                    avail_idx,
-                    last_avail_idx: self.last_avail_idx,
-                }));
+                return Err(self.fail(DeviceError::AvailIndexJump { avail_idx, last_avail_idx: self.last_avail_idx }));
             }
             self.avail_idx_cache = avail_idx;
             // Read the ring entries and descriptors only after the index that published
@@ -198,9 +168,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
                 return Ok(chain);
             }
             if d.hi16 >= self.size {
-                return Err(DeviceError::IndexOutOfRange {
-                    index: d.hi16 as u32,
-                });
+                return Err(DeviceError::IndexOutOfRange { index: d.hi16 as u32 });
             }
             i = d.hi16;
         }
@@ -232,9 +200,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
                 return Ok(());
             }
             if d.hi16 as u32 >= entries {
-                return Err(DeviceError::IndexOutOfRange {
-                    index: d.hi16 as u32,
-                });
+                return Err(DeviceError::IndexOutOfRange { index: d.hi16 as u32 });
             }
             i = d.hi16 as u32;
         }
@@ -255,14 +221,12 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         } else if *seen_writable {
             return Err(DeviceError::ReadableAfterWritable);
         }
-        let host =
-            self.mem
-                .translate(d.addr, d.len as u64)
-                .ok_or(DeviceError::AddressOutOfRange {
-                    addr: d.addr,
-                    len: d.len as u64,
-                })?;
+        // Lengths first: an overflowing chain is reported as such, whatever its addresses.
         chain.add(d.len, writable)?;
+        let host = self
+            .mem
+            .translate(d.addr, d.len as u64)
+            .ok_or(DeviceError::AddressOutOfRange { addr: d.addr, len: d.len as u64 })?;
         // SAFETY: translated for `d.len` bytes; `GuestMemory` keeps it valid for 'm.
         let seg = unsafe { Segment::new(host, d.addr, d.len, writable) };
         if segs.push(seg) {

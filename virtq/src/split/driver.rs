@@ -13,12 +13,11 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU16, Ordering::Relaxed};
 
 use super::{
-    ContiguousLayout, SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
-    USED_F_NO_NOTIFY,
+    ContiguousLayout, SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY,
 };
 use crate::driver::{
-    AddError, AddErrorKind, CreateError, Fault, InterruptAction, Kick, Notify, NotifyData,
-    QueueConfig, QueueHandle, Sg, Shared, UsedBuf, UsedSnapshot,
+    AddError, AddErrorKind, CreateError, Fault, InterruptAction, Kick, Notify, NotifyData, QueueConfig, QueueHandle,
+    Sg, Shared, UsedBuf, UsedSnapshot,
 };
 use crate::event::need_event;
 use crate::memory::{Direction, Dma, DmaRegion};
@@ -56,13 +55,7 @@ struct HeadState<T> {
 
 impl<T> Default for HeadState<T> {
     fn default() -> Self {
-        Self {
-            token: None,
-            ctx: None,
-            writable: 0,
-            descs: 0,
-            indirect_entries: 0,
-        }
+        Self { token: None, ctx: None, writable: 0, descs: 0, indirect_entries: 0 }
     }
 }
 
@@ -80,8 +73,7 @@ impl Buffer<'_> {
     }
 
     fn count(&self) -> usize {
-        self.out.iter().map(|l| l.len()).sum::<usize>()
-            + self.ins.iter().map(|l| l.len()).sum::<usize>()
+        self.out.iter().map(|l| l.len()).sum::<usize>() + self.ins.iter().map(|l| l.len()).sum::<usize>()
     }
 }
 
@@ -160,9 +152,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
             }
         };
         let layout = ContiguousLayout::new(size, config.vring_align);
-        let indirect = config.features.contains(Features::INDIRECT_DESC)
-            && !config.context
-            && config.indirect_max > 1;
+        let indirect = config.features.contains(Features::INDIRECT_DESC) && !config.context && config.indirect_max > 1;
         let indirect_max = if indirect { config.indirect_max } else { 0 };
         let indirect_pool = if indirect {
             match dma.alloc_zeroed(16 * size as usize * indirect_max as usize, 16) {
@@ -180,20 +170,12 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
         // SAFETY: the region is `layout.total` bytes, aligned to at least 16, zeroed and
         // ours until freed in `Drop`; the offsets come from the same layout, which aligns
         // the used ring to `vring_align >= 4` and puts the available ring at `16 * size`.
-        let ring = unsafe {
-            SplitRing::new(
-                base,
-                base.add(layout.avail_offset),
-                base.add(layout.used_offset),
-                size,
-            )
-        };
+        let ring = unsafe { SplitRing::new(base, base.add(layout.avail_offset), base.add(layout.used_offset), size) };
         let desc_addr = ring_region.device_addr;
         let mut q = Self {
             ring,
             shared: Shared::new(notifier),
-            barriers: if config.weak_barriers && !config.features.contains(Features::ORDER_PLATFORM)
-            {
+            barriers: if config.weak_barriers && !config.features.contains(Features::ORDER_PLATFORM) {
                 Barriers::Weak
             } else {
                 Barriers::Strong
@@ -218,9 +200,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
             indirect_pool,
             indirect_max,
             indirect_extra: if D::MAPS {
-                (0..size as usize * indirect_max as usize)
-                    .map(|_| DescExtra::default())
-                    .collect()
+                (0..size as usize * indirect_max as usize).map(|_| DescExtra::default()).collect()
             } else {
                 Vec::new().into_boxed_slice()
             },
@@ -238,10 +218,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
     fn init_state(&mut self, callbacks: bool) {
         for (i, e) in self.extra.iter_mut().enumerate() {
             // The free list starts as 0 -> 1 -> ... -> size-1 (-> 0; `num_free` guards the end).
-            *e = DescExtra {
-                next: (i as u16 + 1) & (self.size - 1),
-                ..DescExtra::default()
-            };
+            *e = DescExtra { next: (i as u16 + 1) & (self.size - 1), ..DescExtra::default() };
         }
         self.free_head = 0;
         self.num_free = self.size;
@@ -260,9 +237,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
 
     /// A handle for `notify`, `is_broken` and `break_queue` that needs no borrow of the queue.
     pub fn handle(&self) -> QueueHandle<N> {
-        QueueHandle {
-            shared: self.shared.clone(),
-        }
+        QueueHandle { shared: self.shared.clone() }
     }
 
     /// Exposes one buffer made of several segment lists: first `out` (device-readable),
@@ -277,29 +252,13 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
     /// Exposes a device-readable buffer.
     #[doc(alias = "virtqueue_add_outbuf")]
     pub fn add_outbuf(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
-        self.add(
-            Buffer {
-                out: &[sg],
-                ins: &[],
-            },
-            token,
-            None,
-            false,
-        )
+        self.add(Buffer { out: &[sg], ins: &[] }, token, None, false)
     }
 
     /// Exposes a device-writable buffer.
     #[doc(alias = "virtqueue_add_inbuf")]
     pub fn add_inbuf(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
-        self.add(
-            Buffer {
-                out: &[],
-                ins: &[sg],
-            },
-            token,
-            None,
-            false,
-        )
+        self.add(Buffer { out: &[], ins: &[sg] }, token, None, false)
     }
 
     /// Exposes a device-writable buffer with a context value that `get_buf_ctx` returns.
@@ -307,57 +266,25 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
     #[doc(alias = "virtqueue_add_inbuf_ctx")]
     pub fn add_inbuf_ctx(&mut self, sg: &[Sg], token: T, ctx: usize) -> Result<(), AddError<T>> {
         if !self.context {
-            return Err(AddError {
-                kind: AddErrorKind::NoContext,
-                token,
-            });
+            return Err(AddError { kind: AddErrorKind::NoContext, token });
         }
-        self.add(
-            Buffer {
-                out: &[],
-                ins: &[sg],
-            },
-            token,
-            Some(ctx),
-            false,
-        )
+        self.add(Buffer { out: &[], ins: &[sg] }, token, Some(ctx), false)
     }
 
     /// Like [`Self::add_outbuf`], but `sg` holds device addresses, never mapped or unmapped.
     #[doc(alias = "virtqueue_add_outbuf_premapped")]
     pub fn add_outbuf_premapped(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
-        self.add(
-            Buffer {
-                out: &[sg],
-                ins: &[],
-            },
-            token,
-            None,
-            true,
-        )
+        self.add(Buffer { out: &[sg], ins: &[] }, token, None, true)
     }
 
     /// Like [`Self::add_inbuf`], but `sg` holds device addresses, never mapped or unmapped.
     #[doc(alias = "virtqueue_add_inbuf_premapped")]
     pub fn add_inbuf_premapped(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
-        self.add(
-            Buffer {
-                out: &[],
-                ins: &[sg],
-            },
-            token,
-            None,
-            true,
-        )
+        self.add(Buffer { out: &[], ins: &[sg] }, token, None, true)
     }
 
     /// Like [`Self::add_sgs`], with device addresses, never mapped or unmapped.
-    pub fn add_sgs_premapped(
-        &mut self,
-        out: &[&[Sg]],
-        ins: &[&[Sg]],
-        token: T,
-    ) -> Result<(), AddError<T>> {
+    pub fn add_sgs_premapped(&mut self, out: &[&[Sg]], ins: &[&[Sg]], token: T) -> Result<(), AddError<T>> {
         self.add(Buffer { out, ins }, token, None, true)
     }
 
@@ -366,55 +293,31 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
         if premapped || !D::MAPS {
             return Some((sg.addr, if premapped { PRIV_PREMAPPED } else { 0 }));
         }
-        let dir = if writable {
-            Direction::FromDevice
-        } else {
-            Direction::ToDevice
-        };
+        let dir = if writable { Direction::FromDevice } else { Direction::ToDevice };
         self.dma.map(sg.addr, sg.len, dir).map(|a| (a, 0))
     }
 
     #[inline]
     fn unmap(&self, e: &DescExtra) {
         if D::MAPS && e.flags & (PRIV_PREMAPPED | DESC_F_INDIRECT) == 0 {
-            let dir = if e.flags & DESC_F_WRITE != 0 {
-                Direction::FromDevice
-            } else {
-                Direction::ToDevice
-            };
+            let dir = if e.flags & DESC_F_WRITE != 0 { Direction::FromDevice } else { Direction::ToDevice };
             self.dma.unmap(e.addr, e.len, dir);
         }
     }
 
     /// Linux's `virtqueue_add_split`.
     #[inline]
-    fn add(
-        &mut self,
-        buf: Buffer<'_>,
-        token: T,
-        ctx: Option<usize>,
-        premapped: bool,
-    ) -> Result<(), AddError<T>> {
+    fn add(&mut self, buf: Buffer<'_>, token: T, ctx: Option<usize>, premapped: bool) -> Result<(), AddError<T>> {
         if self.shared.is_broken() {
-            return Err(AddError {
-                kind: AddErrorKind::Broken,
-                token,
-            });
+            return Err(AddError { kind: AddErrorKind::Broken, token });
         }
         let total = buf.count();
         if total == 0 {
-            return Err(AddError {
-                kind: AddErrorKind::NoSegments,
-                token,
-            });
+            return Err(AddError { kind: AddErrorKind::NoSegments, token });
         }
-        let use_indirect =
-            self.indirect && total > 1 && total <= self.indirect_max as usize && self.num_free > 0;
+        let use_indirect = self.indirect && total > 1 && total <= self.indirect_max as usize && self.num_free > 0;
         if !use_indirect && total > self.size as usize {
-            return Err(AddError {
-                kind: AddErrorKind::TooManySegments,
-                token,
-            });
+            return Err(AddError { kind: AddErrorKind::TooManySegments, token });
         }
         let descs = if use_indirect { 1 } else { total as u16 };
         if self.num_free < descs {
@@ -423,10 +326,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
             if !buf.out.iter().all(|l| l.is_empty()) {
                 self.shared.notifier.notify(self.notify_data());
             }
-            return Err(AddError {
-                kind: AddErrorKind::NoSpace,
-                token,
-            });
+            return Err(AddError { kind: AddErrorKind::NoSpace, token });
         }
         let head = self.free_head;
         let written = if use_indirect {
@@ -436,12 +336,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
         };
         let (writable, next_free) = match written {
             Ok(w) => w,
-            Err(()) => {
-                return Err(AddError {
-                    kind: AddErrorKind::NoMemory,
-                    token,
-                })
-            }
+            Err(()) => return Err(AddError { kind: AddErrorKind::NoMemory, token }),
         };
         self.num_free -= descs;
         self.free_head = next_free;
@@ -470,12 +365,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
     /// Writes a direct chain from `head` along the free list. Returns the writable length
     /// and the first descriptor after the chain, or `Err` after undoing mappings.
     #[inline]
-    fn write_chain(
-        &mut self,
-        head: u16,
-        buf: &Buffer<'_>,
-        premapped: bool,
-    ) -> Result<(u32, u16), ()> {
+    fn write_chain(&mut self, head: u16, buf: &Buffer<'_>, premapped: bool) -> Result<(u32, u16), ()> {
         let total = buf.count();
         let mut i = head;
         let mut writable = 0u32;
@@ -498,38 +388,20 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
                 e.len = sg.len;
             }
             let next = e.next;
-            self.ring.desc(i).write(DescWords {
-                addr,
-                len: sg.len,
-                lo16: flags,
-                hi16: next,
-            });
+            self.ring.desc(i).write(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
             i = next;
         }
         Ok((writable, i))
     }
 
     /// Writes `total` segments into `head`'s indirect table and `head` pointing at it.
-    fn write_indirect(
-        &mut self,
-        head: u16,
-        buf: &Buffer<'_>,
-        total: u16,
-        premapped: bool,
-    ) -> Result<(u32, u16), ()> {
-        let pool = self
-            .indirect_pool
-            .as_ref()
-            .expect("indirect queues have a pool");
+    fn write_indirect(&mut self, head: u16, buf: &Buffer<'_>, total: u16, premapped: bool) -> Result<(u32, u16), ()> {
+        let pool = self.indirect_pool.as_ref().expect("indirect queues have a pool");
         let first = head as usize * self.indirect_max as usize;
         // SAFETY: the pool holds `size * indirect_max` 16-byte descriptors, 16-aligned, and
         // `head < size`, `total <= indirect_max`, so entries `first .. first + total` exist.
-        let table: &[RawDesc] = unsafe {
-            core::slice::from_raw_parts(
-                pool.cpu.as_ptr().cast::<RawDesc>().add(first),
-                total as usize,
-            )
-        };
+        let table: &[RawDesc] =
+            unsafe { core::slice::from_raw_parts(pool.cpu.as_ptr().cast::<RawDesc>().add(first), total as usize) };
         let table_addr = pool.device_addr + 16 * first as u64;
         let mut writable = 0u32;
         for (n, (sg, is_in)) in buf.segments().enumerate() {
@@ -547,19 +419,9 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
                 writable = writable.saturating_add(sg.len);
             }
             if D::MAPS {
-                self.indirect_extra[first + n] = DescExtra {
-                    addr,
-                    len: sg.len,
-                    flags: flags | priv_flags,
-                    next: 0,
-                };
+                self.indirect_extra[first + n] = DescExtra { addr, len: sg.len, flags: flags | priv_flags, next: 0 };
             }
-            table[n].write(DescWords {
-                addr,
-                len: sg.len,
-                lo16: flags,
-                hi16: n as u16 + 1,
-            });
+            table[n].write(DescWords { addr, len: sg.len, lo16: flags, hi16: n as u16 + 1 });
         }
         let e = &mut self.extra[head as usize];
         e.flags = DESC_F_INDIRECT;
@@ -584,10 +446,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
     }
 
     fn notify_data(&self) -> NotifyData {
-        NotifyData {
-            queue_index: self.index,
-            next: self.avail_idx_shadow,
-        }
+        NotifyData { queue_index: self.index, next: self.avail_idx_shadow }
     }
 
     /// Decides whether the device needs a notification for the buffers added since the
@@ -607,9 +466,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
         } else {
             self.ring.used_flags().load() & USED_F_NO_NOTIFY == 0
         };
-        needed.then(|| Kick {
-            data: self.notify_data(),
-        })
+        needed.then(|| Kick { data: self.notify_data() })
     }
 
     /// Notifies the device now (the second half of a kick; needs no exclusive borrow).
@@ -648,10 +505,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
             }
             let in_flight = self.avail_idx_shadow.wrapping_sub(self.last_used_idx);
             if used_idx.wrapping_sub(self.last_used_idx) > in_flight {
-                self.fail(Fault::UsedIndexRanAhead {
-                    used_idx,
-                    last_used_idx: self.last_used_idx,
-                });
+                self.fail(Fault::UsedIndexRanAhead { used_idx, last_used_idx: self.last_used_idx });
                 return None;
             }
             self.used_idx_cache = used_idx;
@@ -691,10 +545,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
     /// Frees the chain at `head` by its private links and returns its token and context.
     fn detach(&mut self, head: u16) -> (T, Option<usize>) {
         let state = &mut self.heads[head as usize];
-        let token = state
-            .token
-            .take()
-            .expect("caller checked the head is in flight");
+        let token = state.token.take().expect("caller checked the head is in flight");
         let ctx = state.ctx.take();
         let descs = state.descs;
         let indirect_entries = state.indirect_entries;
@@ -730,8 +581,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
         if shadow & AVAIL_F_NO_INTERRUPT != 0 {
             return;
         }
-        self.avail_flags_shadow
-            .store(shadow | AVAIL_F_NO_INTERRUPT, Relaxed);
+        self.avail_flags_shadow.store(shadow | AVAIL_F_NO_INTERRUPT, Relaxed);
         // After an interrupt with event idx the device will not send another until
         // `used_event` moves, so the ring write would only cost a cache miss.
         if self.event_triggered.load(Relaxed) {
@@ -749,12 +599,9 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
         self.event_triggered.store(false, Relaxed);
         let shadow = self.avail_flags_shadow.load(Relaxed);
         if shadow & AVAIL_F_NO_INTERRUPT != 0 {
-            self.avail_flags_shadow
-                .store(shadow & !AVAIL_F_NO_INTERRUPT, Relaxed);
+            self.avail_flags_shadow.store(shadow & !AVAIL_F_NO_INTERRUPT, Relaxed);
             if !self.event_idx {
-                self.ring
-                    .avail_flags()
-                    .store(shadow & !AVAIL_F_NO_INTERRUPT);
+                self.ring.avail_flags().store(shadow & !AVAIL_F_NO_INTERRUPT);
             }
         }
     }
@@ -796,9 +643,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
         self.enable_interrupts();
         let in_flight = self.avail_idx_shadow.wrapping_sub(self.last_used_idx);
         let bufs = (in_flight as u32 * 3 / 4) as u16;
-        self.ring
-            .used_event()
-            .store(self.last_used_idx.wrapping_add(bufs));
+        self.ring.used_event().store(self.last_used_idx.wrapping_add(bufs));
         // The event store before re-reading `used.idx`, as in `poll`.
         self.barriers.mb();
         self.ring.used_idx().load().wrapping_sub(self.last_used_idx) <= bufs

@@ -88,11 +88,7 @@ impl ContiguousLayout {
     pub const fn new(size: u16, align: usize) -> Self {
         let avail_offset = desc_table_bytes(size);
         let used_offset = (avail_offset + avail_bytes(size) + align - 1) & !(align - 1);
-        Self {
-            avail_offset,
-            used_offset,
-            total: used_offset + used_bytes(size),
-        }
+        Self { avail_offset, used_offset, total: used_offset + used_bytes(size) }
     }
 }
 
@@ -120,22 +116,12 @@ impl SplitRing {
     /// [`desc_table_bytes`], [`avail_bytes`] and [`used_bytes`] bytes respectively, aligned
     /// as the spec requires ([`DESC_ALIGN`] ...), valid for atomic reads and writes for as
     /// long as this value is used.
-    pub(crate) unsafe fn new(
-        desc: NonNull<u8>,
-        avail: NonNull<u8>,
-        used: NonNull<u8>,
-        size: u16,
-    ) -> Self {
+    pub(crate) unsafe fn new(desc: NonNull<u8>, avail: NonNull<u8>, used: NonNull<u8>, size: u16) -> Self {
         debug_assert!(valid_size(size));
         debug_assert!(desc.as_ptr() as usize % DESC_ALIGN as usize == 0);
         debug_assert!(avail.as_ptr() as usize % AVAIL_ALIGN as usize == 0);
         debug_assert!(used.as_ptr() as usize % USED_ALIGN as usize == 0);
-        Self {
-            desc: desc.cast(),
-            avail: avail.cast(),
-            used: used.cast(),
-            mask: size - 1,
-        }
+        Self { desc: desc.cast(), avail: avail.cast(), used: used.cast(), mask: size - 1 }
     }
 
     #[inline(always)]
@@ -205,12 +191,7 @@ impl SplitRing {
         // 12 + 8 * slot of the `used_bytes(size)` promised in `new`, 4-aligned because the
         // area is.
         unsafe {
-            let base = self
-                .used
-                .as_ptr()
-                .cast::<u8>()
-                .add(4 + 8 * slot)
-                .cast::<Le32>();
+            let base = self.used.as_ptr().cast::<u8>().add(4 + 8 * slot).cast::<Le32>();
             (&*base, &*base.add(1))
         }
     }
