@@ -1,0 +1,289 @@
+//! Random operation sequences on a driver queue and a device queue sharing a small ring,
+//! started just below the 16-bit index wrap so every case crosses it.
+//!
+//! Checked on every case:
+//! - every token comes back exactly once (from `get_buf` or, at the end, from
+//!   `detach_unused_buf`), with the length the device reported;
+//! - no needed notification is skipped: a device that went to sleep after
+//!   `enable_notifications` is kicked by the first `kick_prepare` after new buffers, and a
+//!   driver that went to sleep after `enable_cb` (or `enable_cb_delayed`) is interrupted
+//!   for the first completion (or once the 3/4 threshold, at the latest all its buffers,
+//!   are used).
+//!
+//! `PROPTEST_CASES=10000 cargo test --release --test split_proptest` for a longer run.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::Pair;
+use proptest::prelude::*;
+use virtq::testing::TestMemory;
+use virtq::{AddErrorKind, Chain, QueueConfig, Sg};
+
+#[derive(Clone, Debug)]
+enum Op {
+    Add { out: Vec<u32>, ins: Vec<u32> },
+    Kick,
+    DevicePop,
+    DeviceComplete { pick: usize, percent: u32 },
+    DeviceNotify,
+    DeviceSleep,
+    DeviceDisableNotifications,
+    GetBuf,
+    DisableCb,
+    SleepEnableCb,
+    SleepEnableCbPrepare,
+    SleepEnableCbDelayed,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let lens = || prop::collection::vec(1u32..64, 0..3);
+    prop_oneof![
+        4 => (lens(), lens()).prop_map(|(out, ins)| Op::Add { out, ins }),
+        2 => Just(Op::Kick),
+        4 => Just(Op::DevicePop),
+        4 => (any::<usize>(), 0u32..=100).prop_map(|(pick, percent)| Op::DeviceComplete { pick, percent }),
+        2 => Just(Op::DeviceNotify),
+        1 => Just(Op::DeviceSleep),
+        1 => Just(Op::DeviceDisableNotifications),
+        4 => Just(Op::GetBuf),
+        1 => Just(Op::DisableCb),
+        1 => Just(Op::SleepEnableCb),
+        1 => Just(Op::SleepEnableCbPrepare),
+        1 => Just(Op::SleepEnableCbDelayed),
+    ]
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DriverSleep {
+    Awake,
+    /// Asleep after `enable_cb`: the first new completion must interrupt.
+    UntilFirst,
+    /// Asleep after `enable_cb_delayed` with this many buffers in flight: an interrupt
+    /// must come by the time all of them are used.
+    Delayed {
+        in_flight: usize,
+        completed: usize,
+    },
+}
+
+struct Model<'m> {
+    p: Pair<'m>,
+    /// First segment address -> token, to identify what the device pops.
+    token_of: HashMap<u64, u64>,
+    outstanding: HashMap<u64, Option<u32>>,
+    returned: Vec<u64>,
+    next_token: u64,
+    accepted: u64,
+    device_pool: Vec<(Chain, u64)>,
+    device_asleep: bool,
+    adds_since_device_slept: usize,
+    driver: DriverSleep,
+    completed_unsignalled: usize,
+}
+
+impl<'m> Model<'m> {
+    fn add(&mut self, out: &[u32], ins: &[u32]) {
+        let mem = self.p.mem;
+        let out_sg: Vec<Sg> = out.iter().map(|&l| mem.alloc_sg(l)).collect();
+        let in_sg: Vec<Sg> = ins.iter().map(|&l| mem.alloc_sg(l)).collect();
+        let token = self.next_token;
+        self.next_token += 1;
+        let kicks = self.p.bell.kicks();
+        match self.p.driver.add_sgs(&[&out_sg], &[&in_sg], token) {
+            Ok(()) => {
+                let first = out_sg.first().or(in_sg.first()).unwrap().addr;
+                self.token_of.insert(first, token);
+                self.outstanding.insert(token, None);
+                self.accepted += 1;
+                self.adds_since_device_slept += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.token, token);
+                match e.kind {
+                    AddErrorKind::NoSegments => assert!(out.is_empty() && ins.is_empty()),
+                    AddErrorKind::TooManySegments => {
+                        assert!(out.len() + ins.len() > self.p.driver.vring_size() as usize)
+                    }
+                    AddErrorKind::NoSpace => {
+                        assert!(self.p.driver.num_free() < (out.len() + ins.len()) as u16);
+                        if self.p.bell.kicks() > kicks {
+                            self.device_asleep = false;
+                        }
+                    }
+                    other => panic!("unexpected add error {other:?}"),
+                }
+            }
+        }
+    }
+
+    fn get_buf(&mut self) {
+        if let Some(u) = self.p.driver.get_buf() {
+            let expected = self.outstanding.remove(&u.token).expect("token returned twice or never added");
+            assert_eq!(Some(u.len), expected, "token {} came back before the device completed it", u.token);
+            self.returned.push(u.token);
+        }
+    }
+
+    fn device_notify(&mut self) {
+        let published_new = self.completed_unsignalled;
+        let interrupt = self.p.device.needs_notification();
+        self.completed_unsignalled = 0;
+        match &mut self.driver {
+            DriverSleep::Awake => {}
+            DriverSleep::UntilFirst => {
+                assert!(published_new == 0 || interrupt, "lost interrupt: driver asleep after enable_cb");
+            }
+            DriverSleep::Delayed { in_flight, completed } => {
+                *completed += published_new;
+                assert!(interrupt || *completed < *in_flight, "lost interrupt: all delayed buffers used");
+            }
+        }
+        if interrupt {
+            self.driver = DriverSleep::Awake;
+        }
+    }
+
+    fn run(&mut self, op: &Op) {
+        let driver_awake = self.driver == DriverSleep::Awake;
+        match op {
+            Op::Add { out, ins } if driver_awake => self.add(out, ins),
+            Op::Kick if driver_awake => {
+                let kick = self.p.driver.kick_prepare();
+                if self.device_asleep && self.adds_since_device_slept > 0 {
+                    assert!(kick.is_some(), "lost kick: device asleep, new buffers published");
+                }
+                if kick.is_some() {
+                    self.device_asleep = false;
+                }
+            }
+            Op::DevicePop if !self.device_asleep => {
+                if let Some((chain, segs)) = self.p.pop() {
+                    self.device_pool.push((chain, segs[0].addr()));
+                }
+            }
+            Op::DeviceComplete { pick, percent } if !self.device_asleep && !self.device_pool.is_empty() => {
+                let (chain, first) = self.device_pool.swap_remove(pick % self.device_pool.len());
+                let written = (chain.writable_len() as u64 * *percent as u64 / 100) as u32;
+                let token = self.token_of[&first];
+                *self.outstanding.get_mut(&token).unwrap() = Some(written);
+                self.p.device.complete(chain, written);
+                self.completed_unsignalled += 1;
+            }
+            Op::DeviceNotify if !self.device_asleep => self.device_notify(),
+            Op::DeviceSleep if !self.device_asleep => {
+                self.device_notify();
+                if !self.p.device.enable_notifications() {
+                    self.device_asleep = true;
+                    self.adds_since_device_slept = 0;
+                }
+            }
+            Op::DeviceDisableNotifications if !self.device_asleep => self.p.device.disable_notifications(),
+            Op::GetBuf if driver_awake => self.get_buf(),
+            Op::DisableCb if driver_awake => self.p.driver.disable_cb(),
+            Op::SleepEnableCb if driver_awake => {
+                if self.p.driver.enable_cb() {
+                    self.driver = DriverSleep::UntilFirst;
+                }
+            }
+            Op::SleepEnableCbPrepare if driver_awake => {
+                let snapshot = self.p.driver.enable_cb_prepare();
+                if !self.p.driver.poll(snapshot) {
+                    self.driver = DriverSleep::UntilFirst;
+                }
+            }
+            Op::SleepEnableCbDelayed if driver_awake => {
+                if self.p.driver.enable_cb_delayed() {
+                    let in_flight = self.outstanding.values().filter(|v| v.is_none()).count();
+                    if in_flight > 0 {
+                        self.driver = DriverSleep::Delayed { in_flight, completed: 0 };
+                    }
+                }
+            }
+            _ => {} // The side that would run this is asleep.
+        }
+    }
+
+    /// Completes whatever the device holds, collects all used buffers, detaches the rest,
+    /// and checks every token came back exactly once.
+    fn finish(mut self) {
+        self.device_asleep = false;
+        while let Some((chain, first)) = self.device_pool.pop() {
+            let token = self.token_of[&first];
+            *self.outstanding.get_mut(&token).unwrap() = Some(0);
+            self.p.device.complete(chain, 0);
+        }
+        self.p.device.publish_used();
+        self.driver = DriverSleep::Awake;
+        while self.p.driver.has_used() {
+            self.get_buf();
+        }
+        assert!(!self.p.driver.is_broken(), "{:?}", self.p.driver.fault());
+        while let Some(t) = self.p.driver.detach_unused_buf() {
+            assert_eq!(self.outstanding.remove(&t), Some(None), "detached token {t} was used or unknown");
+            self.returned.push(t);
+        }
+        assert!(self.outstanding.is_empty(), "tokens lost: {:?}", self.outstanding);
+        let mut all = self.returned.clone();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), self.returned.len(), "a token came back twice");
+        assert_eq!(all.len() as u64, self.accepted);
+        assert_eq!(self.p.driver.num_free(), self.p.driver.vring_size());
+    }
+}
+
+/// Moves both ends' indices to `n` with single-buffer round trips.
+fn warm_up(p: &mut Pair<'_>, n: u32) {
+    let buf = p.mem.alloc_sg(8);
+    for t in 0..n {
+        p.driver.add_inbuf(&[buf], t as u64).unwrap();
+        let (chain, _) = p.pop().unwrap();
+        p.device.complete(chain, 0);
+        p.device.publish_used();
+        assert_eq!(p.driver.get_buf().unwrap().token, t as u64);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 48,
+        failure_persistence: Some(Box::new(prop::test_runner::FileFailurePersistence::Direct(
+            "tests/proptest-regressions/split_proptest.txt"
+        ))),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn every_token_returns_exactly_once_and_no_notification_is_lost(
+        size_log in 1u32..4,
+        event_idx in any::<bool>(),
+        indirect in any::<bool>(),
+        warm in 65_500u32..65_536,
+        ops in prop::collection::vec(op(), 1..300),
+    ) {
+        let mem = TestMemory::new(4 << 20);
+        let mut config = QueueConfig::new(0, 1 << size_log, common::features(event_idx, indirect));
+        config.indirect_max = 4;
+        let mut p = Pair::new(&mem, config);
+        warm_up(&mut p, warm);
+        let mut m = Model {
+            p,
+            token_of: HashMap::new(),
+            outstanding: HashMap::new(),
+            returned: Vec::new(),
+            next_token: 1 << 20,
+            accepted: 0,
+            device_pool: Vec::new(),
+            device_asleep: false,
+            adds_since_device_slept: 0,
+            driver: DriverSleep::Awake,
+            completed_unsignalled: 0,
+        };
+        for op in &ops {
+            m.run(op);
+        }
+        m.finish();
+    }
+}
