@@ -61,10 +61,17 @@ pub mod driver;
 pub mod event;
 mod features;
 pub mod memory;
+// Without `alloc` only the device side exists, which writes no descriptors.
+#[cfg_attr(not(feature = "alloc"), allow(dead_code))]
 mod shared;
 pub mod split;
 #[cfg(feature = "test-utils")]
 pub mod testing;
+
+/// The README's example, compiled and run as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
 
 pub use barrier::Barriers;
 pub use device::{Chain, DeviceError, Segment, SegmentSink, Segments};

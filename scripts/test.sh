@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The project's test command (README "Testing"): installs what the tests need on a fresh
+# Debian machine, then runs every suite with a bounded duration.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null; then
+    echo "cargo is required (rustup: https://rustup.rs)" >&2
+    exit 1
+fi
+
+echo "== unit, integration, property and doc tests"
+cargo test --workspace --all-targets
+cargo test --workspace --doc
+
+echo "== the no_std core builds without alloc"
+cargo build -p virtq --no-default-features
+
+echo "== lints"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== virtq bench --quick (smoke run, no thresholds)"
+cargo run --release -p virtq-cli -- bench --quick
