@@ -507,3 +507,29 @@ fn handle_notifies_from_another_thread_after_the_queue_is_unlocked() {
         s.spawn(|| assert!(!q.poll(snapshot)));
     });
 }
+
+#[test]
+fn a_queue_in_caller_memory_works_and_leaves_the_memory_alone() {
+    let mem = TestMemory::new(1 << 20);
+    let layout = virtq::split::ContiguousLayout::new(8, 64);
+    let addr = mem.alloc(layout.total, 4096).unwrap();
+    let region = virtq::DmaRegion {
+        cpu: virtq::GuestMemory::translate(&mem, addr, layout.total as u64).unwrap(),
+        device_addr: addr,
+        size: layout.total,
+    };
+    let config = QueueConfig::new(0, 8, features(true, false));
+    // SAFETY: the region is fresh zeroed test memory, 4096-aligned, that outlives the queue.
+    let mut driver = unsafe { SplitDriver::<u32, _, _>::new_in(config, region, &mem, ()) }.unwrap();
+    assert_eq!(driver.desc_addr(), addr);
+    assert_eq!(driver.used_addr(), addr + layout.used_offset as u64);
+    let mut device = SplitDevice::new(&mem, common::device_config(&driver, config.features)).unwrap();
+    driver.add_inbuf(&[mem.alloc_sg(4)], 5).unwrap();
+    let mut segs = Vec::new();
+    let chain = device.pop(&mut segs).unwrap().unwrap();
+    device.complete(chain, 4);
+    device.publish_used();
+    assert_eq!(driver.get_buf().map(|u| (u.token, u.len)), Some((5, 4)));
+    drop(driver);
+    assert_eq!(mem.read_u16(addr + layout.used_offset as u64 + 2), 1, "the memory is still there");
+}

@@ -133,15 +133,7 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
     /// layout).
     #[doc(alias = "vring_create_virtqueue")]
     pub fn new(config: QueueConfig, dma: D, notifier: N) -> Result<Self, CreateError> {
-        if config.features.contains(Features::RING_PACKED) {
-            return Err(CreateError::WrongLayout);
-        }
-        if !super::valid_size(config.size) {
-            return Err(CreateError::InvalidSize);
-        }
-        if !config.vring_align.is_power_of_two() || config.vring_align < 4 {
-            return Err(CreateError::InvalidAlign);
-        }
+        Self::check_config(&config)?;
         let mut size = config.size;
         let ring_region = loop {
             let layout = ContiguousLayout::new(size, config.vring_align);
@@ -151,6 +143,52 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
                 None => return Err(CreateError::NoMemory),
             }
         };
+        Self::build(config, size, ring_region, true, dma, notifier)
+    }
+
+    /// Builds a queue in memory the caller provides and keeps ownership of (Linux's
+    /// `vring_new_virtqueue`). The ring uses the contiguous layout of
+    /// [`ContiguousLayout::new`]`(config.size, config.vring_align)` from `memory.cpu`.
+    ///
+    /// # Safety
+    ///
+    /// `memory` must be zeroed, 16-byte aligned, at least that layout's size, visible to
+    /// the device at `memory.device_addr`, and valid for reads and writes for as long as
+    /// the queue exists. The queue never frees it.
+    #[doc(alias = "vring_new_virtqueue")]
+    pub unsafe fn new_in(config: QueueConfig, memory: DmaRegion, dma: D, notifier: N) -> Result<Self, CreateError> {
+        Self::check_config(&config)?;
+        if memory.size < ContiguousLayout::new(config.size, config.vring_align).total
+            || memory.cpu.as_ptr() as usize % 16 != 0
+        {
+            return Err(CreateError::NoMemory);
+        }
+        Self::build(config, config.size, memory, false, dma, notifier)
+    }
+
+    fn check_config(config: &QueueConfig) -> Result<(), CreateError> {
+        if config.features.contains(Features::RING_PACKED) {
+            return Err(CreateError::WrongLayout);
+        }
+        if !super::valid_size(config.size) {
+            return Err(CreateError::InvalidSize);
+        }
+        if !config.vring_align.is_power_of_two() || config.vring_align < 4 {
+            return Err(CreateError::InvalidAlign);
+        }
+        Ok(())
+    }
+
+    /// `ring_region` holds a zeroed contiguous ring of `size` entries; `owned` says whether
+    /// the queue frees it.
+    fn build(
+        config: QueueConfig,
+        size: u16,
+        ring_region: DmaRegion,
+        owned: bool,
+        dma: D,
+        notifier: N,
+    ) -> Result<Self, CreateError> {
         let layout = ContiguousLayout::new(size, config.vring_align);
         let indirect = config.features.contains(Features::INDIRECT_DESC) && !config.context && config.indirect_max > 1;
         let indirect_max = if indirect { config.indirect_max } else { 0 };
@@ -158,8 +196,10 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
             match dma.alloc_zeroed(16 * size as usize * indirect_max as usize, 16) {
                 Some(r) => Some(r),
                 None => {
-                    // SAFETY: allocated just above by this allocator, unused since.
-                    unsafe { dma.free(ring_region) };
+                    if owned {
+                        // SAFETY: allocated by this allocator in `new`, unused since.
+                        unsafe { dma.free(ring_region) };
+                    }
                     return Err(CreateError::NoMemory);
                 }
             }
@@ -168,7 +208,8 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
         };
         let base = ring_region.cpu;
         // SAFETY: the region is `layout.total` bytes, aligned to at least 16, zeroed and
-        // ours until freed in `Drop`; the offsets come from the same layout, which aligns
+        // valid while the queue exists (allocated in `new` and freed in `Drop`, or promised
+        // by the caller of `new_in`); the offsets come from the same layout, which aligns
         // the used ring to `vring_align >= 4` and puts the available ring at `16 * size`.
         let ring = unsafe { SplitRing::new(base, base.add(layout.avail_offset), base.add(layout.used_offset), size) };
         let desc_addr = ring_region.device_addr;
@@ -204,10 +245,10 @@ impl<T, D: Dma, N: Notify> SplitDriver<T, D, N> {
             } else {
                 Vec::new().into_boxed_slice()
             },
-            ring_region: Some(ring_region),
             desc_addr,
             avail_addr: desc_addr + layout.avail_offset as u64,
             used_addr: desc_addr + layout.used_offset as u64,
+            ring_region: owned.then_some(ring_region),
             dma,
         };
         q.init_state(config.callbacks);
