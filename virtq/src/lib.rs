@@ -77,8 +77,8 @@ pub use barrier::Barriers;
 pub use device::{Chain, DeviceError, Segment, SegmentSink, Segments};
 #[cfg(feature = "alloc")]
 pub use driver::{
-    AddError, AddErrorKind, CreateError, Fault, InterruptAction, Kick, Notify, NotifyData, NotifyFn, QueueConfig,
-    QueueHandle, Sg, UsedBuf, UsedSnapshot,
+    AddError, AddErrorKind, CreateError, DriverQueue, Fault, InterruptAction, Kick, LayoutKind, Notify, NotifyData,
+    NotifyFn, QueueConfig, QueueHandle, RingLayout, Sg, UsedBuf, UsedSnapshot,
 };
 pub use event::need_event;
 pub use features::Features;
@@ -87,4 +87,4 @@ pub use memory::IdentityDma;
 pub use memory::{Direction, Dma, DmaRegion, GuestMemory, GuestRegions};
 pub use split::device::{DeviceConfig, SplitDevice};
 #[cfg(feature = "alloc")]
-pub use split::driver::SplitDriver;
+pub use split::driver::{SplitDriver, SplitInOrderDriver, SplitLayout};

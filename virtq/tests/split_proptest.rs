@@ -82,6 +82,9 @@ struct Model<'m> {
     device_pool: Vec<(Chain, u64)>,
     device_asleep: bool,
     adds_since_device_slept: usize,
+    /// Completions published to the driver, and buffers it collected with `get_buf`.
+    published: usize,
+    collected: usize,
     driver: DriverSleep,
     completed_unsignalled: usize,
 }
@@ -126,6 +129,7 @@ impl<'m> Model<'m> {
             let expected = self.outstanding.remove(&u.token).expect("token returned twice or never added");
             assert_eq!(Some(u.len), expected, "token {} came back before the device completed it", u.token);
             self.returned.push(u.token);
+            self.collected += 1;
         }
     }
 
@@ -133,6 +137,7 @@ impl<'m> Model<'m> {
         let published_new = self.completed_unsignalled;
         let interrupt = self.p.device.needs_notification();
         self.completed_unsignalled = 0;
+        self.published += published_new;
         match &mut self.driver {
             DriverSleep::Awake => {}
             DriverSleep::UntilFirst => {
@@ -198,7 +203,9 @@ impl<'m> Model<'m> {
             }
             Op::SleepEnableCbDelayed if driver_awake => {
                 if self.p.driver.enable_cb_delayed() {
-                    let in_flight = self.outstanding.values().filter(|v| v.is_none()).count();
+                    // The driver waits for every buffer it has not collected and the device
+                    // has not yet published.
+                    let in_flight = self.outstanding.len() - (self.published - self.collected);
                     if in_flight > 0 {
                         self.driver = DriverSleep::Delayed { in_flight, completed: 0 };
                     }
@@ -281,6 +288,8 @@ proptest! {
             device_pool: Vec::new(),
             device_asleep: false,
             adds_since_device_slept: 0,
+            published: 0,
+            collected: 0,
             driver: DriverSleep::Awake,
             completed_unsignalled: 0,
         };

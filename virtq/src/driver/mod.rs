@@ -1,9 +1,14 @@
 //! Driver-side vocabulary shared by every ring layout: segments, errors, notification,
 //! and the handle that may be used without the queue's exclusive borrow.
 
+pub(crate) mod core;
+pub(crate) mod queue;
+
+pub use queue::{DriverQueue, LayoutKind, RingLayout};
+
+use ::core::fmt;
+use ::core::sync::atomic::{AtomicBool, Ordering};
 use alloc::sync::Arc;
-use core::fmt;
-use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::Features;
 

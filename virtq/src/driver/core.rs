@@ -1,0 +1,361 @@
+//! Driver bookkeeping that is the same for every ring layout: tokens in flight, the
+//! private copy of every descriptor written, DMA mapping, and the indirect-table pool.
+//!
+//! The private copies are what make the driver independent of shared memory: freeing a
+//! chain follows `DescExtra::next`, never a `next` or `flags` field the device could have
+//! rewritten.
+
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use super::{AddError, AddErrorKind, CreateError, Fault, Notify, QueueConfig, Sg, Shared};
+use crate::memory::{Direction, Dma, DmaRegion};
+use crate::shared::{DescWords, RawDesc};
+use crate::{Barriers, Features};
+
+/// Private flag in [`DescExtra::flags`]: the segment was premapped, never unmap it.
+pub(crate) const PRIV_PREMAPPED: u16 = 0x8000;
+/// Private flag in [`DescExtra::flags`]: the descriptor points at a pool table, which is
+/// not a mapping of its own.
+pub(crate) const PRIV_TABLE: u16 = 0x4000;
+/// `DESC_F_WRITE` is bit 1 in both layouts.
+const DESC_F_WRITE: u16 = 2;
+
+/// The driver's private copy of one descriptor it wrote (Linux's `vring_desc_extra`).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct DescExtra {
+    /// Device address, kept to unmap (only when `D::MAPS`).
+    pub addr: u64,
+    /// Length, kept to unmap (only when `D::MAPS`).
+    pub len: u32,
+    /// `WRITE` as written, plus the private flags.
+    pub flags: u16,
+    /// Next descriptor of the chain, or of the free list.
+    pub next: u16,
+}
+
+/// State of a buffer in flight, indexed by its head (split) or buffer id (packed).
+pub(crate) struct HeadState<T> {
+    /// `Some` exactly while the buffer is in flight: the check behind every used id.
+    pub token: Option<T>,
+    pub ctx: Option<usize>,
+    /// Bytes the device may write; a used length above this is a device bug.
+    pub writable: u32,
+    /// Ring descriptors the chain occupies.
+    pub descs: u16,
+    /// Last `DescExtra` of the chain (to relink the free list without a walk).
+    pub tail: u16,
+    /// Entries of its indirect table, 0 for a direct chain.
+    pub indirect_entries: u16,
+}
+
+impl<T> Default for HeadState<T> {
+    fn default() -> Self {
+        Self { token: None, ctx: None, writable: 0, descs: 0, tail: 0, indirect_entries: 0 }
+    }
+}
+
+/// A buffer about to be added: its segment lists, by direction.
+pub(crate) struct Buffer<'a> {
+    pub out: &'a [&'a [Sg]],
+    pub ins: &'a [&'a [Sg]],
+}
+
+impl Buffer<'_> {
+    /// Segments in order, each with whether the device writes it.
+    #[inline]
+    pub fn segments(&self) -> impl Iterator<Item = (Sg, bool)> + '_ {
+        let out = self.out.iter().flat_map(|l| l.iter().map(|s| (*s, false)));
+        out.chain(self.ins.iter().flat_map(|l| l.iter().map(|s| (*s, true))))
+    }
+
+    #[inline]
+    pub fn count(&self) -> usize {
+        self.out.iter().map(|l| l.len()).sum::<usize>() + self.ins.iter().map(|l| l.len()).sum::<usize>()
+    }
+
+    pub fn has_readable(&self) -> bool {
+        self.out.iter().any(|l| !l.is_empty())
+    }
+}
+
+/// What an `add` must do, decided before any layout-specific work.
+pub(crate) struct AddPlan {
+    /// Segments in the buffer.
+    pub total: u16,
+    /// Whether it goes into an indirect table.
+    pub indirect: bool,
+    /// Ring descriptors it takes.
+    pub descs: u16,
+}
+
+/// Layout-independent driver state.
+pub(crate) struct DriverCore<T, D: Dma, N> {
+    /// How the queue was created (kept to re-create the ring on resize).
+    pub config: QueueConfig,
+    pub shared: Arc<Shared<N>>,
+    pub dma: D,
+    pub barriers: Barriers,
+    pub event_idx: bool,
+    pub context: bool,
+    pub callbacks: bool,
+    pub notification_data: bool,
+    pub index: u16,
+    pub size: u16,
+    pub num_free: u16,
+    /// Descriptors (packed) or buffers (split) added since the last `kick_prepare`.
+    pub num_added: u16,
+    /// Set by `interrupt` with event idx: the device will not interrupt again until the
+    /// driver moves its event, so `disable_cb` can skip its ring write.
+    pub event_triggered: AtomicBool,
+    pub fault: Option<Fault>,
+    pub extra: Box<[DescExtra]>,
+    pub heads: Box<[HeadState<T>]>,
+    /// `size * indirect_max` table entries; slot `s` owns entries `s * indirect_max ..`.
+    pub indirect_pool: Option<DmaRegion>,
+    pub indirect_max: u16,
+    /// Private copies of the indirect entries, kept only when `D::MAPS` (to unmap).
+    pub indirect_extra: Box<[DescExtra]>,
+}
+
+impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
+    /// Private state for a ring of `size` entries; allocates the indirect pool when
+    /// negotiated (`INDIRECT_DESC` without `context`). On failure the allocator comes back
+    /// so that the caller can free the ring.
+    pub fn new(config: &QueueConfig, size: u16, dma: D, notifier: N) -> Result<Self, (CreateError, D)> {
+        let features = config.features;
+        let indirect = features.contains(Features::INDIRECT_DESC) && !config.context && config.indirect_max > 1;
+        let indirect_max = if indirect { config.indirect_max } else { 0 };
+        let indirect_pool = if indirect {
+            match dma.alloc_zeroed(16 * size as usize * indirect_max as usize, 16) {
+                Some(pool) => Some(pool),
+                None => return Err((CreateError::NoMemory, dma)),
+            }
+        } else {
+            None
+        };
+        let mut core = Self {
+            config: QueueConfig { size, ..*config },
+            shared: Shared::new(notifier),
+            dma,
+            barriers: if config.weak_barriers && !features.contains(Features::ORDER_PLATFORM) {
+                Barriers::Weak
+            } else {
+                Barriers::Strong
+            },
+            event_idx: features.contains(Features::EVENT_IDX),
+            context: config.context,
+            callbacks: config.callbacks,
+            notification_data: features.contains(Features::NOTIFICATION_DATA),
+            index: config.index,
+            size,
+            num_free: size,
+            num_added: 0,
+            event_triggered: AtomicBool::new(false),
+            fault: None,
+            extra: Box::new([]),
+            heads: Box::new([]),
+            indirect_pool,
+            indirect_max,
+            indirect_extra: if D::MAPS {
+                (0..size as usize * indirect_max as usize).map(|_| DescExtra::default()).collect()
+            } else {
+                Vec::new().into_boxed_slice()
+            },
+        };
+        core.resize_state(size);
+        Ok(core)
+    }
+
+    /// Re-creates the per-descriptor arrays for `size` entries, all free, linked
+    /// 0 -> 1 -> ... -> size-1 -> 0. In-order layouts rely on this sequential link.
+    pub fn resize_state(&mut self, size: u16) {
+        self.size = size;
+        self.extra = (0..size)
+            .map(|i| DescExtra { next: if i + 1 == size { 0 } else { i + 1 }, ..Default::default() })
+            .collect();
+        self.heads = (0..size).map(|_| HeadState::default()).collect();
+        self.num_free = size;
+        self.num_added = 0;
+        self.fault = None;
+        self.event_triggered.store(false, Relaxed);
+    }
+
+    /// Checks an add before any ring work. `Err` hands the token back.
+    #[inline]
+    pub fn plan(&self, buf: &Buffer<'_>, token: T, ctx: Option<usize>) -> Result<(AddPlan, T), AddError<T>> {
+        if self.shared.is_broken() {
+            return Err(AddError { kind: AddErrorKind::Broken, token });
+        }
+        if ctx.is_some() && !self.context {
+            return Err(AddError { kind: AddErrorKind::NoContext, token });
+        }
+        let total = buf.count();
+        if total == 0 {
+            return Err(AddError { kind: AddErrorKind::NoSegments, token });
+        }
+        let indirect = self.indirect_max > 0 && total > 1 && total <= self.indirect_max as usize && self.num_free > 0;
+        if !indirect && total > self.size as usize {
+            return Err(AddError { kind: AddErrorKind::TooManySegments, token });
+        }
+        let total = total as u16;
+        Ok((AddPlan { total, indirect, descs: if indirect { 1 } else { total } }, token))
+    }
+
+    /// Maps one segment. Returns the device address and the private flags to record.
+    #[inline]
+    pub fn map(&self, sg: Sg, writable: bool, premapped: bool) -> Option<(u64, u16)> {
+        if premapped || !D::MAPS {
+            return Some((sg.addr, if premapped { PRIV_PREMAPPED } else { 0 }));
+        }
+        let dir = if writable { Direction::FromDevice } else { Direction::ToDevice };
+        self.dma.map(sg.addr, sg.len, dir).map(|a| (a, 0))
+    }
+
+    #[inline]
+    pub fn unmap(&self, e: &DescExtra) {
+        if D::MAPS && e.flags & (PRIV_PREMAPPED | PRIV_TABLE) == 0 {
+            let dir = if e.flags & DESC_F_WRITE != 0 { Direction::FromDevice } else { Direction::ToDevice };
+            self.dma.unmap(e.addr, e.len, dir);
+        }
+    }
+
+    /// Records the private copy of a descriptor about to be written at `extra[i]`.
+    #[inline]
+    pub fn record(&mut self, i: u16, addr: u64, len: u32, flags: u16) {
+        let e = &mut self.extra[i as usize];
+        e.flags = flags;
+        if D::MAPS {
+            e.addr = addr;
+            e.len = len;
+        }
+    }
+
+    /// Unmaps the first `n` descriptors of a chain from `first`, following private links.
+    pub fn unmap_chain(&self, first: u16, n: usize) {
+        let mut i = first;
+        for _ in 0..n {
+            let e = &self.extra[i as usize];
+            self.unmap(e);
+            i = e.next;
+        }
+    }
+
+    /// Fills pool table `slot` with the buffer's segments. `split_links` writes `NEXT` and
+    /// `next` as the split format needs; packed tables are sequential and have neither.
+    /// Returns the table's device address and the writable length, or `Err` after undoing
+    /// the mappings made.
+    pub fn write_table(
+        &mut self,
+        slot: u16,
+        buf: &Buffer<'_>,
+        total: u16,
+        premapped: bool,
+        split_links: bool,
+    ) -> Result<(u64, u32), ()> {
+        let pool = self.indirect_pool.as_ref().expect("indirect queues have a pool");
+        let first = slot as usize * self.indirect_max as usize;
+        // SAFETY: the pool holds `size * indirect_max` 16-byte descriptors, 16-aligned and
+        // valid until the queue frees it; `slot < size` and `total <= indirect_max`, so
+        // entries `first .. first + total` exist and belong to this slot alone.
+        let table: &[RawDesc] =
+            unsafe { core::slice::from_raw_parts(pool.cpu.as_ptr().cast::<RawDesc>().add(first), total as usize) };
+        let table_addr = pool.device_addr + 16 * first as u64;
+        let mut writable = 0u32;
+        for (n, (sg, is_in)) in buf.segments().enumerate() {
+            let Some((addr, priv_flags)) = self.map(sg, is_in, premapped) else {
+                for e in &self.indirect_extra[first..first + n] {
+                    self.unmap(e);
+                }
+                return Err(());
+            };
+            let mut flags = if is_in { DESC_F_WRITE } else { 0 };
+            if split_links && n + 1 != total as usize {
+                flags |= crate::split::DESC_F_NEXT;
+            }
+            if is_in {
+                writable = writable.saturating_add(sg.len);
+            }
+            if D::MAPS {
+                self.indirect_extra[first + n] = DescExtra { addr, len: sg.len, flags: flags | priv_flags, next: 0 };
+            }
+            let next = if split_links { n as u16 + 1 } else { 0 };
+            let (lo16, hi16) = if split_links { (flags, next) } else { (0, flags) };
+            table[n].write(DescWords { addr, len: sg.len, lo16, hi16 });
+        }
+        Ok((table_addr, writable))
+    }
+
+    /// Records a new buffer in flight at `head`.
+    #[inline]
+    pub fn start(&mut self, head: u16, token: T, ctx: Option<usize>, plan: &AddPlan, writable: u32, tail: u16) {
+        let state = &mut self.heads[head as usize];
+        state.token = Some(token);
+        state.ctx = ctx;
+        state.writable = writable;
+        state.descs = plan.descs;
+        state.tail = tail;
+        state.indirect_entries = if plan.indirect { plan.total } else { 0 };
+        self.num_free -= plan.descs;
+    }
+
+    /// Frees the buffer at `head`: unmaps its segments, returns its descriptors, and hands
+    /// back the token and context. With `relink` its descriptors go back on the free list
+    /// (`free_head` is updated); in-order layouts keep their sequential links instead.
+    pub fn release(&mut self, head: u16, free_head: &mut u16, relink: bool) -> (T, Option<usize>) {
+        let state = &mut self.heads[head as usize];
+        let token = state.token.take().expect("caller checked the buffer is in flight");
+        let ctx = state.ctx.take();
+        let (descs, tail, indirect_entries) = (state.descs, state.tail, state.indirect_entries);
+        if D::MAPS {
+            if indirect_entries > 0 {
+                let first = head as usize * self.indirect_max as usize;
+                for e in &self.indirect_extra[first..first + indirect_entries as usize] {
+                    self.unmap(e);
+                }
+            }
+            self.unmap_chain(head, descs as usize);
+        }
+        if relink {
+            self.extra[tail as usize].next = *free_head;
+            *free_head = head;
+        }
+        self.num_free += descs;
+        (token, ctx)
+    }
+
+    /// Validates a used entry the device wrote: `id` names a buffer in flight whose
+    /// writable part holds `len` bytes. Latches the fault otherwise.
+    #[inline]
+    pub fn check_used(&mut self, id: u32, len: u32) -> bool {
+        let fault = match self.heads.get(id as usize) {
+            None => Fault::UsedIdOutOfRange { id },
+            Some(h) if h.token.is_none() => Fault::UsedIdNotInFlight { id },
+            Some(h) if len > h.writable => Fault::UsedLenTooLong { id, len, writable: h.writable },
+            Some(_) => return true,
+        };
+        self.fail(fault);
+        false
+    }
+
+    pub fn fail(&mut self, fault: Fault) {
+        self.fault.get_or_insert(fault);
+        self.shared.set_broken();
+    }
+
+    /// The first buffer still in flight, by slot.
+    pub fn first_in_flight(&self) -> Option<u16> {
+        self.heads.iter().position(|h| h.token.is_some()).map(|i| i as u16)
+    }
+
+    /// Frees the indirect pool (the ring itself belongs to the layout).
+    pub fn free_pool(&mut self) {
+        if let Some(r) = self.indirect_pool.take() {
+            // SAFETY: allocated by `self.dma` in `new`; the queue is going away or being
+            // re-created, and no descriptor in flight points into the pool any more.
+            unsafe { self.dma.free(r) };
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! The driver queue: Linux's virtqueue API, written once over a ring layout.
+//!
+//! [`DriverQueue`] holds the layout-independent bookkeeping and a layout `L`. Each layout
+//! ([`crate::SplitLayout`], [`crate::PackedLayout`], with or without in-order) is a
+//! separate type, so a queue whose layout is known at compile time runs code specialised
+//! for it. [`crate::AnyLayout`] chooses at run time from the negotiated features: one
+//! `match` per operation, each arm calling the specialised code.
+
+use super::core::{Buffer, DriverCore};
+use super::{
+    AddError, CreateError, Fault, InterruptAction, Kick, Notify, NotifyData, QueueConfig, QueueHandle, Sg, UsedBuf,
+    UsedSnapshot,
+};
+use crate::memory::{Dma, DmaRegion};
+
+mod sealed {
+    pub trait Sealed {}
+}
+pub(crate) use sealed::Sealed;
+
+/// Which of Linux's four ring layouts a queue runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutKind {
+    /// Split ring (VIRTIO 1.3, 2.7).
+    Split,
+    /// Split ring with `VIRTIO_F_IN_ORDER`.
+    SplitInOrder,
+    /// Packed ring (VIRTIO 1.3, 2.8).
+    Packed,
+    /// Packed ring with `VIRTIO_F_IN_ORDER`.
+    PackedInOrder,
+}
+
+/// The ring-format half of a driver queue. Implemented by this crate's layouts only.
+#[allow(private_interfaces)]
+pub trait RingLayout: Sized + Send + Sync + Sealed {
+    /// Which layout this is.
+    fn kind(&self) -> LayoutKind;
+    #[doc(hidden)]
+    fn create<D: Dma>(config: &QueueConfig, dma: &D) -> Result<Self, CreateError>;
+    /// # Safety
+    /// As [`DriverQueue::new_in`].
+    #[doc(hidden)]
+    unsafe fn create_in(config: &QueueConfig, memory: DmaRegion) -> Result<Self, CreateError>;
+    #[doc(hidden)]
+    fn size(&self) -> u16;
+    #[doc(hidden)]
+    fn free<D: Dma>(&mut self, dma: &D);
+    /// Device addresses of the descriptor table, driver area and device area.
+    #[doc(hidden)]
+    fn addresses(&self) -> [u64; 3];
+    #[doc(hidden)]
+    fn add<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        buf: &Buffer<'_>,
+        token: T,
+        ctx: Option<usize>,
+        premapped: bool,
+    ) -> Result<(), AddError<T>>;
+    #[doc(hidden)]
+    fn kick_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool;
+    /// `NotifyData::next`: split avail index; packed offset with the wrap counter in bit 15.
+    #[doc(hidden)]
+    fn next_avail(&self) -> u16;
+    #[doc(hidden)]
+    fn get_buf<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<(T, u32, Option<usize>)>;
+    #[doc(hidden)]
+    fn disable_cb<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>);
+    #[doc(hidden)]
+    fn enable_cb_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> u16;
+    /// Whether the ring has used entries beyond `snapshot` (the caller fences first).
+    #[doc(hidden)]
+    fn poll(&self, snapshot: u16) -> bool;
+    #[doc(hidden)]
+    fn enable_cb_delayed<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool;
+    #[doc(hidden)]
+    fn has_used(&self) -> bool;
+    #[doc(hidden)]
+    fn detach_unused<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<T>;
+    /// Zeroes the shared ring and re-initialises the layout state for an empty queue
+    /// (the core's state was re-created just before).
+    #[doc(hidden)]
+    fn reset<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>);
+}
+
+/// The driver's end of a virtqueue: Linux's `struct virtqueue` and its operations.
+///
+/// `T` is the token handed back with each used buffer, `D` the DMA mapper, `N` the
+/// transport's notifier and `L` the ring layout. Operations Linux requires to be
+/// serialized take `&mut self`; those it documents as "need not be serialized" take
+/// `&self` (`disable_cb`, `poll`, `vring_size`, `is_broken`, `interrupt`), and `notify` is
+/// also on the [`QueueHandle`], which needs no borrow of the queue at all.
+pub struct DriverQueue<T, D: Dma, N: Notify, L: RingLayout> {
+    core: DriverCore<T, D, N>,
+    layout: L,
+}
+
+impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
+    /// Allocates and initialises a ring (Linux's `vring_create_virtqueue`).
+    #[doc(alias = "vring_create_virtqueue")]
+    pub fn new(config: QueueConfig, dma: D, notifier: N) -> Result<Self, CreateError> {
+        let mut layout = L::create(&config, &dma)?;
+        match DriverCore::new(&config, layout.size(), dma, notifier) {
+            Ok(core) => Ok(Self::init(core, layout)),
+            Err((e, dma)) => {
+                layout.free(&dma);
+                Err(e)
+            }
+        }
+    }
+
+    /// Builds a split queue in memory the caller provides and keeps (Linux's
+    /// `vring_new_virtqueue`), using the contiguous layout of
+    /// [`crate::split::ContiguousLayout::new`]`(config.size, config.vring_align)`.
+    ///
+    /// # Safety
+    ///
+    /// `memory` must be zeroed, 16-byte aligned, at least that layout's size, visible to
+    /// the device at `memory.device_addr`, and valid for reads and writes for as long as
+    /// the queue exists. The queue never frees it.
+    #[doc(alias = "vring_new_virtqueue")]
+    pub unsafe fn new_in(config: QueueConfig, memory: DmaRegion, dma: D, notifier: N) -> Result<Self, CreateError> {
+        // SAFETY: the caller's promise, passed on.
+        let layout = unsafe { L::create_in(&config, memory)? };
+        let core = DriverCore::new(&config, layout.size(), dma, notifier).map_err(|(e, _)| e)?;
+        Ok(Self::init(core, layout))
+    }
+
+    fn init(core: DriverCore<T, D, N>, layout: L) -> Self {
+        let mut q = Self { core, layout };
+        q.layout.reset(&mut q.core);
+        q
+    }
+
+    /// Which ring layout the queue runs.
+    pub fn layout(&self) -> LayoutKind {
+        self.layout.kind()
+    }
+
+    /// A handle for `notify`, `is_broken` and `break_queue` that needs no borrow of the queue.
+    pub fn handle(&self) -> QueueHandle<N> {
+        QueueHandle { shared: self.core.shared.clone() }
+    }
+
+    #[inline]
+    fn add(&mut self, buf: Buffer<'_>, token: T, ctx: Option<usize>, premapped: bool) -> Result<(), AddError<T>> {
+        self.layout.add(&mut self.core, &buf, token, ctx, premapped)
+    }
+
+    /// Exposes one buffer made of several segment lists: first `out` (device-readable),
+    /// then `ins` (device-writable). On error the token comes back in the [`AddError`] and
+    /// nothing was published.
+    #[doc(alias = "virtqueue_add_sgs")]
+    pub fn add_sgs(&mut self, out: &[&[Sg]], ins: &[&[Sg]], token: T) -> Result<(), AddError<T>> {
+        self.add(Buffer { out, ins }, token, None, false)
+    }
+
+    /// Exposes a device-readable buffer.
+    #[doc(alias = "virtqueue_add_outbuf")]
+    pub fn add_outbuf(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
+        self.add(Buffer { out: &[sg], ins: &[] }, token, None, false)
+    }
+
+    /// Exposes a device-writable buffer.
+    #[doc(alias = "virtqueue_add_inbuf")]
+    pub fn add_inbuf(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
+        self.add(Buffer { out: &[], ins: &[sg] }, token, None, false)
+    }
+
+    /// Exposes a device-writable buffer with a context value that `get_buf_ctx` returns.
+    /// The queue must have been created with `context`.
+    #[doc(alias = "virtqueue_add_inbuf_ctx")]
+    pub fn add_inbuf_ctx(&mut self, sg: &[Sg], token: T, ctx: usize) -> Result<(), AddError<T>> {
+        self.add(Buffer { out: &[], ins: &[sg] }, token, Some(ctx), false)
+    }
+
+    /// Like [`Self::add_outbuf`], but `sg` holds device addresses, never mapped or unmapped.
+    #[doc(alias = "virtqueue_add_outbuf_premapped")]
+    pub fn add_outbuf_premapped(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
+        self.add(Buffer { out: &[sg], ins: &[] }, token, None, true)
+    }
+
+    /// Like [`Self::add_inbuf`], but `sg` holds device addresses, never mapped or unmapped.
+    #[doc(alias = "virtqueue_add_inbuf_premapped")]
+    pub fn add_inbuf_premapped(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
+        self.add(Buffer { out: &[], ins: &[sg] }, token, None, true)
+    }
+
+    /// Like [`Self::add_sgs`], with device addresses, never mapped or unmapped.
+    pub fn add_sgs_premapped(&mut self, out: &[&[Sg]], ins: &[&[Sg]], token: T) -> Result<(), AddError<T>> {
+        self.add(Buffer { out, ins }, token, None, true)
+    }
+
+    fn notify_data(&self) -> NotifyData {
+        NotifyData { queue_index: self.core.index, next: self.layout.next_avail() }
+    }
+
+    /// Decides whether the device needs a notification for the buffers added since the
+    /// last call; deliver it with [`Self::notify`] or [`QueueHandle::notify`] (Linux:
+    /// `if (virtqueue_kick_prepare(vq)) virtqueue_notify(vq);`).
+    #[doc(alias = "virtqueue_kick_prepare")]
+    pub fn kick_prepare(&mut self) -> Option<Kick> {
+        self.layout.kick_prepare(&mut self.core).then(|| Kick { data: self.notify_data() })
+    }
+
+    /// Notifies the device now (the second half of a kick; needs no exclusive borrow).
+    /// Returns false if the queue is broken or the transport failed, which breaks it.
+    #[doc(alias = "virtqueue_notify")]
+    pub fn notify(&self) -> bool {
+        self.core.shared.notify(self.notify_data())
+    }
+
+    /// `kick_prepare` then `notify` if needed. Returns false only if a needed notification
+    /// failed.
+    #[doc(alias = "virtqueue_kick")]
+    pub fn kick(&mut self) -> bool {
+        match self.kick_prepare() {
+            Some(k) => self.core.shared.notify(k.data),
+            None => true,
+        }
+    }
+
+    /// The next used buffer: its token and the number of bytes the device wrote.
+    #[doc(alias = "virtqueue_get_buf")]
+    #[inline]
+    pub fn get_buf(&mut self) -> Option<UsedBuf<T>> {
+        self.get_buf_ctx().map(|(u, _)| u)
+    }
+
+    /// Like [`Self::get_buf`], also returning the context given to `add_inbuf_ctx`.
+    #[doc(alias = "virtqueue_get_buf_ctx")]
+    #[inline]
+    pub fn get_buf_ctx(&mut self) -> Option<(UsedBuf<T>, Option<usize>)> {
+        if self.core.shared.is_broken() {
+            return None;
+        }
+        self.layout.get_buf(&mut self.core).map(|(token, len, ctx)| (UsedBuf { token, len }, ctx))
+    }
+
+    /// Asks the device not to interrupt (a hint: interrupts may still arrive).
+    #[doc(alias = "virtqueue_disable_cb")]
+    pub fn disable_cb(&self) {
+        self.layout.disable_cb(&self.core)
+    }
+
+    /// Re-enables interrupts and returns the state to check with [`Self::poll`] for
+    /// buffers that were used before the device could see the change.
+    #[doc(alias = "virtqueue_enable_cb_prepare")]
+    pub fn enable_cb_prepare(&mut self) -> UsedSnapshot {
+        self.core.event_triggered.store(false, core::sync::atomic::Ordering::Relaxed);
+        UsedSnapshot(self.layout.enable_cb_prepare(&mut self.core))
+    }
+
+    /// Whether buffers were used after `snapshot` was taken. False on a broken queue.
+    #[doc(alias = "virtqueue_poll")]
+    pub fn poll(&self, snapshot: UsedSnapshot) -> bool {
+        if self.core.shared.is_broken() {
+            return false;
+        }
+        // The event store of `enable_cb_prepare` before the load that checks for used
+        // buffers; pairs with the device's mb between publishing a used entry and reading
+        // the driver's event (`needs_notification` on the device side).
+        self.core.barriers.mb();
+        self.layout.poll(snapshot.0)
+    }
+
+    /// Re-enables interrupts; returns false if buffers are already pending, in which case
+    /// the caller must process them (no interrupt may come for them).
+    #[doc(alias = "virtqueue_enable_cb")]
+    pub fn enable_cb(&mut self) -> bool {
+        let snapshot = self.enable_cb_prepare();
+        !self.poll(snapshot)
+    }
+
+    /// Re-enables interrupts, hinting the device to wait until about 3/4 of the buffers in
+    /// flight are used. Returns false if that many are used already.
+    #[doc(alias = "virtqueue_enable_cb_delayed")]
+    pub fn enable_cb_delayed(&mut self) -> bool {
+        self.core.event_triggered.store(false, core::sync::atomic::Ordering::Relaxed);
+        self.layout.enable_cb_delayed(&mut self.core)
+    }
+
+    /// Whether used buffers are waiting (Linux's `more_used`). False on a broken queue.
+    pub fn has_used(&self) -> bool {
+        !self.core.shared.is_broken() && self.layout.has_used()
+    }
+
+    /// The interrupt handler's first step (Linux's `vring_interrupt`): says whether the
+    /// queue has work and whether to run its callback.
+    #[doc(alias = "vring_interrupt")]
+    pub fn interrupt(&self) -> InterruptAction {
+        if !self.layout.has_used() {
+            return InterruptAction::NoWork;
+        }
+        if self.core.shared.is_broken() {
+            return InterruptAction::Broken;
+        }
+        if self.core.event_idx {
+            self.core.event_triggered.store(true, core::sync::atomic::Ordering::Relaxed);
+        }
+        InterruptAction::Callback
+    }
+
+    /// Takes back one buffer the device has not returned, for shutdown: the device must be
+    /// stopped. Split rings roll the available index back, as Linux does. Works on a
+    /// broken queue.
+    #[doc(alias = "virtqueue_detach_unused_buf")]
+    pub fn detach_unused_buf(&mut self) -> Option<T> {
+        self.layout.detach_unused(&mut self.core)
+    }
+
+    /// Takes every buffer back through `recycle`, then re-initialises the ring at the same
+    /// size (Linux's `virtqueue_reset`, for `VIRTIO_F_RING_RESET`). The transport must
+    /// have reset the queue on the device first, and re-enables it afterwards.
+    #[doc(alias = "virtqueue_reset")]
+    pub fn reset(&mut self, mut recycle: impl FnMut(T)) {
+        while let Some(t) = self.detach_unused_buf() {
+            recycle(t);
+        }
+        let size = self.layout.size();
+        self.core.resize_state(size);
+        self.core.shared.clear_broken();
+        self.layout.reset(&mut self.core);
+    }
+
+    /// Takes every buffer back through `recycle`, then re-creates the ring with `size`
+    /// entries (Linux's `virtqueue_resize`). If the new ring cannot be allocated the old
+    /// one is reset in place, stays usable, and `Err(NoMemory)` is returned. The
+    /// transport must have reset the queue on the device first and programs the new
+    /// addresses afterwards.
+    #[doc(alias = "virtqueue_resize")]
+    pub fn resize(&mut self, size: u16, recycle: impl FnMut(T)) -> Result<(), CreateError> {
+        self.reset(recycle);
+        if size == self.layout.size() {
+            return Ok(());
+        }
+        let config = QueueConfig { size, may_reduce_num: false, ..self.core.config };
+        let mut layout = L::create(&config, &self.core.dma)?;
+        if self.core.indirect_max > 0 {
+            let pool_bytes = 16 * size as usize * self.core.indirect_max as usize;
+            let Some(pool) = self.core.dma.alloc_zeroed(pool_bytes, 16) else {
+                layout.free(&self.core.dma);
+                return Err(CreateError::NoMemory);
+            };
+            self.core.free_pool();
+            self.core.indirect_pool = Some(pool);
+            if D::MAPS {
+                self.core.indirect_extra = (0..size as usize * self.core.indirect_max as usize)
+                    .map(|_| super::core::DescExtra::default())
+                    .collect();
+            }
+        }
+        self.layout.free(&self.core.dma);
+        self.layout = layout;
+        self.core.resize_state(size);
+        self.layout.reset(&mut self.core);
+        Ok(())
+    }
+
+    /// Number of ring entries.
+    #[doc(alias = "virtqueue_get_vring_size")]
+    pub fn vring_size(&self) -> u16 {
+        self.layout.size()
+    }
+
+    /// Free descriptors (an indirect buffer costs one; a direct one, one per segment).
+    pub fn num_free(&self) -> u16 {
+        self.core.num_free
+    }
+
+    /// Whether the queue is broken.
+    #[doc(alias = "virtqueue_is_broken")]
+    pub fn is_broken(&self) -> bool {
+        self.core.shared.is_broken()
+    }
+
+    /// Marks the queue broken (see [`QueueHandle::break_queue`]).
+    #[doc(alias = "__virtqueue_break")]
+    pub fn break_queue(&self) {
+        self.core.shared.set_broken();
+    }
+
+    /// Clears the broken flag (Linux's `__virtqueue_unbreak`, for the transport core on
+    /// probe or restore). A fault found in the ring stays recorded.
+    #[doc(alias = "__virtqueue_unbreak")]
+    pub fn unbreak(&self) {
+        self.core.shared.clear_broken();
+    }
+
+    /// The device misbehaviour that broke the queue, if that is what broke it.
+    pub fn fault(&self) -> Option<Fault> {
+        self.core.fault
+    }
+
+    /// Device address of the descriptor table (packed: the descriptor ring).
+    #[doc(alias = "virtqueue_get_desc_addr")]
+    pub fn desc_addr(&self) -> u64 {
+        self.layout.addresses()[0]
+    }
+
+    /// Device address of the driver area (split: the available ring; packed: the driver
+    /// event suppression structure).
+    #[doc(alias = "virtqueue_get_avail_addr")]
+    pub fn avail_addr(&self) -> u64 {
+        self.layout.addresses()[1]
+    }
+
+    /// Device address of the device area (split: the used ring; packed: the device event
+    /// suppression structure).
+    #[doc(alias = "virtqueue_get_used_addr")]
+    pub fn used_addr(&self) -> u64 {
+        self.layout.addresses()[2]
+    }
+
+    /// Whether kicks must carry [`NotifyData`] (`VIRTIO_F_NOTIFICATION_DATA`).
+    pub fn uses_notification_data(&self) -> bool {
+        self.core.notification_data
+    }
+
+    /// The value a `VIRTIO_F_NOTIFICATION_DATA` transport writes for a kick now.
+    #[doc(alias = "vring_notification_data")]
+    pub fn notification_data(&self) -> u32 {
+        self.notify_data().to_u32()
+    }
+}
+
+impl<T, D: Dma, N: Notify, L: RingLayout> Drop for DriverQueue<T, D, N, L> {
+    fn drop(&mut self) {
+        if D::MAPS {
+            while self.detach_unused_buf().is_some() {}
+        }
+        self.core.free_pool();
+        self.layout.free(&self.core.dma);
+    }
+}
