@@ -1,0 +1,88 @@
+//! The device thread: pops chains, completes them, publishes per batch drained, and
+//! decides whether the driver wants an interrupt.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+
+use virtq::testing::TestMemory;
+use virtq::{DeviceConfig, Segments, SplitDevice};
+
+use crate::bench::{Mode, BUF_LEN};
+use crate::notify::Control;
+
+/// Runs the device side of one cell; returns the number of chains popped. On failure it
+/// stops the run, so that the driver gives up instead of waiting for buffers.
+pub fn run(mem: &TestMemory, ctl: &Control, from_driver: Receiver<DeviceConfig>, mode: Mode) -> Result<u64, String> {
+    // No config means the driver failed to create the ring; it reports why.
+    let Ok(config) = from_driver.recv() else {
+        return Ok(0);
+    };
+    let result = SplitDevice::new(mem, config)
+        .map_err(|e| format!("device: cannot attach to the ring: {e}"))
+        .and_then(|mut device| serve(&mut device, ctl, mode));
+    if result.is_err() {
+        ctl.stop();
+    }
+    result
+}
+
+fn serve(device: &mut SplitDevice<'_, TestMemory>, ctl: &Control, mode: Mode) -> Result<u64, String> {
+    // Every buffer is one readable segment: a sink of one is enough, and a longer chain
+    // is a bug the pop reports (as `SinkFull`).
+    let mut segs = Segments::<1>::new();
+    let mut popped = 0u64;
+    // Never hold more than a ring's worth of completions back from the driver.
+    let max_batch = u64::from(device.size());
+    if mode == Mode::Poll {
+        // With EVENT_IDX this is a no-op: `avail_event` is never moved forward, so the
+        // driver's kicks stay suppressed (but for one every 2^16 buffers, at index wrap).
+        device.disable_notifications();
+    }
+    loop {
+        let mut n = 0;
+        while n < max_batch {
+            let chain = match device.pop(&mut segs) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => return Err(format!("device: pop failed after {popped} chains: {e}")),
+            };
+            if chain.readable_len() != BUF_LEN || chain.writable_len() != 0 {
+                return Err(format!(
+                    "device: chain {} has {} readable and {} writable bytes, expected {BUF_LEN} and 0",
+                    chain.id(),
+                    chain.readable_len(),
+                    chain.writable_len()
+                ));
+            }
+            device.complete(chain, 0);
+            n += 1;
+        }
+        if n > 0 {
+            popped += n;
+            ctl.device_progress.store(popped, Ordering::Relaxed);
+            // Publishes the whole drained batch, then asks `used_event` whether the driver
+            // wants to hear about it.
+            if device.needs_notification() {
+                ctl.driver_bell.ring();
+            }
+            continue;
+        }
+        // Idle. The driver stops the run only once every buffer is back, so there is
+        // nothing left to serve.
+        if ctl.stopped() {
+            return Ok(popped);
+        }
+        match mode {
+            Mode::Poll => std::hint::spin_loop(),
+            Mode::Sleep => {
+                // Ask for kicks, then look again: buffers added before the driver could
+                // see `avail_event` move bring no kick, so sleeping now would lose them.
+                if !device.enable_notifications() {
+                    ctl.device_bell.wait();
+                }
+                // Busy again: no kicks wanted while we drain.
+                device.disable_notifications();
+            }
+        }
+    }
+}
