@@ -120,14 +120,7 @@ fn setup<'a>(
         .map_err(|e| format!("driver: cannot create the queue: {e}"))?;
     // The device attaches to the ring where a transport would tell it to.
     to_device
-        .send(DeviceConfig {
-            size: queue.vring_size(),
-            features: FEATURES,
-            desc_addr: queue.desc_addr(),
-            avail_addr: queue.avail_addr(),
-            used_addr: queue.used_addr(),
-            avail_base: 0,
-        })
+        .send(DeviceConfig::new(queue.vring_size(), FEATURES, queue.desc_addr(), queue.avail_addr(), queue.used_addr()))
         .map_err(|_| "driver: the device thread is gone".to_string())?;
     let bufs = (0..queue.vring_size()).map(|_| mem.alloc_sg(BUF_LEN)).collect();
     // Both workloads start busy; interrupts are enabled only right before sleeping.

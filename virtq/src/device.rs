@@ -5,6 +5,99 @@ use core::fmt;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
 
+use crate::memory::GuestMemory;
+use crate::Features;
+
+/// Where a ring lives in guest memory and what was negotiated for it.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceConfig {
+    /// Number of ring entries.
+    pub size: u16,
+    /// Negotiated features (`RING_PACKED`, `EVENT_IDX`, `IN_ORDER`, `ORDER_PLATFORM` matter).
+    pub features: Features,
+    /// Guest address of the descriptor table (packed: the descriptor ring).
+    pub desc_addr: u64,
+    /// Guest address of the driver area (split: available ring; packed: driver event
+    /// suppression).
+    pub avail_addr: u64,
+    /// Guest address of the device area (split: used ring; packed: device event
+    /// suppression).
+    pub used_addr: u64,
+    /// Where to resume popping (vhost-user `SET_VRING_BASE`). Split: the next available
+    /// index. Packed: the next position, with the wrap counter in bit 15.
+    pub avail_base: u16,
+    /// Packed only: where the next used descriptor goes, with the wrap counter in bit 15.
+    /// (A split ring's used index is read from the ring itself.)
+    pub used_base: u16,
+}
+
+impl DeviceConfig {
+    /// A ring that starts fresh: nothing popped, nothing used.
+    pub const fn new(size: u16, features: Features, desc_addr: u64, avail_addr: u64, used_addr: u64) -> Self {
+        let base = if features.contains(Features::RING_PACKED) { 1 << 15 } else { 0 };
+        Self { size, features, desc_addr, avail_addr, used_addr, avail_base: base, used_base: base }
+    }
+}
+
+/// Translates one ring area, checking the spec's alignment on both the guest address and
+/// the host pointer (the queue accesses it with atomics).
+pub(crate) fn translate_area<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: u64,
+    len: usize,
+    align: u64,
+) -> Result<NonNull<u8>, DeviceError> {
+    if addr % align != 0 {
+        return Err(DeviceError::Misaligned);
+    }
+    let host = mem.translate(addr, len as u64).ok_or(DeviceError::AddressOutOfRange { addr, len: len as u64 })?;
+    if host.as_ptr() as u64 % align != 0 {
+        return Err(DeviceError::Misaligned);
+    }
+    Ok(host)
+}
+
+/// Adds one descriptor's buffer to a chain being popped: direction order, total length,
+/// bounds, then the sink.
+#[inline]
+pub(crate) fn push_segment<'m, M: GuestMemory + ?Sized, S: SegmentSink<'m>>(
+    mem: &'m M,
+    addr: u64,
+    len: u32,
+    writable: bool,
+    chain: &mut Chain,
+    segs: &mut S,
+) -> Result<(), DeviceError> {
+    if !writable && chain.writable_segments > 0 {
+        return Err(DeviceError::ReadableAfterWritable);
+    }
+    // Lengths first: an overflowing chain is reported as such, whatever its addresses.
+    chain.add(len, writable)?;
+    let host = mem.translate(addr, len as u64).ok_or(DeviceError::AddressOutOfRange { addr, len: len as u64 })?;
+    // SAFETY: translated for `len` bytes; `GuestMemory` keeps it valid while `mem` is
+    // borrowed, i.e. for 'm.
+    let seg = unsafe { Segment::new(host, addr, len, writable) };
+    if segs.push(seg) {
+        Ok(())
+    } else {
+        Err(DeviceError::SinkFull)
+    }
+}
+
+/// In-order completions not yet written: consecutive buffers the device finished, to be
+/// returned with one used entry that names the last (VIRTIO 1.3, 2.7.9 and 2.8.21).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct InOrderRun {
+    /// Split: used index of the run's first buffer. Packed: its position.
+    pub first: u16,
+    /// Packed: the used wrap counter at `first`.
+    pub first_wrap: bool,
+    /// Buffers (split) or descriptors (packed) in the run.
+    pub count: u16,
+    pub last_id: u16,
+    pub last_len: u32,
+}
+
 /// One segment of a popped chain, translated to host memory and bounds-checked once.
 ///
 /// It borrows the guest memory for `'m`, so it cannot outlive the mapping it points into.
@@ -179,8 +272,8 @@ pub struct Chain {
 }
 
 impl Chain {
-    pub(crate) fn new(id: u16, descs: u16) -> Self {
-        Self { id, descs, readable: 0, writable: 0, readable_segments: 0, writable_segments: 0 }
+    pub(crate) fn new(id: u16) -> Self {
+        Self { id, descs: 0, readable: 0, writable: 0, readable_segments: 0, writable_segments: 0 }
     }
 
     pub(crate) fn add(&mut self, len: u32, writable: bool) -> Result<(), DeviceError> {
@@ -301,5 +394,86 @@ impl fmt::Display for DeviceError {
             Self::BadDescriptorFlags => f.write_str("descriptor flags are not a valid available descriptor"),
             Self::SinkFull => f.write_str("segment sink is full"),
         }
+    }
+}
+
+/// A device queue whose layout the negotiated features choose (`RING_PACKED`): one API
+/// over [`crate::SplitDevice`] and [`crate::PackedDevice`].
+pub enum DeviceQueue<'m, M: GuestMemory + ?Sized> {
+    /// Split ring.
+    Split(crate::SplitDevice<'m, M>),
+    /// Packed ring.
+    Packed(crate::PackedDevice<'m, M>),
+}
+
+macro_rules! device_dispatch {
+    ($self:expr, $q:ident => $e:expr) => {
+        match $self {
+            DeviceQueue::Split($q) => $e,
+            DeviceQueue::Packed($q) => $e,
+        }
+    };
+}
+
+impl<'m, M: GuestMemory + ?Sized> DeviceQueue<'m, M> {
+    /// Attaches to the ring described by `config`, split or packed by its features.
+    pub fn new(mem: &'m M, config: DeviceConfig) -> Result<Self, DeviceError> {
+        Ok(if config.features.contains(Features::RING_PACKED) {
+            Self::Packed(crate::PackedDevice::new(mem, config)?)
+        } else {
+            Self::Split(crate::SplitDevice::new(mem, config)?)
+        })
+    }
+
+    /// Pops the next available chain into `segs`; `Ok(None)` when there is none.
+    #[inline]
+    pub fn pop<S: SegmentSink<'m>>(&mut self, segs: &mut S) -> Result<Option<Chain>, DeviceError> {
+        device_dispatch!(self, q => q.pop(segs))
+    }
+
+    /// Returns a chain to the driver with the number of bytes written.
+    #[inline]
+    pub fn complete(&mut self, chain: Chain, written: u32) {
+        device_dispatch!(self, q => q.complete(chain, written))
+    }
+
+    /// Makes every completion so far visible to the driver.
+    pub fn publish_used(&mut self) {
+        device_dispatch!(self, q => q.publish_used())
+    }
+
+    /// Publishes completions and says whether the driver wants an interrupt.
+    pub fn needs_notification(&mut self) -> bool {
+        device_dispatch!(self, q => q.needs_notification())
+    }
+
+    /// Asks for kicks; true if work is already waiting (do not sleep).
+    pub fn enable_notifications(&mut self) -> bool {
+        device_dispatch!(self, q => q.enable_notifications())
+    }
+
+    /// Asks the driver not to kick.
+    pub fn disable_notifications(&mut self) {
+        device_dispatch!(self, q => q.disable_notifications())
+    }
+
+    /// Number of ring entries.
+    pub fn size(&self) -> u16 {
+        device_dispatch!(self, q => q.size())
+    }
+
+    /// Where popping resumes (vhost-user `GET_VRING_BASE`).
+    pub fn avail_base(&self) -> u16 {
+        device_dispatch!(self, q => q.avail_base())
+    }
+
+    /// The driver error that broke the queue, if any.
+    pub fn fault(&self) -> Option<DeviceError> {
+        device_dispatch!(self, q => q.fault())
+    }
+
+    /// Whether the queue is broken.
+    pub fn is_broken(&self) -> bool {
+        device_dispatch!(self, q => q.is_broken())
     }
 }

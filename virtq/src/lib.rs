@@ -19,11 +19,9 @@
 //! let mem = TestMemory::new(1 << 16);
 //! let features = Features::VERSION_1 | Features::EVENT_IDX;
 //! let mut driver = SplitDriver::<u32, _, _>::new(QueueConfig::new(0, 8, features), &mem, ()).unwrap();
-//! let mut device = SplitDevice::new(&mem, DeviceConfig {
-//!     size: 8, features,
-//!     desc_addr: driver.desc_addr(), avail_addr: driver.avail_addr(), used_addr: driver.used_addr(),
-//!     avail_base: 0,
-//! }).unwrap();
+//! let mut device = SplitDevice::new(&mem, DeviceConfig::new(
+//!     8, features, driver.desc_addr(), driver.avail_addr(), driver.used_addr(),
+//! )).unwrap();
 //!
 //! let (request, reply) = (mem.alloc_sg(4), mem.alloc_sg(8));
 //! mem.write(request.addr, b"ping");
@@ -62,6 +60,7 @@ pub mod event;
 mod features;
 pub mod memory;
 // Without `alloc` only the device side exists, which writes no descriptors.
+pub mod packed;
 #[cfg_attr(not(feature = "alloc"), allow(dead_code))]
 mod shared;
 pub mod split;
@@ -74,7 +73,9 @@ pub mod testing;
 pub struct ReadmeDoctests;
 
 pub use barrier::Barriers;
-pub use device::{Chain, DeviceError, Segment, SegmentSink, Segments};
+pub use device::{Chain, DeviceConfig, DeviceError, DeviceQueue, Segment, SegmentSink, Segments};
+#[cfg(feature = "alloc")]
+pub use driver::any::{AnyLayout, Virtqueue};
 #[cfg(feature = "alloc")]
 pub use driver::{
     AddError, AddErrorKind, CreateError, DriverQueue, Fault, InterruptAction, Kick, LayoutKind, Notify, NotifyData,
@@ -85,6 +86,9 @@ pub use features::Features;
 #[cfg(feature = "alloc")]
 pub use memory::IdentityDma;
 pub use memory::{Direction, Dma, DmaRegion, GuestMemory, GuestRegions};
-pub use split::device::{DeviceConfig, SplitDevice};
+pub use packed::device::PackedDevice;
+#[cfg(feature = "alloc")]
+pub use packed::driver::{PackedDriver, PackedInOrderDriver, PackedLayout};
+pub use split::device::SplitDevice;
 #[cfg(feature = "alloc")]
 pub use split::driver::{SplitDriver, SplitInOrderDriver, SplitLayout};

@@ -76,6 +76,35 @@ impl RawDesc {
         DescWords { addr, len: w1 as u32, lo16: (w1 >> 32) as u16, hi16: (w1 >> 48) as u16 }
     }
 
+    /// The address word alone.
+    #[inline(always)]
+    pub fn addr(&self) -> &Le64 {
+        &self.addr
+    }
+
+    /// The `u32` at bytes 8..12: `len`.
+    #[inline(always)]
+    pub fn len(&self) -> &Le32 {
+        // SAFETY: `word1` is an 8-aligned 8-byte atomic at offset 8; its first four bytes
+        // are a 4-aligned, in-bounds `u32` location. The ring protocol has the two ends
+        // access these bytes both as fields and as whole words; every access is atomic.
+        unsafe { &*(self as *const Self as *const u8).add(8).cast::<Le32>() }
+    }
+
+    /// The `u16` at bytes 12..14: split `flags`, packed `id`.
+    #[inline(always)]
+    pub fn lo16(&self) -> &Le16 {
+        // SAFETY: as in `len`, for the 2-aligned bytes 12..14.
+        unsafe { &*(self as *const Self as *const u8).add(12).cast::<Le16>() }
+    }
+
+    /// The `u16` at bytes 14..16: split `next`, packed `flags`.
+    #[inline(always)]
+    pub fn hi16(&self) -> &Le16 {
+        // SAFETY: as in `len`, for the 2-aligned bytes 14..16.
+        unsafe { &*(self as *const Self as *const u8).add(14).cast::<Le16>() }
+    }
+
     /// Writes the whole descriptor.
     #[inline(always)]
     pub fn write(&self, d: DescWords) {

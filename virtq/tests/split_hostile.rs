@@ -140,14 +140,7 @@ impl<'m> HandRing<'m> {
     }
 
     fn config(&self) -> DeviceConfig {
-        DeviceConfig {
-            size: self.size,
-            features: self.features,
-            desc_addr: self.desc,
-            avail_addr: self.avail,
-            used_addr: self.used,
-            avail_base: 0,
-        }
+        DeviceConfig::new(self.size, self.features, self.desc, self.avail, self.used)
     }
 
     fn device(&self) -> SplitDevice<'m, TestMemory> {

@@ -1,6 +1,7 @@
 //! Driver-side vocabulary shared by every ring layout: segments, errors, notification,
 //! and the handle that may be used without the queue's exclusive borrow.
 
+pub(crate) mod any;
 pub(crate) mod core;
 pub(crate) mod queue;
 

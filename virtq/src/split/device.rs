@@ -5,10 +5,8 @@
 //! the queue broken; no driver input can make the device read or write outside guest
 //! memory, loop, or panic.
 
-use core::ptr::NonNull;
-
 use super::{SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY};
-use crate::device::{Chain, DeviceError, Segment, SegmentSink};
+use crate::device::{push_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, SegmentSink};
 use crate::event::need_event;
 use crate::memory::GuestMemory;
 use crate::shared::{DescWords, RawDesc};
@@ -18,34 +16,18 @@ use crate::{Barriers, Features};
 /// from costing more than a few hundred microseconds to walk.
 pub const MAX_INDIRECT_ENTRIES: u32 = 65535;
 
-/// Where a split ring lives in guest memory and what was negotiated for it.
-#[derive(Clone, Copy, Debug)]
-pub struct DeviceConfig {
-    /// Number of ring entries (a power of two).
-    pub size: u16,
-    /// Negotiated features (`EVENT_IDX` and `ORDER_PLATFORM` matter here).
-    pub features: Features,
-    /// Guest address of the descriptor table.
-    pub desc_addr: u64,
-    /// Guest address of the available ring.
-    pub avail_addr: u64,
-    /// Guest address of the used ring.
-    pub used_addr: u64,
-    /// First available entry to process (vhost-user `SET_VRING_BASE`); 0 for a new ring.
-    pub avail_base: u16,
-}
-
 /// The device's end of a split virtqueue, borrowing guest memory for `'m`.
 pub struct SplitDevice<'m, M: GuestMemory + ?Sized> {
     mem: &'m M,
     ring: SplitRing,
     size: u16,
     event_idx: bool,
+    in_order: bool,
     barriers: Barriers,
     last_avail_idx: u16,
     /// The last `avail.idx` read and validated; entries before it need no new fence.
     avail_idx_cache: u16,
-    /// Next used entry to write.
+    /// Next used index to hand out (entries up to it are written or in `run`).
     used_idx: u16,
     /// What `used.idx` holds in memory.
     published_used_idx: u16,
@@ -54,18 +36,8 @@ pub struct SplitDevice<'m, M: GuestMemory + ?Sized> {
     /// Completions since the last interrupt decision: past 0xffff the event window aliases.
     unsignalled: u32,
     used_flags_shadow: u16,
+    run: Option<InOrderRun>,
     fault: Option<DeviceError>,
-}
-
-fn translate<M: GuestMemory + ?Sized>(mem: &M, addr: u64, len: usize, align: u64) -> Result<NonNull<u8>, DeviceError> {
-    if addr % align != 0 {
-        return Err(DeviceError::Misaligned);
-    }
-    let host = mem.translate(addr, len as u64).ok_or(DeviceError::AddressOutOfRange { addr, len: len as u64 })?;
-    if host.as_ptr() as u64 % align != 0 {
-        return Err(DeviceError::Misaligned);
-    }
-    Ok(host)
 }
 
 impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
@@ -76,12 +48,12 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
     /// continues where the previous one stopped.
     pub fn new(mem: &'m M, config: DeviceConfig) -> Result<Self, DeviceError> {
         let size = config.size;
-        if !super::valid_size(size) {
+        if !super::valid_size(size) || config.features.contains(Features::RING_PACKED) {
             return Err(DeviceError::InvalidSize);
         }
-        let desc = translate(mem, config.desc_addr, super::desc_table_bytes(size), super::DESC_ALIGN)?;
-        let avail = translate(mem, config.avail_addr, super::avail_bytes(size), super::AVAIL_ALIGN)?;
-        let used = translate(mem, config.used_addr, super::used_bytes(size), super::USED_ALIGN)?;
+        let desc = translate_area(mem, config.desc_addr, super::desc_table_bytes(size), super::DESC_ALIGN)?;
+        let avail = translate_area(mem, config.avail_addr, super::avail_bytes(size), super::AVAIL_ALIGN)?;
+        let used = translate_area(mem, config.used_addr, super::used_bytes(size), super::USED_ALIGN)?;
         // SAFETY: each area was translated for its full length with the spec's alignment,
         // and `GuestMemory` keeps the pointers valid while `mem` is borrowed, i.e. for 'm.
         let ring = unsafe { SplitRing::new(desc, avail, used, size) };
@@ -90,6 +62,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             mem,
             size,
             event_idx: config.features.contains(Features::EVENT_IDX),
+            in_order: config.features.contains(Features::IN_ORDER),
             barriers: if config.features.contains(Features::ORDER_PLATFORM) {
                 Barriers::Strong
             } else {
@@ -102,6 +75,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             signalled_used_idx: used_idx,
             unsignalled: 0,
             used_flags_shadow: ring.used_flags().load(),
+            run: None,
             fault: None,
             ring,
         })
@@ -132,7 +106,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             self.avail_idx_cache = avail_idx;
             // Read the ring entries and descriptors only after the index that published
             // them; pairs with the driver's wmb before its `avail.idx` store
-            // (`SplitDriver::add`).
+            // (`SplitLayout::add`).
             self.barriers.rmb();
         }
         let head = self.ring.avail_ring(self.last_avail_idx).load();
@@ -150,8 +124,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
     }
 
     fn walk<S: SegmentSink<'m>>(&self, head: u16, segs: &mut S) -> Result<Chain, DeviceError> {
-        let mut chain = Chain::new(head, 1);
-        let mut seen_writable = false;
+        let mut chain = Chain::new(head);
         let mut i = head;
         for n in 0..self.size {
             let d = self.ring.desc(i).read();
@@ -163,7 +136,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
                 self.walk_indirect(d, &mut chain, segs)?;
                 return Ok(chain);
             }
-            self.push(d, &mut seen_writable, &mut chain, segs)?;
+            push_segment(self.mem, d.addr, d.len, flags & DESC_F_WRITE != 0, &mut chain, segs)?;
             if flags & DESC_F_NEXT == 0 {
                 return Ok(chain);
             }
@@ -185,8 +158,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             return Err(DeviceError::BadIndirectLength { len: table.len });
         }
         let entries = table.len / 16;
-        let host = translate(self.mem, table.addr, table.len as usize, 8)?;
-        let mut seen_writable = false;
+        let host = translate_area(self.mem, table.addr, table.len as usize, 8)?;
         let mut i = 0u32;
         for _ in 0..entries {
             // SAFETY: `i < entries` and the table was translated for `16 * entries` bytes,
@@ -195,7 +167,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             if d.lo16 & DESC_F_INDIRECT != 0 {
                 return Err(DeviceError::NestedIndirect);
             }
-            self.push(d, &mut seen_writable, chain, segs)?;
+            push_segment(self.mem, d.addr, d.len, d.lo16 & DESC_F_WRITE != 0, chain, segs)?;
             if d.lo16 & DESC_F_NEXT == 0 {
                 return Ok(());
             }
@@ -207,52 +179,60 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         Err(DeviceError::ChainTooLong)
     }
 
-    #[inline]
-    fn push<S: SegmentSink<'m>>(
-        &self,
-        d: DescWords,
-        seen_writable: &mut bool,
-        chain: &mut Chain,
-        segs: &mut S,
-    ) -> Result<(), DeviceError> {
-        let writable = d.lo16 & DESC_F_WRITE != 0;
-        if writable {
-            *seen_writable = true;
-        } else if *seen_writable {
-            return Err(DeviceError::ReadableAfterWritable);
-        }
-        // Lengths first: an overflowing chain is reported as such, whatever its addresses.
-        chain.add(d.len, writable)?;
-        let host = self
-            .mem
-            .translate(d.addr, d.len as u64)
-            .ok_or(DeviceError::AddressOutOfRange { addr: d.addr, len: d.len as u64 })?;
-        // SAFETY: translated for `d.len` bytes; `GuestMemory` keeps it valid for 'm.
-        let seg = unsafe { Segment::new(host, d.addr, d.len, writable) };
-        if segs.push(seg) {
-            Ok(())
-        } else {
-            Err(DeviceError::SinkFull)
-        }
-    }
-
     /// Returns a chain to the driver with the number of bytes written into its writable
     /// part (clamped to that part's length). The used index is published by
     /// [`Self::publish_used`] or [`Self::needs_notification`], so completions batch.
+    ///
+    /// With `IN_ORDER`, consecutive completions that filled their whole writable part are
+    /// merged into one used entry naming the last of them (VIRTIO 1.3, 2.7.9); chains must
+    /// then be completed in the order they were popped.
     #[doc(alias = "vringh_complete_kern")]
     pub fn complete(&mut self, chain: Chain, written: u32) {
-        let (id, len) = self.ring.used_elem(self.used_idx);
-        id.store(chain.id as u32);
-        len.store(written.min(chain.writable_len()));
+        let written = written.min(chain.writable_len());
+        if self.in_order {
+            if let Some(run) = &mut self.run {
+                run.count += 1;
+                run.last_id = chain.id;
+                run.last_len = written;
+            } else {
+                self.run = Some(InOrderRun {
+                    first: self.used_idx,
+                    first_wrap: false,
+                    count: 1,
+                    last_id: chain.id,
+                    last_len: written,
+                });
+            }
+            if written != chain.writable_len() {
+                // The driver gives earlier buffers of a batch their full length; a short
+                // one must end its batch.
+                self.flush_run();
+            }
+        } else {
+            self.write_used(self.used_idx, chain.id, written);
+        }
         self.used_idx = self.used_idx.wrapping_add(1);
         self.unsignalled += 1;
     }
 
+    fn write_used(&self, idx: u16, id: u16, len: u32) {
+        let (id_field, len_field) = self.ring.used_elem(idx);
+        id_field.store(id as u32);
+        len_field.store(len);
+    }
+
+    fn flush_run(&mut self) {
+        if let Some(run) = self.run.take() {
+            self.write_used(run.first, run.last_id, run.last_len);
+        }
+    }
+
     /// Makes every completion so far visible to the driver.
     pub fn publish_used(&mut self) {
+        self.flush_run();
         if self.used_idx != self.published_used_idx {
             // The used entries before the index that publishes them; pairs with the
-            // driver's rmb after it reads `used.idx` (`SplitDriver::get_buf_ctx`).
+            // driver's rmb after it reads `used.idx` (`SplitLayout::get_buf`).
             self.barriers.wmb();
             self.ring.used_idx().store(self.used_idx);
             self.published_used_idx = self.used_idx;
@@ -269,7 +249,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         }
         // The `used.idx` store before reading the driver's event or flags; pairs with the
         // driver's mb between writing `used_event` and re-reading `used.idx`
-        // (`SplitDriver::poll`, `get_buf_ctx`, `enable_cb_delayed`).
+        // (`DriverQueue::poll`, `SplitLayout::get_buf`, `enable_cb_delayed`).
         self.barriers.mb();
         let old = self.signalled_used_idx;
         let new = self.used_idx;
@@ -284,7 +264,8 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
     }
 
     /// Asks the driver to kick on new buffers. Returns true if buffers are already
-    /// available, in which case the device must not sleep: their kick may never come.
+    /// available (or the queue is broken), in which case the device must not sleep: their
+    /// kick may never come.
     #[doc(alias = "vringh_notify_enable_kern")]
     pub fn enable_notifications(&mut self) -> bool {
         if self.event_idx {
@@ -295,7 +276,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         }
         // The event (or flag) store before re-reading `avail.idx`; pairs with the driver's
         // mb between publishing `avail.idx` and reading `avail_event` / `used.flags`
-        // (`SplitDriver::kick_prepare`).
+        // (`SplitLayout::kick_prepare`).
         self.barriers.mb();
         self.fault.is_some() || self.ring.avail_idx().load() != self.last_avail_idx
     }
@@ -316,7 +297,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
     }
 
     /// The next available entry to process (vhost-user `GET_VRING_BASE`).
-    pub fn last_avail_idx(&self) -> u16 {
+    pub fn avail_base(&self) -> u16 {
         self.last_avail_idx
     }
 

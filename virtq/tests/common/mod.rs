@@ -1,19 +1,24 @@
-//! Shared test harness: a driver queue and a device queue on the same [`TestMemory`].
+//! Shared test harness: a driver queue and a device queue on the same [`TestMemory`],
+//! in any of the four layouts.
 
 #![allow(dead_code)]
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use virtq::testing::TestMemory;
-use virtq::{Chain, DeviceConfig, Features, NotifyData, QueueConfig, Segment, SplitDevice, SplitDriver};
+use virtq::{Chain, DeviceConfig, DeviceQueue, Features, LayoutKind, NotifyData, QueueConfig, Segment, Virtqueue};
+
+/// Every layout, for tests that must hold on all of them.
+pub const LAYOUTS: [LayoutKind; 4] =
+    [LayoutKind::Split, LayoutKind::SplitInOrder, LayoutKind::Packed, LayoutKind::PackedInOrder];
 
 /// A transport notifier that records kicks; it can be made to fail.
 #[derive(Default)]
 pub struct Doorbell {
     pub kicks: AtomicU64,
     pub last: AtomicU64,
-    pub fail: std::sync::atomic::AtomicBool,
+    pub fail: AtomicBool,
 }
 
 impl virtq::Notify for Doorbell {
@@ -30,11 +35,18 @@ impl Doorbell {
     }
 }
 
-pub type Driver<'m> = SplitDriver<u64, &'m TestMemory, Arc<Doorbell>>;
-pub type Device<'m> = SplitDevice<'m, TestMemory>;
+pub type Driver<'m> = Virtqueue<u64, &'m TestMemory, Arc<Doorbell>>;
+pub type Device<'m> = DeviceQueue<'m, TestMemory>;
 
-pub fn features(event_idx: bool, indirect: bool) -> Features {
+/// The features that select `layout`, plus the optional ring features.
+pub fn layout_features(layout: LayoutKind, event_idx: bool, indirect: bool) -> Features {
     let mut f = Features::VERSION_1;
+    match layout {
+        LayoutKind::Split => {}
+        LayoutKind::SplitInOrder => f |= Features::IN_ORDER,
+        LayoutKind::Packed => f |= Features::RING_PACKED,
+        LayoutKind::PackedInOrder => f |= Features::RING_PACKED | Features::IN_ORDER,
+    }
     if event_idx {
         f |= Features::EVENT_IDX;
     }
@@ -44,18 +56,16 @@ pub fn features(event_idx: bool, indirect: bool) -> Features {
     f
 }
 
-pub fn device_config<T, D: virtq::Dma, N: virtq::Notify>(
-    driver: &SplitDriver<T, D, N>,
+/// Split-ring features.
+pub fn features(event_idx: bool, indirect: bool) -> Features {
+    layout_features(LayoutKind::Split, event_idx, indirect)
+}
+
+pub fn device_config<T, D: virtq::Dma, N: virtq::Notify, L: virtq::RingLayout>(
+    driver: &virtq::DriverQueue<T, D, N, L>,
     features: Features,
 ) -> DeviceConfig {
-    DeviceConfig {
-        size: driver.vring_size(),
-        features,
-        desc_addr: driver.desc_addr(),
-        avail_addr: driver.avail_addr(),
-        used_addr: driver.used_addr(),
-        avail_base: 0,
-    }
+    DeviceConfig::new(driver.vring_size(), features, driver.desc_addr(), driver.avail_addr(), driver.used_addr())
 }
 
 pub struct Pair<'m> {
@@ -63,18 +73,32 @@ pub struct Pair<'m> {
     pub driver: Driver<'m>,
     pub device: Device<'m>,
     pub bell: Arc<Doorbell>,
+    pub layout: LayoutKind,
 }
 
 impl<'m> Pair<'m> {
     pub fn new(mem: &'m TestMemory, config: QueueConfig) -> Self {
         let bell = Arc::new(Doorbell::default());
-        let driver = SplitDriver::new(config, mem, bell.clone()).expect("driver queue");
-        let device = SplitDevice::new(mem, device_config(&driver, config.features)).expect("device queue");
-        Self { mem, driver, device, bell }
+        let driver = Virtqueue::new(config, mem, bell.clone()).expect("driver queue");
+        let device = DeviceQueue::new(mem, device_config(&driver, config.features)).expect("device queue");
+        Self { mem, layout: driver.layout(), driver, device, bell }
     }
 
+    /// A split pair.
     pub fn with(mem: &'m TestMemory, size: u16, event_idx: bool, indirect: bool) -> Self {
-        Self::new(mem, QueueConfig::new(0, size, features(event_idx, indirect)))
+        Self::of(mem, LayoutKind::Split, size, event_idx, indirect)
+    }
+
+    pub fn of(mem: &'m TestMemory, layout: LayoutKind, size: u16, event_idx: bool, indirect: bool) -> Self {
+        Self::new(mem, QueueConfig::new(0, size, layout_features(layout, event_idx, indirect)))
+    }
+
+    pub fn is_split(&self) -> bool {
+        matches!(self.layout, LayoutKind::Split | LayoutKind::SplitInOrder)
+    }
+
+    pub fn in_order(&self) -> bool {
+        matches!(self.layout, LayoutKind::SplitInOrder | LayoutKind::PackedInOrder)
     }
 
     /// Pops one chain; returns it with its segments.
@@ -83,8 +107,8 @@ impl<'m> Pair<'m> {
         self.device.pop(&mut segs).expect("pop").map(|c| (c, segs))
     }
 
-    /// Device completes every available chain, writing `fill` into each writable segment,
-    /// and publishes. Returns how many it completed.
+    /// Device completes every available chain, filling each writable segment, and
+    /// publishes. Returns how many it completed.
     pub fn device_echo_all(&mut self) -> usize {
         let mut n = 0;
         while let Some((chain, segs)) = self.pop() {
@@ -99,7 +123,8 @@ impl<'m> Pair<'m> {
         n
     }
 
-    /// Reads the used ring's index from memory (what the driver sees).
+    // Split-ring fields, read from memory as the other side would see them.
+
     pub fn used_idx(&self) -> u16 {
         self.mem.read_u16(self.driver.used_addr() + 2)
     }
@@ -120,12 +145,34 @@ impl<'m> Pair<'m> {
         self.mem.read_u16(self.driver.used_addr() + 4 + 8 * self.driver.vring_size() as u64)
     }
 
-    /// Address of used ring element `slot`.
+    /// Address of split used ring element `slot`.
     pub fn used_elem_addr(&self, slot: u16) -> u64 {
         self.driver.used_addr() + 4 + 8 * (slot & (self.driver.vring_size() - 1)) as u64
     }
 
+    /// Address of descriptor `i` (both layouts).
     pub fn desc_addr(&self, i: u16) -> u64 {
         self.driver.desc_addr() + 16 * i as u64
+    }
+
+    // Packed-ring fields.
+
+    /// The driver area: `(off_wrap, flags)`.
+    pub fn driver_event(&self) -> (u16, u16) {
+        (self.mem.read_u16(self.driver.avail_addr()), self.mem.read_u16(self.driver.avail_addr() + 2))
+    }
+
+    /// The device area: `(off_wrap, flags)`.
+    pub fn device_event(&self) -> (u16, u16) {
+        (self.mem.read_u16(self.driver.used_addr()), self.mem.read_u16(self.driver.used_addr() + 2))
+    }
+
+    /// Whether the driver has asked for no interrupts, in either layout.
+    pub fn interrupts_suppressed(&self) -> bool {
+        if self.is_split() {
+            self.avail_flags() & virtq::split::AVAIL_F_NO_INTERRUPT != 0
+        } else {
+            self.driver_event().1 == virtq::packed::EVENT_FLAGS_DISABLE
+        }
     }
 }

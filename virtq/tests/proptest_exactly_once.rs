@@ -1,5 +1,7 @@
 //! Random operation sequences on a driver queue and a device queue sharing a small ring,
-//! started just below the 16-bit index wrap so every case crosses it.
+//! in each of the four layouts. Split rings start just below the 16-bit index wrap so
+//! every case crosses it; packed rings of 1 to 8 entries (not only powers of two) wrap
+//! many times, with chains that straddle the end.
 //!
 //! Checked on every case:
 //! - every token comes back exactly once (from `get_buf` or, at the end, from
@@ -10,7 +12,7 @@
 //!   for the first completion (or once the 3/4 threshold, at the latest all its buffers,
 //!   are used).
 //!
-//! `PROPTEST_CASES=10000 cargo test --release --test split_proptest` for a longer run.
+//! `PROPTEST_CASES=10000 cargo test --release --test proptest_exactly_once` for a longer run.
 
 // The sleep ops call side-effecting enable_cb* and must not hide them in match guards.
 #![allow(clippy::collapsible_match)]
@@ -19,10 +21,10 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::Pair;
+use common::{Pair, LAYOUTS};
 use proptest::prelude::*;
 use virtq::testing::TestMemory;
-use virtq::{AddErrorKind, Chain, QueueConfig, Sg};
+use virtq::{AddErrorKind, Chain, LayoutKind, QueueConfig, Sg};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -61,8 +63,10 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum DriverSleep {
     Awake,
-    /// Asleep after `enable_cb`: the first new completion must interrupt.
-    UntilFirst,
+    /// Asleep after `enable_cb`: the first completion published after this must interrupt.
+    UntilFirst {
+        completed: usize,
+    },
     /// Asleep after `enable_cb_delayed` with this many buffers in flight: an interrupt
     /// must come by the time all of them are used.
     Delayed {
@@ -82,11 +86,11 @@ struct Model<'m> {
     device_pool: Vec<(Chain, u64)>,
     device_asleep: bool,
     adds_since_device_slept: usize,
-    /// Completions published to the driver, and buffers it collected with `get_buf`.
-    published: usize,
+    /// Completions visible to the driver, and buffers it collected with `get_buf`.
+    visible: usize,
     collected: usize,
     driver: DriverSleep,
-    completed_unsignalled: usize,
+    invisible: usize,
 }
 
 impl<'m> Model<'m> {
@@ -104,6 +108,10 @@ impl<'m> Model<'m> {
                 self.outstanding.insert(token, None);
                 self.accepted += 1;
                 self.adds_since_device_slept += 1;
+                // The 65,535th unkicked add kicks by itself.
+                if self.p.bell.kicks() > kicks {
+                    self.device_asleep = false;
+                }
             }
             Err(e) => {
                 assert_eq!(e.token, token);
@@ -134,18 +142,15 @@ impl<'m> Model<'m> {
     }
 
     fn device_notify(&mut self) {
-        let published_new = self.completed_unsignalled;
         let interrupt = self.p.device.needs_notification();
-        self.completed_unsignalled = 0;
-        self.published += published_new;
-        match &mut self.driver {
+        self.visible += std::mem::take(&mut self.invisible);
+        match self.driver {
             DriverSleep::Awake => {}
-            DriverSleep::UntilFirst => {
-                assert!(published_new == 0 || interrupt, "lost interrupt: driver asleep after enable_cb");
+            DriverSleep::UntilFirst { completed } => {
+                assert!(completed == 0 || interrupt, "lost interrupt: driver asleep after enable_cb");
             }
             DriverSleep::Delayed { in_flight, completed } => {
-                *completed += published_new;
-                assert!(interrupt || *completed < *in_flight, "lost interrupt: all delayed buffers used");
+                assert!(interrupt || completed < in_flight, "lost interrupt: all delayed buffers used");
             }
         }
         if interrupt {
@@ -172,12 +177,31 @@ impl<'m> Model<'m> {
                 }
             }
             Op::DeviceComplete { pick, percent } if !self.device_asleep && !self.device_pool.is_empty() => {
-                let (chain, first) = self.device_pool.swap_remove(pick % self.device_pool.len());
-                let written = (chain.writable_len() as u64 * *percent as u64 / 100) as u32;
+                // An in-order device completes in the order it popped.
+                let (chain, first) = if self.p.in_order() {
+                    self.device_pool.remove(0)
+                } else {
+                    self.device_pool.swap_remove(pick % self.device_pool.len())
+                };
+                let chain_writable = chain.writable_len();
+                let written = (chain_writable as u64 * *percent as u64 / 100) as u32;
                 let token = self.token_of[&first];
                 *self.outstanding.get_mut(&token).unwrap() = Some(written);
                 self.p.device.complete(chain, written);
-                self.completed_unsignalled += 1;
+                // When the driver can see a completion: a packed ring publishes it at once;
+                // a packed in-order device holds a run of full completions back until a
+                // partial one ends it (or `publish_used`); a split ring, until `used.idx`.
+                self.invisible += 1;
+                let partial = written != chain_writable;
+                match self.p.layout {
+                    LayoutKind::Packed => self.visible += std::mem::take(&mut self.invisible),
+                    LayoutKind::PackedInOrder if partial => self.visible += std::mem::take(&mut self.invisible),
+                    _ => {}
+                }
+                if let DriverSleep::UntilFirst { completed } | DriverSleep::Delayed { completed, .. } = &mut self.driver
+                {
+                    *completed += 1;
+                }
             }
             Op::DeviceNotify if !self.device_asleep => self.device_notify(),
             Op::DeviceSleep if !self.device_asleep => {
@@ -192,20 +216,20 @@ impl<'m> Model<'m> {
             Op::DisableCb if driver_awake => self.p.driver.disable_cb(),
             Op::SleepEnableCb if driver_awake => {
                 if self.p.driver.enable_cb() {
-                    self.driver = DriverSleep::UntilFirst;
+                    self.driver = DriverSleep::UntilFirst { completed: 0 };
                 }
             }
             Op::SleepEnableCbPrepare if driver_awake => {
                 let snapshot = self.p.driver.enable_cb_prepare();
                 if !self.p.driver.poll(snapshot) {
-                    self.driver = DriverSleep::UntilFirst;
+                    self.driver = DriverSleep::UntilFirst { completed: 0 };
                 }
             }
             Op::SleepEnableCbDelayed if driver_awake => {
                 if self.p.driver.enable_cb_delayed() {
                     // The driver waits for every buffer it has not collected and the device
                     // has not yet published.
-                    let in_flight = self.outstanding.len() - (self.published - self.collected);
+                    let in_flight = self.outstanding.len() - (self.visible - self.collected);
                     if in_flight > 0 {
                         self.driver = DriverSleep::Delayed { in_flight, completed: 0 };
                     }
@@ -219,7 +243,7 @@ impl<'m> Model<'m> {
     /// and checks every token came back exactly once.
     fn finish(mut self) {
         self.device_asleep = false;
-        while let Some((chain, first)) = self.device_pool.pop() {
+        for (chain, first) in std::mem::take(&mut self.device_pool) {
             let token = self.token_of[&first];
             *self.outstanding.get_mut(&token).unwrap() = Some(0);
             self.p.device.complete(chain, 0);
@@ -260,24 +284,34 @@ proptest! {
     #![proptest_config(ProptestConfig {
         cases: 48,
         failure_persistence: Some(Box::new(prop::test_runner::FileFailurePersistence::Direct(
-            "tests/proptest-regressions/split_proptest.txt"
+            "tests/proptest-regressions/proptest_exactly_once.txt"
         ))),
         ..ProptestConfig::default()
     })]
 
     #[test]
     fn every_token_returns_exactly_once_and_no_notification_is_lost(
+        layout in prop::sample::select(LAYOUTS.to_vec()),
         size_log in 1u32..4,
+        packed_size in 1u16..9,
         event_idx in any::<bool>(),
         indirect in any::<bool>(),
         warm in 65_500u32..65_536,
         ops in prop::collection::vec(op(), 1..300),
     ) {
         let mem = TestMemory::new(4 << 20);
-        let mut config = QueueConfig::new(0, 1 << size_log, common::features(event_idx, indirect));
+        let split = matches!(layout, LayoutKind::Split | LayoutKind::SplitInOrder);
+        let size = if split { 1 << size_log } else { packed_size };
+        let mut config = QueueConfig::new(0, size, common::layout_features(layout, event_idx, indirect));
         config.indirect_max = 4;
         let mut p = Pair::new(&mem, config);
-        warm_up(&mut p, warm);
+        // Split indices are free-running u16s: start near their wrap. Packed positions
+        // wrap at the ring size, which the operations cross many times anyway.
+        if split {
+            warm_up(&mut p, warm);
+        } else {
+            warm_up(&mut p, warm % 7);
+        }
         let mut m = Model {
             p,
             token_of: HashMap::new(),
@@ -288,10 +322,10 @@ proptest! {
             device_pool: Vec::new(),
             device_asleep: false,
             adds_since_device_slept: 0,
-            published: 0,
+            visible: 0,
             collected: 0,
             driver: DriverSleep::Awake,
-            completed_unsignalled: 0,
+            invisible: 0,
         };
         for op in &ops {
             m.run(op);

@@ -1,0 +1,414 @@
+//! The driver half of the packed ring, with and without `VIRTIO_F_IN_ORDER`.
+//!
+//! Buffer ids come from a free list of ids (private links in `DescExtra::next`), separate
+//! from ring positions: a chain of `n` descriptors takes `n` ids so that every descriptor
+//! has a private record to unmap, and every descriptor carries the first id (the spec wants
+//! it in the last; Linux writes it in all, which serves devices that read either). In
+//! order, the id is the head's ring position and no free list is walked.
+//!
+//! The device writes one used descriptor per buffer (or, in order, per batch) and the
+//! driver then skips as many positions as the buffer had descriptors, counted privately.
+
+use core::sync::atomic::{AtomicU16, Ordering::Relaxed};
+
+use super::{
+    avail_bits, is_used, split_event, ContiguousLayout, PackedRing, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT,
+    DESC_F_USED, DESC_F_WRITE, EVENT_FLAGS_DESC, EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE, WRAP_BIT,
+};
+use crate::driver::core::{Buffer, DriverCore, PRIV_TABLE};
+use crate::driver::queue::{LayoutKind, RingLayout, Sealed};
+use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Fault, Notify, QueueConfig};
+use crate::event::need_event;
+use crate::memory::{Dma, DmaRegion};
+use crate::shared::DescWords;
+use crate::Features;
+
+/// The packed ring layout, for [`DriverQueue`]. `IN_ORDER` selects `VIRTIO_F_IN_ORDER`.
+pub struct PackedLayout<const IN_ORDER: bool> {
+    ring: PackedRing,
+    region: Option<DmaRegion>,
+    addrs: [u64; 3],
+    /// Next position to fill.
+    next_avail_idx: u16,
+    /// AVAIL/USED bits of the current lap (AVAIL set: the driver's wrap counter is 1).
+    avail_used_flags: u16,
+    /// Head of the id free list (not in order).
+    free_head: u16,
+    /// Next position the device will mark used, and the wrap counter it will use.
+    last_used_idx: u16,
+    used_wrap: bool,
+    /// In order: a used descriptor covering buffers up to id `.0`, which gets length `.1`.
+    batch_last: Option<(u16, u32)>,
+    /// What the driver area's `flags` hold. Atomic because `disable_cb` takes `&self`.
+    event_flags_shadow: AtomicU16,
+}
+
+/// A driver queue on a packed ring.
+pub type PackedDriver<T, D, N> = DriverQueue<T, D, N, PackedLayout<false>>;
+/// A driver queue on a packed ring with `VIRTIO_F_IN_ORDER`.
+pub type PackedInOrderDriver<T, D, N> = DriverQueue<T, D, N, PackedLayout<true>>;
+
+impl<const IN_ORDER: bool> Sealed for PackedLayout<IN_ORDER> {}
+
+impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
+    fn check(config: &QueueConfig) -> Result<(), CreateError> {
+        if !config.features.contains(Features::RING_PACKED) || config.features.contains(Features::IN_ORDER) != IN_ORDER
+        {
+            return Err(CreateError::WrongLayout);
+        }
+        if !super::valid_size(config.size) {
+            return Err(CreateError::InvalidSize);
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    ///
+    /// `region` holds `ContiguousLayout::new(size).total` bytes, 16-aligned, valid for as
+    /// long as the layout exists.
+    unsafe fn build(region: Option<DmaRegion>, view: &DmaRegion, size: u16) -> Self {
+        let layout = ContiguousLayout::new(size);
+        let base = view.cpu;
+        // SAFETY: offsets from the same layout: descriptors at 0 (16-aligned), the two event
+        // areas at multiples of 64, all inside the region the caller vouches for.
+        let ring =
+            unsafe { PackedRing::new(base, base.add(layout.driver_offset), base.add(layout.device_offset), size) };
+        let d = view.device_addr;
+        Self {
+            ring,
+            region,
+            addrs: [d, d + layout.driver_offset as u64, d + layout.device_offset as u64],
+            next_avail_idx: 0,
+            avail_used_flags: DESC_F_AVAIL,
+            free_head: 0,
+            last_used_idx: 0,
+            used_wrap: true,
+            batch_last: None,
+            event_flags_shadow: AtomicU16::new(EVENT_FLAGS_ENABLE),
+        }
+    }
+
+    #[inline(always)]
+    fn avail_wrap(&self) -> bool {
+        self.avail_used_flags & DESC_F_AVAIL != 0
+    }
+
+    /// The driver's used position and wrap counter as `off_wrap` / snapshot encoding.
+    #[inline(always)]
+    fn used_off_wrap(&self) -> u16 {
+        self.last_used_idx | if self.used_wrap { WRAP_BIT } else { 0 }
+    }
+
+    /// Advances the used position past a buffer of `descs` descriptors, and tells the
+    /// device where the next interrupt is wanted if the driver asked for one there.
+    #[inline]
+    fn after_used<T, D: Dma, N: Notify>(&mut self, core: &DriverCore<T, D, N>, descs: u16) {
+        let size = self.ring.size();
+        let mut pos = self.last_used_idx + descs;
+        if pos >= size {
+            pos -= size;
+            self.used_wrap = !self.used_wrap;
+        }
+        self.last_used_idx = pos;
+        if self.event_flags_shadow.load(Relaxed) == EVENT_FLAGS_DESC {
+            // Make the new event visible before the next check for used descriptors;
+            // pairs with the device's mb before it reads the driver area
+            // (`PackedDevice::needs_notification`).
+            self.ring.driver_off_wrap().store(self.used_off_wrap());
+            core.barriers.mb();
+        }
+    }
+
+    /// Reads the used descriptor at the driver's position, if there is one: `(id, len)`,
+    /// validated.
+    #[inline]
+    fn read_used<T, D: Dma, N: Notify>(&self, core: &mut DriverCore<T, D, N>) -> Option<(u16, u32)> {
+        let pos = self.last_used_idx;
+        if !is_used(self.ring.flags(pos).load(), self.used_wrap) {
+            return None;
+        }
+        // The id and length only after the flags that published them; pairs with the
+        // device's wmb before it writes the flags (`PackedDevice::complete`).
+        core.barriers.rmb();
+        let desc = self.ring.desc(pos);
+        let (id, len) = (desc.lo16().load(), desc.len().load());
+        core.check_used(id as u32, len).then_some((id, len))
+    }
+
+    fn enable_events<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>) {
+        if self.event_flags_shadow.load(Relaxed) == EVENT_FLAGS_DISABLE {
+            let flags = if core.event_idx { EVENT_FLAGS_DESC } else { EVENT_FLAGS_ENABLE };
+            self.event_flags_shadow.store(flags, Relaxed);
+            self.ring.driver_flags().store(flags);
+        }
+    }
+}
+
+#[allow(private_interfaces)]
+impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
+    fn kind(&self) -> LayoutKind {
+        if IN_ORDER {
+            LayoutKind::PackedInOrder
+        } else {
+            LayoutKind::Packed
+        }
+    }
+
+    fn create<D: Dma>(config: &QueueConfig, dma: &D) -> Result<Self, CreateError> {
+        Self::check(config)?;
+        let region = dma.alloc_zeroed(ContiguousLayout::new(config.size).total, 64).ok_or(CreateError::NoMemory)?;
+        let view = DmaRegion { cpu: region.cpu, device_addr: region.device_addr, size: region.size };
+        // SAFETY: allocated for this layout, 64-aligned, freed only in `free`.
+        Ok(unsafe { Self::build(Some(region), &view, config.size) })
+    }
+
+    unsafe fn create_in(config: &QueueConfig, memory: DmaRegion) -> Result<Self, CreateError> {
+        Self::check(config)?;
+        if memory.size < ContiguousLayout::new(config.size).total || memory.cpu.as_ptr() as usize % 16 != 0 {
+            return Err(CreateError::NoMemory);
+        }
+        // SAFETY: checked size and alignment; validity is the caller's promise.
+        Ok(unsafe { Self::build(None, &memory, config.size) })
+    }
+
+    fn size(&self) -> u16 {
+        self.ring.size()
+    }
+
+    fn free<D: Dma>(&mut self, dma: &D) {
+        if let Some(r) = self.region.take() {
+            // SAFETY: allocated by this allocator in `create`; the queue is going away.
+            unsafe { dma.free(r) };
+        }
+    }
+
+    fn addresses(&self) -> [u64; 3] {
+        self.addrs
+    }
+
+    #[inline]
+    fn add<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        buf: &Buffer<'_>,
+        token: T,
+        ctx: Option<usize>,
+        premapped: bool,
+    ) -> Result<(), AddError<T>> {
+        let (plan, token) = core.plan(buf, token, ctx)?;
+        if core.num_free < plan.descs {
+            return Err(AddError { kind: AddErrorKind::NoSpace, token });
+        }
+        let size = self.ring.size();
+        let head = self.next_avail_idx;
+        let id = if IN_ORDER { head } else { self.free_head };
+        let lap_flags = self.avail_used_flags;
+        let mut pos = head;
+        let mut flags_now = lap_flags;
+        let mut head_flags = 0;
+        let mut writable = 0u32;
+        let mut tail = id;
+        let mut curr = id;
+        if plan.indirect {
+            let Ok((table, w)) = core.write_table(id, buf, plan.total, premapped, false) else {
+                return Err(AddError { kind: AddErrorKind::NoMemory, token });
+            };
+            let len = 16 * plan.total as u32;
+            core.record(id, table, len, DESC_F_INDIRECT | PRIV_TABLE);
+            let desc = self.ring.desc(head);
+            desc.addr().store(table);
+            desc.len().store(len);
+            desc.lo16().store(id);
+            head_flags = DESC_F_INDIRECT | lap_flags;
+            writable = w;
+            curr = core.extra[id as usize].next;
+            pos += 1;
+            if pos == size {
+                pos = 0;
+                flags_now ^= DESC_F_AVAIL | DESC_F_USED;
+            }
+        } else {
+            for (n, (sg, is_in)) in buf.segments().enumerate() {
+                let Some((addr, priv_flags)) = core.map(sg, is_in, premapped) else {
+                    core.unmap_chain(id, n);
+                    return Err(AddError { kind: AddErrorKind::NoMemory, token });
+                };
+                let mut flags = flags_now | if is_in { DESC_F_WRITE } else { 0 };
+                if n + 1 != plan.total as usize {
+                    flags |= DESC_F_NEXT;
+                }
+                if is_in {
+                    writable = writable.saturating_add(sg.len);
+                }
+                core.record(curr, addr, sg.len, (flags & DESC_F_WRITE) | priv_flags);
+                let desc = self.ring.desc(pos);
+                if n == 0 {
+                    // The head's flags make the whole chain available: written last.
+                    head_flags = flags;
+                    desc.addr().store(addr);
+                    desc.len().store(sg.len);
+                    desc.lo16().store(id);
+                } else {
+                    desc.write(DescWords { addr, len: sg.len, lo16: id, hi16: flags });
+                }
+                tail = curr;
+                curr = core.extra[curr as usize].next;
+                pos += 1;
+                if pos == size {
+                    pos = 0;
+                    flags_now ^= DESC_F_AVAIL | DESC_F_USED;
+                }
+            }
+        }
+        core.start(id, token, ctx, &plan, writable, tail);
+        if !IN_ORDER {
+            self.free_head = curr;
+        }
+        self.next_avail_idx = pos;
+        self.avail_used_flags = flags_now;
+        // "A driver MUST NOT make the first descriptor in the list available before all
+        // subsequent descriptors comprising the list are made available" (2.8.21.1.1):
+        // pairs with the device's rmb after it sees the head's flags (`PackedDevice::pop`).
+        core.barriers.wmb();
+        self.ring.flags(head).store(head_flags);
+        core.num_added = core.num_added.saturating_add(plan.descs);
+        Ok(())
+    }
+
+    fn kick_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
+        // The head flags before the load of the device area; pairs with the device's mb
+        // between enabling notifications and re-checking the ring
+        // (`PackedDevice::enable_notifications`).
+        core.barriers.mb();
+        let size = self.ring.size();
+        let new = self.next_avail_idx;
+        let added = core.num_added;
+        let old = new.wrapping_sub(added);
+        core.num_added = 0;
+        // One load: `off_wrap` and `flags` from the same moment.
+        let (off_wrap, flags) = split_event(self.ring.device_event().load());
+        if flags != EVENT_FLAGS_DESC || !core.event_idx {
+            return flags != EVENT_FLAGS_DISABLE;
+        }
+        let mut event = off_wrap & !WRAP_BIT;
+        if event >= size || added >= size {
+            // An offset outside the ring, or a window over a whole lap: the event cannot
+            // be placed, so notify rather than risk a lost kick.
+            return true;
+        }
+        if (off_wrap & WRAP_BIT != 0) != self.avail_wrap() {
+            event = event.wrapping_sub(size);
+        }
+        need_event(event, new, old)
+    }
+
+    fn next_avail(&self) -> u16 {
+        self.next_avail_idx | if self.avail_wrap() { WRAP_BIT } else { 0 }
+    }
+
+    #[inline]
+    fn get_buf<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<(T, u32, Option<usize>)> {
+        if !IN_ORDER {
+            let (id, len) = self.read_used(core)?;
+            let descs = core.heads[id as usize].descs;
+            let (token, ctx) = core.release(id, &mut self.free_head, true);
+            self.after_used(core, descs);
+            return Some((token, len, ctx));
+        }
+        let (batch_id, batch_len) = match self.batch_last {
+            Some(batch) => batch,
+            None => *self.batch_last.insert(self.read_used(core)?),
+        };
+        let head = self.last_used_idx;
+        let state = &core.heads[head as usize];
+        if state.token.is_none() {
+            core.fail(Fault::UsedIdNotInFlight { id: head as u32 });
+            return None;
+        }
+        let len = if head == batch_id {
+            self.batch_last = None;
+            batch_len
+        } else {
+            state.writable
+        };
+        let descs = state.descs;
+        let (token, ctx) = core.release(head, &mut self.free_head, false);
+        self.after_used(core, descs);
+        Some((token, len, ctx))
+    }
+
+    fn disable_cb<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>) {
+        if self.event_flags_shadow.load(Relaxed) != EVENT_FLAGS_DISABLE {
+            self.event_flags_shadow.store(EVENT_FLAGS_DISABLE, Relaxed);
+            // After an interrupt with event idx the device will not send another until the
+            // driver moves its event, so skip the ring write.
+            if !core.event_triggered.load(Relaxed) {
+                self.ring.driver_flags().store(EVENT_FLAGS_DISABLE);
+            }
+        }
+    }
+
+    fn enable_cb_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> u16 {
+        if core.event_idx {
+            self.ring.driver_off_wrap().store(self.used_off_wrap());
+            // "Update event offset and event wrap counter first before updating event
+            // flags"; pairs with the device's single-word read of the driver area.
+            core.barriers.wmb();
+        }
+        self.enable_events(core);
+        self.used_off_wrap()
+    }
+
+    fn poll(&self, snapshot: u16) -> bool {
+        // The rest of an in-order batch is used already, though no descriptor at the used
+        // position says so: the device wrote one for the whole batch, earlier.
+        self.batch_last.is_some() || is_used(self.ring.flags(snapshot & !WRAP_BIT).load(), snapshot & WRAP_BIT != 0)
+    }
+
+    fn enable_cb_delayed<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
+        if core.event_idx {
+            let size = self.ring.size();
+            let bufs = ((size - core.num_free) as u32 * 3 / 4) as u16;
+            let mut pos = self.last_used_idx + bufs;
+            let mut wrap = self.used_wrap;
+            if pos >= size {
+                pos -= size;
+                wrap = !wrap;
+            }
+            self.ring.driver_off_wrap().store(pos | if wrap { WRAP_BIT } else { 0 });
+            // The offset before the flags, as in `enable_cb_prepare`.
+            core.barriers.wmb();
+        }
+        self.enable_events(core);
+        // The event before re-checking for used descriptors; pairs with the device's mb
+        // before it reads the driver area.
+        core.barriers.mb();
+        self.batch_last.is_none() && !is_used(self.ring.flags(self.last_used_idx).load(), self.used_wrap)
+    }
+
+    fn has_used(&self) -> bool {
+        self.batch_last.is_some() || is_used(self.ring.flags(self.last_used_idx).load(), self.used_wrap)
+    }
+
+    fn detach_unused<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<T> {
+        let id = core.first_in_flight()?;
+        self.batch_last = None;
+        Some(core.release(id, &mut self.free_head, !IN_ORDER).0)
+    }
+
+    fn reset<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) {
+        for i in 0..self.ring.size() {
+            self.ring.desc(i).write(DescWords::default());
+        }
+        self.ring.device_event().store(0);
+        self.next_avail_idx = 0;
+        self.avail_used_flags = avail_bits(true);
+        self.free_head = 0;
+        self.last_used_idx = 0;
+        self.used_wrap = true;
+        self.batch_last = None;
+        let flags = if core.callbacks { EVENT_FLAGS_ENABLE } else { EVENT_FLAGS_DISABLE };
+        self.event_flags_shadow.store(flags, Relaxed);
+        self.ring.driver_event().store((flags as u32) << 16);
+    }
+}

@@ -1,0 +1,220 @@
+//! The packed virtqueue (VIRTIO 1.3, section 2.8): one definition of its memory layout,
+//! shared by the driver half ([`driver`]) and the device half ([`device`]).
+//!
+//! # Layout, wrap counters and flag bits
+//!
+//! One ring of `size` 16-byte descriptors `{ addr: u64, len: u32, id: u16, flags: u16 }`
+//! that both sides write, plus two 4-byte event-suppression areas `{ off_wrap: u16,
+//! flags: u16 }`: the driver area (written by the driver) and the device area (written by
+//! the device). `size` need not be a power of two.
+//!
+//! Both sides walk the ring in order, each with a position in `0..size` and a one-bit
+//! *wrap counter* that starts at 1 and flips every time the position passes the end. The
+//! driver makes a descriptor available by writing `AVAIL = its wrap counter` and
+//! `USED = !its wrap counter`; the device marks one used by writing both bits equal to
+//! its own wrap counter. So, for a reader whose wrap counter is `w`:
+//!
+//! ```text
+//!               AVAIL USED   driver reading (w)        device reading (w)
+//! available       w    !w    not used                  available
+//! used            w     w    used                      not available
+//! stale (lap-1)  !w   !w/w   not used                  not available
+//! ```
+//!
+//! Example with `size = 4`: the driver adds buffers at positions 0..3 with AVAIL=1,
+//! USED=0, wraps to position 0 with wrap counter 0 and from then on writes AVAIL=0,
+//! USED=1. A descriptor the device marked used in the first lap (1, 1) reads as "not
+//! used" to a driver on its second lap, whose wrap counter is 0. A zeroed ring (0, 0)
+//! reads as neither available nor used to both sides on the first lap.
+//!
+//! A chain occupies consecutive positions (possibly across the end), the head's flags are
+//! written last, and the device writes one used descriptor per buffer, at its used
+//! position, then skips as many positions as the chain had descriptors. The `id` names the
+//! buffer, not the position.
+//!
+//! Event suppression: `flags` is ENABLE (0), DISABLE (1) or DESC (2, with `EVENT_IDX`):
+//! "notify when the descriptor at `off_wrap & 0x7fff` with wrap counter `off_wrap >> 15`
+//! is made available (driver area) / used (device area)".
+
+pub mod device;
+#[cfg(feature = "alloc")]
+pub mod driver;
+
+use core::ptr::NonNull;
+
+use crate::shared::{Le16, Le32, RawDesc};
+
+pub use crate::split::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+
+/// Descriptor flag: equals the driver's wrap counter when made available.
+pub const DESC_F_AVAIL: u16 = 1 << 7;
+/// Descriptor flag: equals the device's wrap counter when used.
+pub const DESC_F_USED: u16 = 1 << 15;
+/// Event suppression: notify on every event.
+pub const EVENT_FLAGS_ENABLE: u16 = 0;
+/// Event suppression: do not notify.
+pub const EVENT_FLAGS_DISABLE: u16 = 1;
+/// Event suppression: notify at the descriptor named by `off_wrap` (needs `EVENT_IDX`).
+pub const EVENT_FLAGS_DESC: u16 = 2;
+/// The wrap-counter bit of `off_wrap` (and of a packed `NotifyData::next`).
+pub const WRAP_BIT: u16 = 1 << 15;
+
+/// Largest packed queue size (VIRTIO 1.3, 2.8: "Queue Size ... up to 2^15").
+pub const MAX_SIZE: u16 = 32768;
+
+/// Whether `size` is a valid packed queue size.
+pub const fn valid_size(size: u16) -> bool {
+    size >= 1 && size <= MAX_SIZE
+}
+
+/// Whether descriptor `flags` mark it available to a device whose wrap counter is `wrap`.
+#[inline(always)]
+pub const fn is_avail(flags: u16, wrap: bool) -> bool {
+    (flags & DESC_F_AVAIL != 0) == wrap && (flags & DESC_F_USED != 0) != wrap
+}
+
+/// Whether descriptor `flags` mark it used for a driver whose wrap counter is `wrap`.
+#[inline(always)]
+pub const fn is_used(flags: u16, wrap: bool) -> bool {
+    (flags & DESC_F_AVAIL != 0) == wrap && (flags & DESC_F_USED != 0) == wrap
+}
+
+/// The AVAIL/USED bits that make a descriptor available on lap `wrap`.
+#[inline(always)]
+pub const fn avail_bits(wrap: bool) -> u16 {
+    if wrap {
+        DESC_F_AVAIL
+    } else {
+        DESC_F_USED
+    }
+}
+
+/// The AVAIL/USED bits that mark a descriptor used on lap `wrap`.
+#[inline(always)]
+pub const fn used_bits(wrap: bool) -> u16 {
+    if wrap {
+        DESC_F_AVAIL | DESC_F_USED
+    } else {
+        0
+    }
+}
+
+/// Where the three areas sit in one allocation made by the driver: descriptors, then the
+/// driver area and the device area on cache lines of their own (the two sides write them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContiguousLayout {
+    /// Byte offset of the driver event-suppression area.
+    pub driver_offset: usize,
+    /// Byte offset of the device event-suppression area.
+    pub device_offset: usize,
+    /// Total size in bytes.
+    pub total: usize,
+}
+
+impl ContiguousLayout {
+    /// The layout for `size` descriptors.
+    pub const fn new(size: u16) -> Self {
+        let driver_offset = (16 * size as usize + 63) & !63;
+        Self { driver_offset, device_offset: driver_offset + 64, total: driver_offset + 128 }
+    }
+}
+
+/// A packed ring in memory: typed pointers to its three areas.
+///
+/// Descriptor accessors take a position that callers keep below the size; a larger one
+/// is clamped, so no value can make an access leave the ring.
+pub(crate) struct PackedRing {
+    desc: NonNull<RawDesc>,
+    driver_event: NonNull<Le32>,
+    device_event: NonNull<Le32>,
+    size: u16,
+}
+
+// SAFETY: shared memory accessed only through atomics; no thread affinity.
+unsafe impl Send for PackedRing {}
+// SAFETY: as above.
+unsafe impl Sync for PackedRing {}
+
+impl PackedRing {
+    /// # Safety
+    ///
+    /// `size` is valid; `desc` points to `16 * size` bytes 16-aligned, and the two event
+    /// areas to 4 bytes each, 4-aligned; all valid for atomic access while this is used.
+    pub(crate) unsafe fn new(
+        desc: NonNull<u8>,
+        driver_event: NonNull<u8>,
+        device_event: NonNull<u8>,
+        size: u16,
+    ) -> Self {
+        debug_assert!(valid_size(size));
+        Self { desc: desc.cast(), driver_event: driver_event.cast(), device_event: device_event.cast(), size }
+    }
+
+    #[inline(always)]
+    pub(crate) fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Descriptor at position `i`.
+    #[inline(always)]
+    pub(crate) fn desc(&self, i: u16) -> &RawDesc {
+        debug_assert!(i < self.size);
+        let i = i.min(self.size - 1);
+        // SAFETY: `i < size` and the ring holds `size` descriptors (see `new`).
+        unsafe { &*self.desc.as_ptr().add(i as usize) }
+    }
+
+    /// The `flags` of descriptor `i`.
+    #[inline(always)]
+    pub(crate) fn flags(&self, i: u16) -> &Le16 {
+        self.desc(i).hi16()
+    }
+
+    /// The driver area as one word: `off_wrap` in the low half, `flags` in the high half.
+    #[inline(always)]
+    pub(crate) fn driver_event(&self) -> &Le32 {
+        // SAFETY: 4 valid, 4-aligned bytes (see `new`).
+        unsafe { self.driver_event.as_ref() }
+    }
+
+    /// The device area as one word, as [`Self::driver_event`].
+    #[inline(always)]
+    pub(crate) fn device_event(&self) -> &Le32 {
+        // SAFETY: as above.
+        unsafe { self.device_event.as_ref() }
+    }
+
+    /// The first (`off_wrap`) or second (`flags`) half of the area at `p`.
+    #[inline(always)]
+    fn half(&self, p: NonNull<Le32>, second: bool) -> &Le16 {
+        // SAFETY: `p` is one of our two event areas: 4 valid, 4-aligned bytes holding two
+        // 2-aligned `u16` fields, valid while `self` is (see `new`).
+        unsafe { &*p.as_ptr().cast::<Le16>().add(second as usize) }
+    }
+
+    #[inline(always)]
+    pub(crate) fn driver_off_wrap(&self) -> &Le16 {
+        self.half(self.driver_event, false)
+    }
+
+    #[inline(always)]
+    pub(crate) fn driver_flags(&self) -> &Le16 {
+        self.half(self.driver_event, true)
+    }
+
+    #[inline(always)]
+    pub(crate) fn device_off_wrap(&self) -> &Le16 {
+        self.half(self.device_event, false)
+    }
+
+    #[inline(always)]
+    pub(crate) fn device_flags(&self) -> &Le16 {
+        self.half(self.device_event, true)
+    }
+}
+
+/// Splits an event area word into `(off_wrap, flags)`.
+#[inline(always)]
+pub(crate) const fn split_event(word: u32) -> (u16, u16) {
+    (word as u16, (word >> 16) as u16)
+}
