@@ -1,0 +1,104 @@
+//! One buffer's round trip, repeated: add, kick_prepare, device pop, device complete and
+//! publish, get_buf. Used by `scripts/instructions.sh` to count instructions per cycle
+//! under callgrind, comparing a statically chosen layout with run-time dispatch.
+//!
+//! `cargo run --release -p virtq --example cycle -- <layout> <static|dynamic> <cycles> [segments]`
+//! with layout one of split, split-in-order, packed, packed-in-order.
+
+use virtq::testing::TestMemory;
+use virtq::{
+    DeviceConfig, DeviceQueue, DriverQueue, Features, PackedDevice, PackedLayout, QueueConfig, RingLayout, Segments,
+    Sg, SplitDevice, SplitLayout, Virtqueue,
+};
+
+const SIZE: u16 = 256;
+
+/// The device operations the cycle needs, for the static and the dynamic device types.
+trait Device<'m> {
+    fn round(&mut self, segs: &mut Segments<'m, 16>) -> bool;
+}
+
+macro_rules! device_round {
+    ($t:ty) => {
+        impl<'m> Device<'m> for $t {
+            #[inline]
+            fn round(&mut self, segs: &mut Segments<'m, 16>) -> bool {
+                match self.pop(segs) {
+                    Ok(Some(chain)) => {
+                        let written = chain.writable_len();
+                        self.complete(chain, written);
+                        self.publish_used();
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        }
+    };
+}
+device_round!(SplitDevice<'m, TestMemory>);
+device_round!(PackedDevice<'m, TestMemory>);
+device_round!(DeviceQueue<'m, TestMemory>);
+
+fn cycles<'m, L: RingLayout>(
+    driver: &mut DriverQueue<u64, &'m TestMemory, (), L>,
+    device: &mut impl Device<'m>,
+    sgs: &[Sg],
+    n: u64,
+) {
+    let mut segs = Segments::<16>::new();
+    for i in 0..n {
+        driver.add_inbuf(sgs, i).expect("ring has room");
+        let _ = driver.kick_prepare();
+        assert!(device.round(&mut segs));
+        let used = driver.get_buf().expect("used buffer");
+        assert_eq!(used.token, i);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: cycle <split|split-in-order|packed|packed-in-order> <static|dynamic> <cycles> [segments]";
+    let (layout, dispatch) = (args.get(1).expect(usage).as_str(), args.get(2).expect(usage).as_str());
+    let n: u64 = args.get(3).expect(usage).parse().expect(usage);
+    let nsegs: usize = args.get(4).map_or(1, |s| s.parse().expect(usage));
+    let mut features = Features::VERSION_1 | Features::EVENT_IDX;
+    match layout {
+        "split" => {}
+        "split-in-order" => features |= Features::IN_ORDER,
+        "packed" => features |= Features::RING_PACKED,
+        "packed-in-order" => features |= Features::RING_PACKED | Features::IN_ORDER,
+        _ => panic!("{usage}"),
+    }
+    if args.get(5).is_some_and(|s| s == "indirect") {
+        features |= Features::INDIRECT_DESC;
+    }
+    let mem = TestMemory::new(16 << 20);
+    let sgs: Vec<Sg> = (0..nsegs).map(|_| mem.alloc_sg(64)).collect();
+    let mut config = QueueConfig::new(0, SIZE, features);
+    config.callbacks = false;
+    let device_config =
+        |d: [u64; 3]| DeviceConfig::new(SIZE, features, d[0], d[1], d[2]);
+
+    macro_rules! run_static {
+        ($layout:ty, $device:ident) => {{
+            let mut driver = DriverQueue::<u64, _, (), $layout>::new(config, &mem, ()).unwrap();
+            let addrs = [driver.desc_addr(), driver.avail_addr(), driver.used_addr()];
+            let mut device = $device::new(&mem, device_config(addrs)).unwrap();
+            cycles(&mut driver, &mut device, &sgs, n);
+        }};
+    }
+    match (layout, dispatch) {
+        ("split", "static") => run_static!(SplitLayout<false>, SplitDevice),
+        ("split-in-order", "static") => run_static!(SplitLayout<true>, SplitDevice),
+        ("packed", "static") => run_static!(PackedLayout<false>, PackedDevice),
+        ("packed-in-order", "static") => run_static!(PackedLayout<true>, PackedDevice),
+        (_, "dynamic") => {
+            let mut driver = Virtqueue::<u64, _, ()>::new(config, &mem, ()).unwrap();
+            let addrs = [driver.desc_addr(), driver.avail_addr(), driver.used_addr()];
+            let mut device = DeviceQueue::new(&mem, device_config(addrs)).unwrap();
+            cycles(&mut driver, &mut device, &sgs, n);
+        }
+        _ => panic!("{usage}"),
+    }
+}
