@@ -13,6 +13,9 @@ echo "== unit, integration, property and doc tests"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 
+echo "== loom models of the ring protocol (exhaustive)"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p virtq --test loom --release -- --nocapture
+
 echo "== the no_std core builds without alloc"
 cargo build -p virtq --no-default-features
 

@@ -11,7 +11,10 @@
 //! CPUs); `VIRTIO_F_ORDER_PLATFORM` requires them. On x86 both are the same instructions,
 //! as in Linux, where `dma_rmb`/`dma_wmb` are compiler barriers there.
 
+#[cfg(not(loom))]
 use core::sync::atomic::{fence, Ordering};
+#[cfg(loom)]
+use loom::sync::atomic::{fence, Ordering};
 
 /// Which kind of barrier a queue uses. See the module documentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,7 +99,10 @@ mod strong {
 mod strong {
     //! Elsewhere the language fences are already as strong as the platform needs (x86 is
     //! TSO), or a sequentially consistent fence is the conservative choice.
+    #[cfg(not(loom))]
     use core::sync::atomic::{fence, Ordering};
+    #[cfg(loom)]
+    use loom::sync::atomic::{fence, Ordering};
 
     #[inline(always)]
     pub fn rmb() {

@@ -19,8 +19,9 @@ pub struct Le32(AtomicU32);
 #[repr(transparent)]
 pub struct Le64(AtomicU64);
 
+#[cfg(not(loom))]
 macro_rules! le_field {
-    ($name:ident, $int:ty) => {
+    ($name:ident, $int:ty, $shadow:ident) => {
         impl $name {
             /// One load of the field.
             #[inline(always)]
@@ -37,9 +38,64 @@ macro_rules! le_field {
     };
 }
 
-le_field!(Le16, u16);
-le_field!(Le32, u32);
-le_field!(Le64, u64);
+/// Under `cfg(loom)` every shared field is shadowed by a loom atomic keyed by its address,
+/// created on first use from the bytes in memory, so that loom explores every ordering the
+/// fences allow between the two ends. Each address is accessed at one width only in this
+/// configuration (descriptors and event areas field by field; see `RawDesc::read`).
+#[cfg(loom)]
+mod shadow {
+    extern crate std;
+    use loom::sync::atomic::{AtomicU16, AtomicU32, AtomicU64};
+    use std::boxed::Box;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// One shadow atomic, named after the field type it stands for.
+    pub enum Cell {
+        Le16(AtomicU16),
+        Le32(AtomicU32),
+        Le64(AtomicU64),
+    }
+
+    loom::lazy_static! {
+        static ref CELLS: Mutex<HashMap<usize, &'static Cell>> = Mutex::new(HashMap::new());
+    }
+
+    /// The loom atomic for the field at `addr`, made from `init` on first use.
+    pub fn cell(addr: usize, init: impl FnOnce() -> Cell) -> &'static Cell {
+        let mut cells = CELLS.lock().unwrap();
+        *cells.entry(addr).or_insert_with(|| Box::leak(Box::new(init())))
+    }
+}
+
+#[cfg(loom)]
+macro_rules! le_field {
+    ($name:ident, $int:ty, $shadow:ident) => {
+        impl $name {
+            fn shadow(&self) -> &'static loom::sync::atomic::$shadow {
+                let init = || shadow::Cell::$name(loom::sync::atomic::$shadow::new(self.0.load(Relaxed)));
+                match shadow::cell(self as *const Self as usize, init) {
+                    shadow::Cell::$name(a) => a,
+                    _ => panic!("a shared field accessed at two widths under loom"),
+                }
+            }
+
+            /// One load of the field.
+            pub fn load(&self) -> $int {
+                <$int>::from_le(self.shadow().load(Relaxed))
+            }
+
+            /// One store to the field.
+            pub fn store(&self, value: $int) {
+                self.shadow().store(value.to_le(), Relaxed)
+            }
+        }
+    };
+}
+
+le_field!(Le16, u16, AtomicU16);
+le_field!(Le32, u32, AtomicU32);
+le_field!(Le64, u64, AtomicU64);
 
 /// One 16-byte descriptor, viewed as two 8-byte words so that a reader fetches it in two
 /// loads and a writer publishes it in two stores.
@@ -70,10 +126,18 @@ pub struct DescWords {
 impl RawDesc {
     /// Reads the whole descriptor: exactly one load per word.
     #[inline(always)]
+    #[cfg(not(loom))]
     pub fn read(&self) -> DescWords {
         let addr = self.addr.load();
         let w1 = self.word1.load();
         DescWords { addr, len: w1 as u32, lo16: (w1 >> 32) as u16, hi16: (w1 >> 48) as u16 }
+    }
+
+    /// Under loom, field by field: a weaker view than the real two-word read, so every
+    /// ordering it allows is still checked.
+    #[cfg(loom)]
+    pub fn read(&self) -> DescWords {
+        DescWords { addr: self.addr.load(), len: self.len().load(), lo16: self.lo16().load(), hi16: self.hi16().load() }
     }
 
     /// The address word alone.
@@ -107,9 +171,19 @@ impl RawDesc {
 
     /// Writes the whole descriptor.
     #[inline(always)]
+    #[cfg(not(loom))]
     pub fn write(&self, d: DescWords) {
         self.addr.store(d.addr);
         self.word1.store(d.len as u64 | (d.lo16 as u64) << 32 | (d.hi16 as u64) << 48);
+    }
+
+    /// Under loom, field by field (see `read`).
+    #[cfg(loom)]
+    pub fn write(&self, d: DescWords) {
+        self.addr.store(d.addr);
+        self.len().store(d.len);
+        self.lo16().store(d.lo16);
+        self.hi16().store(d.hi16);
     }
 }
 

@@ -132,4 +132,8 @@ impl RingLayout for AnyLayout {
     fn reset<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) {
         dispatch!(self, l => l.reset(core))
     }
+
+    fn start_at(&mut self, index: u16) {
+        dispatch!(self, l => l.start_at(index))
+    }
 }

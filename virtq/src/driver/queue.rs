@@ -82,6 +82,12 @@ pub trait RingLayout: Sized + Send + Sync + Sealed {
     /// (the core's state was re-created just before).
     #[doc(hidden)]
     fn reset<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>);
+    /// Test support: moves an empty split ring's indices to `index`. Packed rings wrap
+    /// after `size` descriptors anyway and ignore it.
+    #[doc(hidden)]
+    fn start_at(&mut self, index: u16) {
+        let _ = index;
+    }
 }
 
 /// The driver's end of a virtqueue: Linux's `struct virtqueue` and its operations.
@@ -356,6 +362,17 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
         self.core.resize_state(size);
         self.layout.reset(&mut self.core);
         Ok(())
+    }
+
+    /// Test support: on a new, empty split queue, moves the free-running indices to
+    /// `index` (in memory too, before any device attaches), so that tests and models can
+    /// cross the 16-bit wrap without 65,536 round trips first. A device attaching afterwards
+    /// needs `avail_base = index`. Packed rings are unaffected.
+    #[cfg(feature = "test-utils")]
+    #[doc(hidden)]
+    pub fn start_at(&mut self, index: u16) {
+        assert_eq!(self.core.num_free, self.layout.size(), "start_at needs an empty queue");
+        self.layout.start_at(index);
     }
 
     /// Number of ring entries.

@@ -5,8 +5,8 @@
 //! ring. A malformed ring gives a [`DeviceError`] and latches the queue broken.
 
 use super::{
-    is_avail, split_event, used_bits, PackedRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, EVENT_FLAGS_DESC,
-    EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE, WRAP_BIT,
+    is_avail, used_bits, PackedRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, EVENT_FLAGS_DESC, EVENT_FLAGS_DISABLE,
+    EVENT_FLAGS_ENABLE, WRAP_BIT,
 };
 use crate::device::{push_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, SegmentSink};
 use crate::event::need_event;
@@ -241,7 +241,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
         // it moves its event (`DriverQueue::poll`, `PackedLayout::enable_cb_delayed`).
         self.barriers.mb();
         let moved = core::mem::take(&mut self.unsignalled);
-        let (off_wrap, flags) = split_event(self.ring.driver_event().load());
+        let (off_wrap, flags) = self.ring.load_driver_event();
         if flags != EVENT_FLAGS_DESC || !self.event_idx {
             return flags != EVENT_FLAGS_DISABLE;
         }

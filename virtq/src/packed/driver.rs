@@ -12,8 +12,8 @@
 use core::sync::atomic::{AtomicU16, Ordering::Relaxed};
 
 use super::{
-    avail_bits, is_used, split_event, ContiguousLayout, PackedRing, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT,
-    DESC_F_USED, DESC_F_WRITE, EVENT_FLAGS_DESC, EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE, WRAP_BIT,
+    avail_bits, is_used, ContiguousLayout, PackedRing, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED,
+    DESC_F_WRITE, EVENT_FLAGS_DESC, EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE, WRAP_BIT,
 };
 use crate::driver::core::{Buffer, DriverCore, PRIV_TABLE};
 use crate::driver::queue::{LayoutKind, RingLayout, Sealed};
@@ -286,7 +286,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         let old = new.wrapping_sub(added);
         core.num_added = 0;
         // One load: `off_wrap` and `flags` from the same moment.
-        let (off_wrap, flags) = split_event(self.ring.device_event().load());
+        let (off_wrap, flags) = self.ring.load_device_event();
         if flags != EVENT_FLAGS_DESC || !core.event_idx {
             return flags != EVENT_FLAGS_DISABLE;
         }
@@ -400,7 +400,6 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         for i in 0..self.ring.size() {
             self.ring.desc(i).write(DescWords::default());
         }
-        self.ring.device_event().store(0);
         self.next_avail_idx = 0;
         self.avail_used_flags = avail_bits(true);
         self.free_head = 0;
@@ -409,6 +408,6 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         self.batch_last = None;
         let flags = if core.callbacks { EVENT_FLAGS_ENABLE } else { EVENT_FLAGS_DISABLE };
         self.event_flags_shadow.store(flags, Relaxed);
-        self.ring.driver_event().store((flags as u32) << 16);
+        self.ring.reset_events(flags);
     }
 }

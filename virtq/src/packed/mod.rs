@@ -170,18 +170,39 @@ impl PackedRing {
         self.desc(i).hi16()
     }
 
-    /// The driver area as one word: `off_wrap` in the low half, `flags` in the high half.
+    /// The driver area in one load: `(off_wrap, flags)` from the same moment.
     #[inline(always)]
-    pub(crate) fn driver_event(&self) -> &Le32 {
-        // SAFETY: 4 valid, 4-aligned bytes (see `new`).
-        unsafe { self.driver_event.as_ref() }
+    pub(crate) fn load_driver_event(&self) -> (u16, u16) {
+        self.load_event(self.driver_event)
     }
 
-    /// The device area as one word, as [`Self::driver_event`].
+    /// The device area in one load, as [`Self::load_driver_event`].
     #[inline(always)]
-    pub(crate) fn device_event(&self) -> &Le32 {
-        // SAFETY: as above.
-        unsafe { self.device_event.as_ref() }
+    pub(crate) fn load_device_event(&self) -> (u16, u16) {
+        self.load_event(self.device_event)
+    }
+
+    /// Writes both halves of an event area (only while the peer is stopped: reset).
+    pub(crate) fn reset_events(&self, driver_flags: u16) {
+        self.driver_off_wrap().store(0);
+        self.driver_flags().store(driver_flags);
+        self.device_off_wrap().store(0);
+        self.device_flags().store(0);
+    }
+
+    #[cfg(not(loom))]
+    #[inline(always)]
+    fn load_event(&self, area: NonNull<Le32>) -> (u16, u16) {
+        // SAFETY: one of our two event areas: 4 valid, 4-aligned bytes (see `new`).
+        let word = unsafe { area.as_ref() }.load();
+        (word as u16, (word >> 16) as u16)
+    }
+
+    /// Under loom, the halves one after the other: weaker than the real single load, so
+    /// every ordering it allows is still checked.
+    #[cfg(loom)]
+    fn load_event(&self, area: NonNull<Le32>) -> (u16, u16) {
+        (self.half(area, false).load(), self.half(area, true).load())
     }
 
     /// The first (`off_wrap`) or second (`flags`) half of the area at `p`.
@@ -211,10 +232,4 @@ impl PackedRing {
     pub(crate) fn device_flags(&self) -> &Le16 {
         self.half(self.device_event, true)
     }
-}
-
-/// Splits an event area word into `(off_wrap, flags)`.
-#[inline(always)]
-pub(crate) const fn split_event(word: u32) -> (u16, u16) {
-    (word as u16, (word >> 16) as u16)
 }

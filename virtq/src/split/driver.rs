@@ -433,4 +433,14 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         self.avail_flags_shadow.store(flags, Relaxed);
         self.ring.avail_flags().store(if core.event_idx { 0 } else { flags });
     }
+
+    fn start_at(&mut self, index: u16) {
+        self.avail_idx_shadow = index;
+        self.last_used_idx = index;
+        self.used_idx_cache = index;
+        self.ring.avail_idx().store(index);
+        self.ring.used_idx().store(index);
+        self.ring.used_event().store(index);
+        self.ring.avail_event().store(index);
+    }
 }
