@@ -77,8 +77,7 @@ fn main() {
     let sgs: Vec<Sg> = (0..nsegs).map(|_| mem.alloc_sg(64)).collect();
     let mut config = QueueConfig::new(0, SIZE, features);
     config.callbacks = false;
-    let device_config =
-        |d: [u64; 3]| DeviceConfig::new(SIZE, features, d[0], d[1], d[2]);
+    let device_config = |d: [u64; 3]| DeviceConfig::new(SIZE, features, d[0], d[1], d[2]);
 
     macro_rules! run_static {
         ($layout:ty, $device:ident) => {{
