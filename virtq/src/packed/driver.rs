@@ -124,14 +124,18 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
     #[inline]
     fn read_used<T, D: Dma, N: Notify>(&self, core: &mut DriverCore<T, D, N>) -> Option<(u16, u32)> {
         let pos = self.last_used_idx;
-        if !is_used(self.ring.flags(pos).load(), self.used_wrap) {
+        let flags = self.ring.flags(pos).load();
+        if !is_used(flags, self.used_wrap) {
             return None;
         }
         // The id and length only after the flags that published them; pairs with the
         // device's wmb before it writes the flags (`PackedDevice::complete`).
         core.barriers.rmb();
         let desc = self.ring.desc(pos);
-        let (id, len) = (desc.lo16().load(), desc.len().load());
+        let id = desc.lo16().load();
+        // "Element Length is reserved for used descriptors without the VIRTQ_DESC_F_WRITE
+        // flag, and is ignored by drivers" (VIRTIO 1.3, 2.8.4): nothing was written.
+        let len = if flags & DESC_F_WRITE != 0 { desc.len().load() } else { 0 };
         core.check_used(id as u32, len).then_some((id, len))
     }
 
@@ -186,7 +190,8 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         self.addrs
     }
 
-    #[inline]
+    // Inlined into each `add_*` so that the shape of its `Buffer` is known at compile time.
+    #[inline(always)]
     fn add<T, D: Dma, N: Notify>(
         &mut self,
         core: &mut DriverCore<T, D, N>,
@@ -228,10 +233,10 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
                 flags_now ^= DESC_F_AVAIL | DESC_F_USED;
             }
         } else {
-            for (n, (sg, is_in)) in buf.segments().enumerate() {
+            let written = buf.try_for_each(|n, sg, is_in| {
                 let Some((addr, priv_flags)) = core.map(sg, is_in, premapped) else {
                     core.unmap_chain(id, n);
-                    return Err(AddError { kind: AddErrorKind::NoMemory, token });
+                    return Err(());
                 };
                 let mut flags = flags_now | if is_in { DESC_F_WRITE } else { 0 };
                 if n + 1 != plan.total as usize {
@@ -258,6 +263,10 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
                     pos = 0;
                     flags_now ^= DESC_F_AVAIL | DESC_F_USED;
                 }
+                Ok(())
+            });
+            if written.is_err() {
+                return Err(AddError { kind: AddErrorKind::NoMemory, token });
             }
         }
         core.start(id, token, ctx, &plan, writable, tail);
