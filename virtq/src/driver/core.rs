@@ -57,27 +57,56 @@ impl<T> Default for HeadState<T> {
     }
 }
 
-/// A buffer about to be added: its segment lists, by direction.
-pub(crate) struct Buffer<'a> {
-    pub out: &'a [&'a [Sg]],
-    pub ins: &'a [&'a [Sg]],
+/// A buffer about to be added: its segments, by direction.
+pub(crate) enum Buffer<'a> {
+    /// One list, all readable or all writable (`add_outbuf`, `add_inbuf`): the common case,
+    /// with a one-level loop.
+    One { sgs: &'a [Sg], writable: bool },
+    /// Several lists: first the readable ones, then the writable ones (`add_sgs`).
+    Lists { out: &'a [&'a [Sg]], ins: &'a [&'a [Sg]] },
 }
 
 impl Buffer<'_> {
-    /// Segments in order, each with whether the device writes it.
-    #[inline]
-    pub fn segments(&self) -> impl Iterator<Item = (Sg, bool)> + '_ {
-        let out = self.out.iter().flat_map(|l| l.iter().map(|s| (*s, false)));
-        out.chain(self.ins.iter().flat_map(|l| l.iter().map(|s| (*s, true))))
+    /// Calls `f(n, segment, device_writes_it)` for each segment in order, stopping at the
+    /// first error. Plain loops: iterator adapters cost a fifth of `add` here.
+    #[inline(always)]
+    pub fn try_for_each(&self, mut f: impl FnMut(usize, Sg, bool) -> Result<(), ()>) -> Result<(), ()> {
+        match *self {
+            Buffer::One { sgs, writable } => {
+                for (n, &sg) in sgs.iter().enumerate() {
+                    f(n, sg, writable)?;
+                }
+            }
+            Buffer::Lists { out, ins } => {
+                let mut n = 0;
+                for (lists, writable) in [(out, false), (ins, true)] {
+                    for list in lists {
+                        for &sg in *list {
+                            f(n, sg, writable)?;
+                            n += 1;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn count(&self) -> usize {
-        self.out.iter().map(|l| l.len()).sum::<usize>() + self.ins.iter().map(|l| l.len()).sum::<usize>()
+        match *self {
+            Buffer::One { sgs, .. } => sgs.len(),
+            Buffer::Lists { out, ins } => {
+                out.iter().map(|l| l.len()).sum::<usize>() + ins.iter().map(|l| l.len()).sum::<usize>()
+            }
+        }
     }
 
     pub fn has_readable(&self) -> bool {
-        self.out.iter().any(|l| !l.is_empty())
+        match *self {
+            Buffer::One { sgs, writable } => !writable && !sgs.is_empty(),
+            Buffer::Lists { out, .. } => out.iter().any(|l| !l.is_empty()),
+        }
     }
 }
 
@@ -184,7 +213,7 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
     }
 
     /// Checks an add before any ring work. `Err` hands the token back.
-    #[inline]
+    #[inline(always)]
     pub fn plan(&self, buf: &Buffer<'_>, token: T, ctx: Option<usize>) -> Result<(AddPlan, T), AddError<T>> {
         if self.shared.is_broken() {
             return Err(AddError { kind: AddErrorKind::Broken, token });
@@ -264,7 +293,7 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
             unsafe { core::slice::from_raw_parts(pool.cpu.as_ptr().cast::<RawDesc>().add(first), total as usize) };
         let table_addr = pool.device_addr + 16 * first as u64;
         let mut writable = 0u32;
-        for (n, (sg, is_in)) in buf.segments().enumerate() {
+        buf.try_for_each(|n, sg, is_in| {
             let Some((addr, priv_flags)) = self.map(sg, is_in, premapped) else {
                 for e in &self.indirect_extra[first..first + n] {
                     self.unmap(e);
@@ -284,7 +313,8 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
             let next = if split_links { n as u16 + 1 } else { 0 };
             let (lo16, hi16) = if split_links { (flags, next) } else { (0, flags) };
             table[n].write(DescWords { addr, len: sg.len, lo16, hi16 });
-        }
+            Ok(())
+        })?;
         Ok((table_addr, writable))
     }
 

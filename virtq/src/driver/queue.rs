@@ -149,7 +149,7 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
         QueueHandle { shared: self.core.shared.clone() }
     }
 
-    #[inline]
+    #[inline(always)]
     fn add(&mut self, buf: Buffer<'_>, token: T, ctx: Option<usize>, premapped: bool) -> Result<(), AddError<T>> {
         self.layout.add(&mut self.core, &buf, token, ctx, premapped)
     }
@@ -159,43 +159,43 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
     /// nothing was published.
     #[doc(alias = "virtqueue_add_sgs")]
     pub fn add_sgs(&mut self, out: &[&[Sg]], ins: &[&[Sg]], token: T) -> Result<(), AddError<T>> {
-        self.add(Buffer { out, ins }, token, None, false)
+        self.add(Buffer::Lists { out, ins }, token, None, false)
     }
 
     /// Exposes a device-readable buffer.
     #[doc(alias = "virtqueue_add_outbuf")]
     pub fn add_outbuf(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
-        self.add(Buffer { out: &[sg], ins: &[] }, token, None, false)
+        self.add(Buffer::One { sgs: sg, writable: false }, token, None, false)
     }
 
     /// Exposes a device-writable buffer.
     #[doc(alias = "virtqueue_add_inbuf")]
     pub fn add_inbuf(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
-        self.add(Buffer { out: &[], ins: &[sg] }, token, None, false)
+        self.add(Buffer::One { sgs: sg, writable: true }, token, None, false)
     }
 
     /// Exposes a device-writable buffer with a context value that `get_buf_ctx` returns.
     /// The queue must have been created with `context`.
     #[doc(alias = "virtqueue_add_inbuf_ctx")]
     pub fn add_inbuf_ctx(&mut self, sg: &[Sg], token: T, ctx: usize) -> Result<(), AddError<T>> {
-        self.add(Buffer { out: &[], ins: &[sg] }, token, Some(ctx), false)
+        self.add(Buffer::One { sgs: sg, writable: true }, token, Some(ctx), false)
     }
 
     /// Like [`Self::add_outbuf`], but `sg` holds device addresses, never mapped or unmapped.
     #[doc(alias = "virtqueue_add_outbuf_premapped")]
     pub fn add_outbuf_premapped(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
-        self.add(Buffer { out: &[sg], ins: &[] }, token, None, true)
+        self.add(Buffer::One { sgs: sg, writable: false }, token, None, true)
     }
 
     /// Like [`Self::add_inbuf`], but `sg` holds device addresses, never mapped or unmapped.
     #[doc(alias = "virtqueue_add_inbuf_premapped")]
     pub fn add_inbuf_premapped(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
-        self.add(Buffer { out: &[], ins: &[sg] }, token, None, true)
+        self.add(Buffer::One { sgs: sg, writable: true }, token, None, true)
     }
 
     /// Like [`Self::add_sgs`], with device addresses, never mapped or unmapped.
     pub fn add_sgs_premapped(&mut self, out: &[&[Sg]], ins: &[&[Sg]], token: T) -> Result<(), AddError<T>> {
-        self.add(Buffer { out, ins }, token, None, true)
+        self.add(Buffer::Lists { out, ins }, token, None, true)
     }
 
     fn notify_data(&self) -> NotifyData {

@@ -96,7 +96,7 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
     /// Writes a direct chain from `head` along the private links. Returns the writable
     /// length, the chain's last descriptor and the first descriptor after it, or `Err`
     /// after undoing the mappings made.
-    #[inline]
+    #[inline(always)]
     fn write_chain<T, D: Dma, N: Notify>(
         &self,
         core: &mut DriverCore<T, D, N>,
@@ -108,7 +108,7 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
         let mut i = head;
         let mut tail = head;
         let mut writable = 0u32;
-        for (n, (sg, is_in)) in buf.segments().enumerate() {
+        buf.try_for_each(|n, sg, is_in| {
             let Some((addr, priv_flags)) = core.map(sg, is_in, premapped) else {
                 core.unmap_chain(head, n);
                 return Err(());
@@ -125,7 +125,8 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
             self.ring.desc(i).write(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
             tail = i;
             i = next;
-        }
+            Ok(())
+        })?;
         Ok((writable, tail, i))
     }
 
@@ -230,7 +231,8 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         self.addrs
     }
 
-    #[inline]
+    // Inlined into each `add_*` so that the shape of its `Buffer` is known at compile time.
+    #[inline(always)]
     fn add<T, D: Dma, N: Notify>(
         &mut self,
         core: &mut DriverCore<T, D, N>,
