@@ -1,0 +1,1 @@
+//! vhost-user transports for `virtq` (Linux, std).
