@@ -229,3 +229,140 @@ unsafe impl Dma for CountingDma<'_> {
         self.unmaps.fetch_add(1, Relaxed);
     }
 }
+
+/// A device for testing drivers: it serves a driver's ring in the same process, handing
+/// each request's readable bytes to a closure and writing back what the closure returns.
+///
+/// ```
+/// use virtq::testing::{MockDevice, TestMemory};
+/// use virtq::{Features, QueueConfig, Virtqueue};
+///
+/// let mem = TestMemory::new(1 << 16);
+/// let features = Features::VERSION_1 | Features::RING_PACKED;
+/// let mut driver = Virtqueue::<u32, _, _>::new(QueueConfig::new(0, 8, features), &mem, ()).unwrap();
+/// let mut device = MockDevice::for_driver(&mem, &driver, features).unwrap();
+///
+/// let (req, resp) = (mem.alloc_sg(3), mem.alloc_sg(16));
+/// mem.write(req.addr, b"abc");
+/// driver.add_sgs(&[&[req]], &[&[resp]], 1).unwrap();
+/// assert_eq!(device.serve(|request| request.to_ascii_uppercase()).unwrap(), 1);
+/// let used = driver.get_buf().unwrap();
+/// let mut out = [0u8; 3];
+/// mem.read(resp.addr, &mut out);
+/// assert_eq!((used.len, &out), (3, b"ABC"));
+/// ```
+pub struct MockDevice<'m> {
+    queue: crate::DeviceQueue<'m, TestMemory>,
+}
+
+impl<'m> MockDevice<'m> {
+    /// Attaches to the ring of `driver`, which lives in `mem`.
+    pub fn for_driver<T, D: Dma, N: crate::Notify, L: crate::RingLayout>(
+        mem: &'m TestMemory,
+        driver: &crate::DriverQueue<T, D, N, L>,
+        features: crate::Features,
+    ) -> Result<Self, crate::DeviceError> {
+        let config = crate::DeviceConfig::new(
+            driver.vring_size(),
+            features,
+            driver.desc_addr(),
+            driver.avail_addr(),
+            driver.used_addr(),
+        );
+        Ok(Self { queue: crate::DeviceQueue::new(mem, config)? })
+    }
+
+    /// Serves every available request: `handler` gets the readable bytes, and what it
+    /// returns is written into the writable part (truncated to fit). Returns how many
+    /// requests were served; an error if the driver's ring is malformed.
+    pub fn serve(
+        &mut self,
+        mut handler: impl FnMut(&[u8]) -> alloc::vec::Vec<u8>,
+    ) -> Result<usize, crate::DeviceError> {
+        let mut served = 0;
+        let mut segs = alloc::vec::Vec::new();
+        while let Some(chain) = self.queue.pop(&mut segs)? {
+            let mut request = alloc::vec::Vec::new();
+            for s in segs.iter().filter(|s| !s.is_writable()) {
+                let start = request.len();
+                request.resize(start + s.len() as usize, 0);
+                s.read_at(0, &mut request[start..]);
+            }
+            let response = handler(&request);
+            let mut written = 0;
+            for s in segs.iter().filter(|s| s.is_writable()) {
+                if written >= response.len() {
+                    break;
+                }
+                written += s.write_at(0, &response[written..]);
+            }
+            self.queue.complete(chain, written as u32);
+            served += 1;
+        }
+        self.queue.publish_used();
+        Ok(served)
+    }
+
+    /// The device queue, for finer control (notifications, faults).
+    pub fn queue(&mut self) -> &mut crate::DeviceQueue<'m, TestMemory> {
+        &mut self.queue
+    }
+}
+
+/// A driver for testing devices: it builds requests from byte slices in a [`TestMemory`]
+/// and returns responses as bytes. The device under test attaches to
+/// [`MockDriver::device_config`].
+pub struct MockDriver<'m> {
+    mem: &'m TestMemory,
+    queue: crate::Virtqueue<(Sg, u32), &'m TestMemory, ()>,
+    features: crate::Features,
+}
+
+impl<'m> MockDriver<'m> {
+    /// A driver queue of `size` entries with `features` (which choose the layout).
+    pub fn new(mem: &'m TestMemory, size: u16, features: crate::Features) -> Result<Self, crate::CreateError> {
+        let queue = crate::Virtqueue::new(crate::QueueConfig::new(0, size, features), mem, ())?;
+        Ok(Self { mem, queue, features })
+    }
+
+    /// Where the device finds the ring.
+    pub fn device_config(&self) -> crate::DeviceConfig {
+        crate::DeviceConfig::new(
+            self.queue.vring_size(),
+            self.features,
+            self.queue.desc_addr(),
+            self.queue.avail_addr(),
+            self.queue.used_addr(),
+        )
+    }
+
+    /// Sends `request` (one readable segment, if not empty) with room for `response_len`
+    /// bytes (one writable segment, if not zero).
+    pub fn send(&mut self, request: &[u8], response_len: u32) -> Result<(), crate::AddErrorKind> {
+        let out = (!request.is_empty()).then(|| {
+            let sg = self.mem.alloc_sg(request.len() as u32);
+            self.mem.write(sg.addr, request);
+            sg
+        });
+        let resp = self.mem.alloc_sg(response_len);
+        let outs: &[Sg] = out.as_slice();
+        let ins: &[Sg] = if response_len > 0 { core::slice::from_ref(&resp) } else { &[] };
+        self.queue.add_sgs(&[outs], &[ins], (resp, response_len)).map_err(|e| e.kind)?;
+        self.queue.kick();
+        Ok(())
+    }
+
+    /// The next response: the bytes the device wrote, in completion order.
+    pub fn recv(&mut self) -> Option<alloc::vec::Vec<u8>> {
+        let used = self.queue.get_buf()?;
+        let (resp, _) = used.token;
+        let mut bytes = alloc::vec![0; used.len as usize];
+        self.mem.read(resp.addr, &mut bytes);
+        Some(bytes)
+    }
+
+    /// The driver queue, for finer control.
+    pub fn queue(&mut self) -> &mut crate::Virtqueue<(Sg, u32), &'m TestMemory, ()> {
+        &mut self.queue
+    }
+}

@@ -552,3 +552,25 @@ fn the_handle_notifies_from_another_thread_without_the_queue() {
         });
     });
 }
+
+#[test]
+fn the_mock_driver_and_mock_device_talk_on_every_layout() {
+    each_layout(|layout| {
+        let mem = TestMemory::new(1 << 20);
+        let features = layout_features(layout, true, true);
+        let mut driver = virtq::testing::MockDriver::new(&mem, 8, features).unwrap();
+        let mut device = DeviceQueue::new(&mem, driver.device_config()).unwrap();
+        driver.send(b"ping", 8).unwrap();
+        driver.send(b"", 2).unwrap();
+        let mut segs = Vec::new();
+        while let Some(chain) = device.pop(&mut segs).unwrap() {
+            let w = segs.iter().find(|s| s.is_writable()).unwrap();
+            let n = w.write_at(0, b"pong") as u32;
+            device.complete(chain, n);
+        }
+        device.publish_used();
+        assert_eq!(driver.recv().as_deref(), Some(&b"pong"[..]), "{layout:?}");
+        assert_eq!(driver.recv().as_deref(), Some(&b"po"[..]));
+        assert!(driver.recv().is_none());
+    });
+}
