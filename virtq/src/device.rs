@@ -59,7 +59,7 @@ pub(crate) fn translate_area<M: GuestMemory + ?Sized>(
 
 /// Adds one descriptor's buffer to a chain being popped: direction order, total length,
 /// bounds, then the sink.
-#[inline]
+#[inline(always)]
 pub(crate) fn push_segment<'m, M: GuestMemory + ?Sized, S: SegmentSink<'m>>(
     mem: &'m M,
     addr: u64,
@@ -92,8 +92,6 @@ pub(crate) struct InOrderRun {
     pub first: u16,
     /// Packed: the used wrap counter at `first`.
     pub first_wrap: bool,
-    /// Buffers (split) or descriptors (packed) in the run.
-    pub count: u16,
     pub last_id: u16,
     pub last_len: u32,
 }
@@ -197,13 +195,16 @@ pub trait SegmentSink<'m> {
 
 /// A fixed-capacity segment list that needs no allocation.
 pub struct Segments<'m, const N: usize> {
-    segs: [Option<Segment<'m>>; N],
+    /// Entries at `len..` are unused placeholders.
+    segs: [Segment<'m>; N],
     len: usize,
 }
 
 impl<'m, const N: usize> Default for Segments<'m, N> {
     fn default() -> Self {
-        Self { segs: [None; N], len: 0 }
+        // An empty segment: never read, and its pointer is never dereferenced (len 0).
+        let empty = Segment { host: NonNull::dangling(), addr: 0, len: 0, writable: false, _memory: PhantomData };
+        Self { segs: [empty; N], len: 0 }
     }
 }
 
@@ -215,7 +216,7 @@ impl<'m, const N: usize> Segments<'m, N> {
 
     /// The collected segments.
     pub fn iter(&self) -> impl Iterator<Item = &Segment<'m>> {
-        self.segs[..self.len].iter().flatten()
+        self.segs[..self.len].iter()
     }
 
     /// Number collected.
@@ -238,7 +239,7 @@ impl<'m, const N: usize> SegmentSink<'m> for Segments<'m, N> {
         if self.len == N {
             return false;
         }
-        self.segs[self.len] = Some(seg);
+        self.segs[self.len] = seg;
         self.len += 1;
         true
     }

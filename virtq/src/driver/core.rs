@@ -225,7 +225,10 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         if total == 0 {
             return Err(AddError { kind: AddErrorKind::NoSegments, token });
         }
-        let indirect = self.indirect_max > 0 && total > 1 && total <= self.indirect_max as usize && self.num_free > 0;
+        // Whether the buffer can ever take one indirect descriptor; Linux also asks for a
+        // free descriptor, but then a full ring would make a long buffer look too long
+        // forever (TooManySegments) instead of momentarily (NoSpace).
+        let indirect = self.indirect_max > 0 && total > 1 && total <= self.indirect_max as usize;
         if !indirect && total > self.size as usize {
             return Err(AddError { kind: AddErrorKind::TooManySegments, token });
         }
@@ -251,14 +254,12 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         }
     }
 
-    /// Records the private copy of a descriptor about to be written at `extra[i]`.
-    #[inline]
+    /// Records the private copy of a descriptor about to be written at `extra[i]`: what
+    /// `unmap` needs, so nothing at all without a mapping DMA.
+    #[inline(always)]
     pub fn record(&mut self, i: u16, addr: u64, len: u32, flags: u16) {
-        let e = &mut self.extra[i as usize];
-        e.flags = flags;
         if D::MAPS {
-            e.addr = addr;
-            e.len = len;
+            self.extra[i as usize] = DescExtra { addr, len, flags, next: self.extra[i as usize].next };
         }
     }
 
@@ -331,12 +332,15 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         self.num_free -= plan.descs;
     }
 
-    /// Frees the buffer at `head`: unmaps its segments, returns its descriptors, and hands
-    /// back the token and context. With `relink` its descriptors go back on the free list
+    /// Frees the buffer at `head`, which the caller found in flight: unmaps its segments,
+    /// returns its descriptors, and hands back the token, the context and how many ring
+    /// descriptors it had. With `relink` its descriptors go back on the free list
     /// (`free_head` is updated); in-order layouts keep their sequential links instead.
-    pub fn release(&mut self, head: u16, free_head: &mut u16, relink: bool) -> (T, Option<usize>) {
-        let state = &mut self.heads[head as usize];
-        let token = state.token.take().expect("caller checked the buffer is in flight");
+    /// `None` (and nothing changed) if no buffer is in flight there.
+    #[inline(always)]
+    pub fn release(&mut self, head: u16, free_head: &mut u16, relink: bool) -> Option<(T, Option<usize>, u16)> {
+        let state = self.heads.get_mut(head as usize)?;
+        let token = state.token.take()?;
         let ctx = state.ctx.take();
         let (descs, tail, indirect_entries) = (state.descs, state.tail, state.indirect_entries);
         if D::MAPS {
@@ -353,12 +357,12 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
             *free_head = head;
         }
         self.num_free += descs;
-        (token, ctx)
+        Some((token, ctx, descs))
     }
 
     /// Validates a used entry the device wrote: `id` names a buffer in flight whose
     /// writable part holds `len` bytes. Latches the fault otherwise.
-    #[inline]
+    #[inline(always)]
     pub fn check_used(&mut self, id: u32, len: u32) -> bool {
         let fault = match self.heads.get(id as usize) {
             None => Fault::UsedIdOutOfRange { id },
@@ -368,6 +372,30 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         };
         self.fail(fault);
         false
+    }
+
+    /// [`Self::check_used`] then [`Self::release`]: the used entry's buffer, taken back.
+    #[inline(always)]
+    pub fn take_used(&mut self, id: u32, len: u32, free_head: &mut u16) -> Option<(T, Option<usize>, u16)> {
+        if !self.check_used(id, len) {
+            return None;
+        }
+        self.release(id as u16, free_head, true)
+    }
+
+    /// Takes back the oldest buffer of an in-order ring, at `head`, and its writable
+    /// length. A buffer missing there (only `detach_unused_buf` on a live queue can do
+    /// that) latches the queue broken.
+    #[inline(always)]
+    pub fn take_in_order(&mut self, head: u16, free_head: &mut u16) -> Option<(T, Option<usize>, u16, u32)> {
+        let writable = self.heads.get(head as usize).map_or(0, |h| h.writable);
+        match self.release(head, free_head, false) {
+            Some((token, ctx, descs)) => Some((token, ctx, descs, writable)),
+            None => {
+                self.fail(Fault::UsedIdNotInFlight { id: head as u32 });
+                None
+            }
+        }
     }
 
     pub fn fail(&mut self, fault: Fault) {

@@ -229,14 +229,14 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
 
     /// The next used buffer: its token and the number of bytes the device wrote.
     #[doc(alias = "virtqueue_get_buf")]
-    #[inline]
+    #[inline(always)]
     pub fn get_buf(&mut self) -> Option<UsedBuf<T>> {
         self.get_buf_ctx().map(|(u, _)| u)
     }
 
     /// Like [`Self::get_buf`], also returning the context given to `add_inbuf_ctx`.
     #[doc(alias = "virtqueue_get_buf_ctx")]
-    #[inline]
+    #[inline(always)]
     pub fn get_buf_ctx(&mut self) -> Option<(UsedBuf<T>, Option<usize>)> {
         if self.core.shared.is_broken() {
             return None;

@@ -84,6 +84,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
 
     /// Pops the next available chain, collecting its segments (readable first) into
     /// `segs`. `Ok(None)` when no descriptor is available.
+    #[inline(always)]
     pub fn pop<S: SegmentSink<'m>>(&mut self, segs: &mut S) -> Result<Option<Chain>, DeviceError> {
         if self.fault.is_some() {
             return Err(DeviceError::Broken);
@@ -107,6 +108,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
     }
 
     /// Walks the chain at the available position; returns it and the position after it.
+    #[inline(always)]
     fn walk<S: SegmentSink<'m>>(&self, head_flags: u16, segs: &mut S) -> Result<(Chain, u16, bool), DeviceError> {
         let size = self.ring.size();
         let (mut pos, mut wrap) = (self.avail_pos, self.avail_wrap);
@@ -172,18 +174,17 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
     /// writable part): one used descriptor at the used position, which then skips the
     /// chain's descriptors. With `IN_ORDER`, consecutive full completions share one used
     /// descriptor, written by [`Self::publish_used`] (VIRTIO 1.3, 2.8.21).
+    #[inline(always)]
     pub fn complete(&mut self, chain: Chain, written: u32) {
         let written = written.min(chain.writable_len());
         if self.in_order {
             if let Some(run) = &mut self.run {
-                run.count += chain.descs;
                 run.last_id = chain.id;
                 run.last_len = written;
             } else {
                 self.run = Some(InOrderRun {
                     first: self.used_pos,
                     first_wrap: self.used_wrap,
-                    count: chain.descs,
                     last_id: chain.id,
                     last_len: written,
                 });

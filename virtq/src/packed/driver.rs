@@ -15,9 +15,9 @@ use super::{
     avail_bits, is_used, ContiguousLayout, PackedRing, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED,
     DESC_F_WRITE, EVENT_FLAGS_DESC, EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE, WRAP_BIT,
 };
-use crate::driver::core::{Buffer, DriverCore, PRIV_TABLE};
+use crate::driver::core::{Buffer, DriverCore, PRIV_PREMAPPED, PRIV_TABLE};
 use crate::driver::queue::{LayoutKind, RingLayout, Sealed};
-use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Fault, Notify, QueueConfig};
+use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Notify, QueueConfig};
 use crate::event::need_event;
 use crate::memory::{Dma, DmaRegion};
 use crate::shared::DescWords;
@@ -101,7 +101,7 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
 
     /// Advances the used position past a buffer of `descs` descriptors, and tells the
     /// device where the next interrupt is wanted if the driver asked for one there.
-    #[inline]
+    #[inline(always)]
     fn after_used<T, D: Dma, N: Notify>(&mut self, core: &DriverCore<T, D, N>, descs: u16) {
         let size = self.ring.size();
         let mut pos = self.last_used_idx + descs;
@@ -121,7 +121,7 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
 
     /// Reads the used descriptor at the driver's position, if there is one: `(id, len)`,
     /// validated.
-    #[inline]
+    #[inline(always)]
     fn read_used<T, D: Dma, N: Notify>(&self, core: &mut DriverCore<T, D, N>) -> Option<(u16, u32)> {
         let pos = self.last_used_idx;
         let flags = self.ring.flags(pos).load();
@@ -233,10 +233,31 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
                 flags_now ^= DESC_F_AVAIL | DESC_F_USED;
             }
         } else {
-            let written = buf.try_for_each(|n, sg, is_in| {
-                let Some((addr, priv_flags)) = core.map(sg, is_in, premapped) else {
-                    core.unmap_chain(id, n);
-                    return Err(());
+            // Every descriptor after the head is visible as soon as it is written, so map
+            // all segments first: a mapping failure then leaves the ring untouched.
+            let maps = D::MAPS && !premapped;
+            if maps {
+                let mut curr = id;
+                let mapped = buf.try_for_each(|n, sg, is_in| {
+                    let Some((addr, priv_flags)) = core.map(sg, is_in, false) else {
+                        core.unmap_chain(id, n);
+                        return Err(());
+                    };
+                    core.record(curr, addr, sg.len, if is_in { DESC_F_WRITE } else { 0 } | priv_flags);
+                    curr = core.extra[curr as usize].next;
+                    Ok(())
+                });
+                if mapped.is_err() {
+                    return Err(AddError { kind: AddErrorKind::NoMemory, token });
+                }
+            }
+            buf.try_for_each(|n, sg, is_in| {
+                let addr = if maps {
+                    core.extra[curr as usize].addr
+                } else {
+                    let priv_flags = if premapped { PRIV_PREMAPPED } else { 0 };
+                    core.record(curr, sg.addr, sg.len, if is_in { DESC_F_WRITE } else { 0 } | priv_flags);
+                    sg.addr
                 };
                 let mut flags = flags_now | if is_in { DESC_F_WRITE } else { 0 };
                 if n + 1 != plan.total as usize {
@@ -245,7 +266,6 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
                 if is_in {
                     writable = writable.saturating_add(sg.len);
                 }
-                core.record(curr, addr, sg.len, (flags & DESC_F_WRITE) | priv_flags);
                 let desc = self.ring.desc(pos);
                 if n == 0 {
                     // The head's flags make the whole chain available: written last.
@@ -264,10 +284,8 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
                     flags_now ^= DESC_F_AVAIL | DESC_F_USED;
                 }
                 Ok(())
-            });
-            if written.is_err() {
-                return Err(AddError { kind: AddErrorKind::NoMemory, token });
-            }
+            })
+            .expect("mapping already succeeded");
         }
         core.start(id, token, ctx, &plan, writable, tail);
         if !IN_ORDER {
@@ -315,12 +333,11 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         self.next_avail_idx | if self.avail_wrap() { WRAP_BIT } else { 0 }
     }
 
-    #[inline]
+    #[inline(always)]
     fn get_buf<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<(T, u32, Option<usize>)> {
         if !IN_ORDER {
             let (id, len) = self.read_used(core)?;
-            let descs = core.heads[id as usize].descs;
-            let (token, ctx) = core.release(id, &mut self.free_head, true);
+            let (token, ctx, descs) = core.release(id, &mut self.free_head, true)?;
             self.after_used(core, descs);
             return Some((token, len, ctx));
         }
@@ -329,19 +346,13 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             None => *self.batch_last.insert(self.read_used(core)?),
         };
         let head = self.last_used_idx;
-        let state = &core.heads[head as usize];
-        if state.token.is_none() {
-            core.fail(Fault::UsedIdNotInFlight { id: head as u32 });
-            return None;
-        }
+        let (token, ctx, descs, writable) = core.take_in_order(head, &mut self.free_head)?;
         let len = if head == batch_id {
             self.batch_last = None;
             batch_len
         } else {
-            state.writable
+            writable
         };
-        let descs = state.descs;
-        let (token, ctx) = core.release(head, &mut self.free_head, false);
         self.after_used(core, descs);
         Some((token, len, ctx))
     }
@@ -369,6 +380,10 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
     }
 
     fn poll(&self, snapshot: u16) -> bool {
+        if snapshot & !WRAP_BIT >= self.ring.size() {
+            // A snapshot from before a resize to a smaller ring: say "look again".
+            return true;
+        }
         // The rest of an in-order batch is used already, though no descriptor at the used
         // position says so: the device wrote one for the whole batch, earlier.
         self.batch_last.is_some() || is_used(self.ring.flags(snapshot & !WRAP_BIT).load(), snapshot & WRAP_BIT != 0)
@@ -402,7 +417,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
     fn detach_unused<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<T> {
         let id = core.first_in_flight()?;
         self.batch_last = None;
-        Some(core.release(id, &mut self.free_head, !IN_ORDER).0)
+        core.release(id, &mut self.free_head, !IN_ORDER).map(|(token, _, _)| token)
     }
 
     fn reset<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) {

@@ -91,6 +91,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
     /// Pops the next available chain, collecting its segments (readable first) into
     /// `segs`. `Ok(None)` when the ring is empty.
     #[doc(alias = "vringh_getdesc_kern")]
+    #[inline(always)]
     pub fn pop<S: SegmentSink<'m>>(&mut self, segs: &mut S) -> Result<Option<Chain>, DeviceError> {
         if self.fault.is_some() {
             return Err(DeviceError::Broken);
@@ -123,6 +124,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         }
     }
 
+    #[inline(always)]
     fn walk<S: SegmentSink<'m>>(&self, head: u16, segs: &mut S) -> Result<Chain, DeviceError> {
         let mut chain = Chain::new(head);
         let mut i = head;
@@ -187,21 +189,16 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
     /// merged into one used entry naming the last of them (VIRTIO 1.3, 2.7.9); chains must
     /// then be completed in the order they were popped.
     #[doc(alias = "vringh_complete_kern")]
+    #[inline(always)]
     pub fn complete(&mut self, chain: Chain, written: u32) {
         let written = written.min(chain.writable_len());
         if self.in_order {
             if let Some(run) = &mut self.run {
-                run.count += 1;
                 run.last_id = chain.id;
                 run.last_len = written;
             } else {
-                self.run = Some(InOrderRun {
-                    first: self.used_idx,
-                    first_wrap: false,
-                    count: 1,
-                    last_id: chain.id,
-                    last_len: written,
-                });
+                self.run =
+                    Some(InOrderRun { first: self.used_idx, first_wrap: false, last_id: chain.id, last_len: written });
             }
             if written != chain.writable_len() {
                 // The driver gives earlier buffers of a batch their full length; a short
@@ -228,6 +225,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
     }
 
     /// Makes every completion so far visible to the driver.
+    #[inline(always)]
     pub fn publish_used(&mut self) {
         self.flush_run();
         if self.used_idx != self.published_used_idx {

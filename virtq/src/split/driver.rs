@@ -132,7 +132,7 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
 
     /// Whether a used entry is waiting at `last_used_idx`: loads `used.idx` when the cached
     /// one is exhausted, validates it and fences.
-    #[inline]
+    #[inline(always)]
     fn used_ready<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
         if self.last_used_idx != self.used_idx_cache {
             return true;
@@ -156,7 +156,7 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
     /// After a buffer came back: ask for an interrupt at the next entry, if callbacks are
     /// on, and make that store visible before the next read of `used.idx`. Pairs with the
     /// device's mb before it reads `used_event` (`SplitDevice::needs_notification`).
-    #[inline]
+    #[inline(always)]
     fn after_used<T, D: Dma, N: Notify>(&mut self, core: &DriverCore<T, D, N>) {
         self.last_used_idx = self.last_used_idx.wrapping_add(1);
         if core.event_idx && self.avail_flags_shadow.load(Relaxed) & AVAIL_F_NO_INTERRUPT == 0 {
@@ -310,7 +310,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         self.avail_idx_shadow
     }
 
-    #[inline]
+    #[inline(always)]
     fn get_buf<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<(T, u32, Option<usize>)> {
         if !IN_ORDER {
             if !self.used_ready(core) {
@@ -318,10 +318,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             }
             let (id_field, len_field) = self.ring.used_elem(self.last_used_idx);
             let (id, len) = (id_field.load(), len_field.load());
-            if !core.check_used(id, len) {
-                return None;
-            }
-            let (token, ctx) = core.release(id as u16, &mut self.free_head, true);
+            let (token, ctx, _) = core.take_used(id, len, &mut self.free_head)?;
             self.after_used(core);
             return Some((token, len, ctx));
         }
@@ -340,20 +337,13 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             }
         };
         let head = self.last_used;
-        let state = &core.heads[head as usize];
-        if state.token.is_none() {
-            // Only `detach_unused_buf` on a live queue can break the in-order sequence.
-            core.fail(Fault::UsedIdNotInFlight { id: head as u32 });
-            return None;
-        }
+        let (token, ctx, descs, writable) = core.take_in_order(head, &mut self.free_head)?;
         let len = if head == batch_id {
             self.batch_last = None;
             batch_len
         } else {
-            state.writable
+            writable
         };
-        let descs = state.descs;
-        let (token, ctx) = core.release(head, &mut self.free_head, false);
         self.last_used = head.wrapping_add(descs) & (self.ring.size() - 1);
         self.after_used(core);
         Some((token, len, ctx))
@@ -404,7 +394,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
 
     fn detach_unused<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<T> {
         let head = core.first_in_flight()?;
-        let (token, _) = core.release(head, &mut self.free_head, !IN_ORDER);
+        let (token, _, _) = core.release(head, &mut self.free_head, !IN_ORDER)?;
         self.avail_idx_shadow = self.avail_idx_shadow.wrapping_sub(1);
         self.ring.avail_idx().store(self.avail_idx_shadow);
         self.used_idx_cache = self.last_used_idx;
