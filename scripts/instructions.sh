@@ -5,23 +5,41 @@
 #
 #   scripts/instructions.sh            # every layout, static vs run-time dispatch, 1 segment
 #   SEGMENTS="1 4 16" scripts/instructions.sh
+#
+# Then the same cycle with rcore's virtio-drivers as the driver and rust-vmm's virtio-queue
+# as the device (examples/cycle_baseline.rs, split ring), for 1, 4 and 16 segments and for
+# 4 and 16 with INDIRECT_DESC (BASELINE_SEGMENTS="1 4 16 4-indirect 16-indirect" to choose),
+# next to virtq's split static figure and their ratio. "baseline" includes the device's
+# needs_notification, as a virtio-queue device does after add_used; "no-notify" leaves it
+# out, which is the work of virtq's cycle (its device publishes without deciding on an
+# interrupt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is required (apt-get install valgrind)" >&2; exit 1; }
-cargo build --release -q -p virtq --example cycle
+cargo build --release -q -p virtq --example cycle --example cycle_baseline
 bin=target/release/examples/cycle
+baseline_bin=target/release/examples/cycle_baseline
 
-count() { # layout dispatch cycles segments [indirect]
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" "$@" 2>&1 |
+count() { # binary args...
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null "$@" 2>&1 |
         sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
 }
 
-per_cycle() {
+per_cycle() { # layout dispatch segments [indirect]
     local a b
-    a=$(count "$1" "$2" 10000 "$3" ${4:-})
-    b=$(count "$1" "$2" 20000 "$3" ${4:-})
+    a=$(count "$bin" "$1" "$2" 10000 "$3" ${4:-})
+    b=$(count "$bin" "$1" "$2" 20000 "$3" ${4:-})
     echo $(( (b - a) / 10000 ))
 }
+
+baseline_per_cycle() { # segments [indirect] [no-notify]
+    local a b
+    a=$(count "$baseline_bin" 10000 "$@")
+    b=$(count "$baseline_bin" 20000 "$@")
+    echo $(( (b - a) / 10000 ))
+}
+
+ratio() { awk "BEGIN{printf \"%.3f\", $1/$2}"; }
 
 printf '%-16s %8s %8s %8s %9s\n' layout segments static dynamic dyn/stat
 for segs in ${SEGMENTS:-1}; do
@@ -30,4 +48,17 @@ for segs in ${SEGMENTS:-1}; do
         d=$(per_cycle "$layout" dynamic "$segs")
         printf '%-16s %8s %8s %8s %9s\n' "$layout" "$segs" "$s" "$d" "$(awk "BEGIN{printf \"%.3f\", $d/$s}")"
     done
+done
+
+echo
+echo "baseline: virtio-drivers + virtio-queue"
+printf '%-12s %9s %9s %12s %9s %9s\n' segments baseline no-notify "split static" split/base split/nn
+for spec in ${BASELINE_SEGMENTS:-1 4 16 4-indirect 16-indirect}; do
+    segs=${spec%-indirect}
+    indirect=
+    if [ "$segs" != "$spec" ]; then indirect=indirect; fi
+    base=$(baseline_per_cycle "$segs" $indirect)
+    nn=$(baseline_per_cycle "$segs" $indirect no-notify)
+    split=$(per_cycle split static "$segs" $indirect)
+    printf '%-12s %9s %9s %12s %9s %9s\n' "$spec" "$base" "$nn" "$split" "$(ratio "$split" "$base")" "$(ratio "$split" "$nn")"
 done
