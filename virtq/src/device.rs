@@ -47,11 +47,11 @@ pub(crate) fn translate_area<M: GuestMemory + ?Sized>(
     len: usize,
     align: u64,
 ) -> Result<NonNull<u8>, DeviceError> {
-    if addr % align != 0 {
+    if !addr.is_multiple_of(align) {
         return Err(DeviceError::Misaligned);
     }
     let host = mem.translate(addr, len as u64).ok_or(DeviceError::AddressOutOfRange { addr, len: len as u64 })?;
-    if host.as_ptr() as u64 % align != 0 {
+    if !(host.as_ptr() as u64).is_multiple_of(align) {
         return Err(DeviceError::Misaligned);
     }
     Ok(host)

@@ -154,7 +154,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
         chain: &mut Chain,
         segs: &mut S,
     ) -> Result<(), DeviceError> {
-        if table.len == 0 || table.len % 16 != 0 || table.len / 16 > MAX_INDIRECT_ENTRIES {
+        if table.len == 0 || !table.len.is_multiple_of(16) || table.len / 16 > MAX_INDIRECT_ENTRIES {
             return Err(DeviceError::BadIndirectLength { len: table.len });
         }
         let host = translate_area(self.mem, table.addr, table.len as usize, 8)?;

@@ -156,7 +156,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         chain: &mut Chain,
         segs: &mut S,
     ) -> Result<(), DeviceError> {
-        if table.len == 0 || table.len % 16 != 0 || table.len / 16 > MAX_INDIRECT_ENTRIES {
+        if table.len == 0 || !table.len.is_multiple_of(16) || table.len / 16 > MAX_INDIRECT_ENTRIES {
             return Err(DeviceError::BadIndirectLength { len: table.len });
         }
         let entries = table.len / 16;

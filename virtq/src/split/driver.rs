@@ -206,7 +206,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
     unsafe fn create_in(config: &QueueConfig, memory: DmaRegion) -> Result<Self, CreateError> {
         Self::check(config)?;
         if memory.size < ContiguousLayout::new(config.size, config.vring_align).total
-            || memory.cpu.as_ptr() as usize % 16 != 0
+            || !(memory.cpu.as_ptr() as usize).is_multiple_of(16)
         {
             return Err(CreateError::NoMemory);
         }
@@ -322,12 +322,14 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             self.after_used(core);
             return Some((token, len, ctx));
         }
+        // Each buffer, batched or not, takes one step of the published `used.idx`: a batch
+        // entry cannot return buffers the device has not published.
+        if !self.used_ready(core) {
+            return None;
+        }
         let (batch_id, batch_len) = match self.batch_last {
             Some(batch) => batch,
             None => {
-                if !self.used_ready(core) {
-                    return None;
-                }
                 let (id_field, len_field) = self.ring.used_elem(self.last_used_idx);
                 let (id, len) = (id_field.load(), len_field.load());
                 if !core.check_used(id, len) {

@@ -118,9 +118,9 @@ impl SplitRing {
     /// long as this value is used.
     pub(crate) unsafe fn new(desc: NonNull<u8>, avail: NonNull<u8>, used: NonNull<u8>, size: u16) -> Self {
         debug_assert!(valid_size(size));
-        debug_assert!(desc.as_ptr() as usize % DESC_ALIGN as usize == 0);
-        debug_assert!(avail.as_ptr() as usize % AVAIL_ALIGN as usize == 0);
-        debug_assert!(used.as_ptr() as usize % USED_ALIGN as usize == 0);
+        debug_assert!((desc.as_ptr() as usize).is_multiple_of(DESC_ALIGN as usize));
+        debug_assert!((avail.as_ptr() as usize).is_multiple_of(AVAIL_ALIGN as usize));
+        debug_assert!((used.as_ptr() as usize).is_multiple_of(USED_ALIGN as usize));
         Self { desc: desc.cast(), avail: avail.cast(), used: used.cast(), mask: size - 1 }
     }
 
