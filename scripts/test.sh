@@ -16,6 +16,9 @@ cargo test --workspace --doc
 echo "== loom models of the ring protocol (exhaustive)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p virtq --test loom --release -- --nocapture
 
+echo "== fuzzing, each target ${VIRTQ_FUZZ_SECS:-60} s with AddressSanitizer (longer: scripts/fuzz.sh 3600)"
+./scripts/fuzz.sh "${VIRTQ_FUZZ_SECS:-60}"
+
 echo "== the no_std core builds without alloc"
 cargo build -p virtq --no-default-features
 
