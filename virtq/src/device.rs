@@ -468,6 +468,15 @@ impl<'m, M: GuestMemory + ?Sized> DeviceQueue<'m, M> {
         device_dispatch!(self, q => q.avail_base())
     }
 
+    /// Packed: where the next used descriptor goes, with the wrap counter in bit 15.
+    /// Split: the next used index (the ring itself holds it).
+    pub fn used_base(&self) -> u16 {
+        match self {
+            DeviceQueue::Split(q) => q.used_idx(),
+            DeviceQueue::Packed(q) => q.used_base(),
+        }
+    }
+
     /// The driver error that broke the queue, if any.
     pub fn fault(&self) -> Option<DeviceError> {
         device_dispatch!(self, q => q.fault())
