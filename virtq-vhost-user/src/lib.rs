@@ -1,1 +1,35 @@
 //! vhost-user transports for `virtq` (Linux, std).
+//!
+//! - [`memory`]: guest memory as memfd regions shared with the back end, with an
+//!   allocator and a [`virtq::Dma`] implementation (host address to GPA).
+//! - [`frontend`]: the driver's end of the vhost-user protocol: the handshake, one
+//!   [`frontend::Queue`] per virtqueue with its kick and call eventfds, waiting by polling
+//!   or sleeping.
+//! - [`blk`]: a virtio-blk driver on top (read, write, flush, discard, write-zeroes,
+//!   get-id), many requests in flight per queue, completions matched by token.
+//!
+//! ```no_run
+//! use virtq_vhost_user::blk::{BlkDevice, BlkOptions};
+//!
+//! let mut dev = BlkDevice::connect("/tmp/blk.sock", &BlkOptions::default())?;
+//! println!("{} sectors", dev.info().config.capacity);
+//! let mut q = dev.take_queues().remove(0);
+//! let mut buf = vec![0u8; 4096];
+//! q.read_at(0, &mut buf)?;
+//! q.write_at(4096, &buf)?;
+//! q.flush()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod blk;
+pub mod frontend;
+pub mod memory;
+
+/// The core crate, re-exported for its types (`Features`, `Sg`, ...).
+pub use virtq;
+
+pub use frontend::{ConnectOptions, Connection, Error, Queue, WaitMode};
+pub use memory::{DmaBuffer, MemoryConfig, SharedMemory};

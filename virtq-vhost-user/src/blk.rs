@@ -1,0 +1,1173 @@
+//! A virtio-blk driver (VIRTIO 1.3, section 5.2) over a vhost-user connection.
+//!
+//! A request is three parts in one descriptor chain (5.2.6):
+//!
+//! ```text
+//! device-readable   struct virtio_blk_req header { le32 type; le32 reserved; le64 sector; }
+//!                   [discard / write-zeroes: struct virtio_blk_discard_write_zeroes]
+//!                   [write: the data]
+//! device-writable   [read, get-id: the data]
+//!                   u8 status   (OK 0, IOERR 1, UNSUPP 2)
+//! ```
+//!
+//! Each [`BlkQueue`] keeps a table of request slots, one per ring entry. The slot index is
+//! the ring token, so a completion finds its request directly, whatever order the device
+//! completes in: one slow request does not hold up the others. Each slot has a fixed piece
+//! of guest memory for its header, discard range and status byte. The status byte is set to
+//! `0xff` before the request goes out; a completion that leaves it there never had its
+//! status written, and fails with [`RequestError::NoStatus`].
+//!
+//! Data travels in [`DmaBuffer`]s (guest memory) that requests take by value and
+//! completions hand back: zero copy. The `*_at` helpers (`read_at`, `write_at`, ...) copy
+//! through a bounce buffer and wait for their own request, for simple synchronous use.
+//!
+//! If the back end disconnects or stops answering, every request in flight completes with
+//! an error ([`RequestError::Disconnected`], [`RequestError::TimedOut`]) and the queue
+//! refuses new ones. Buffers of such requests are not handed back: the device may still
+//! write them, so they stay out of the allocator until the memory itself is dropped.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use virtq::{AddErrorKind, Features, Sg};
+
+use crate::frontend::{self, ConnectOptions, Connection, Queue, WaitMode};
+use crate::memory::{DmaBuffer, MemoryConfig, SharedMemory};
+
+/// Bytes in a virtio-blk sector, whatever the device's block size.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Length of the device id returned by `GET_ID`.
+pub const ID_BYTES: usize = 20;
+
+/// virtio-blk feature bits (VIRTIO 1.3, 5.2.3).
+pub mod feature {
+    /// Maximum size of any single segment is in `size_max`.
+    pub const SIZE_MAX: u64 = 1 << 1;
+    /// Maximum number of segments in a request is in `seg_max`.
+    pub const SEG_MAX: u64 = 1 << 2;
+    /// Disk-style geometry specified in `geometry`.
+    pub const GEOMETRY: u64 = 1 << 4;
+    /// The device is read-only.
+    pub const RO: u64 = 1 << 5;
+    /// Block size of the disk is in `blk_size`.
+    pub const BLK_SIZE: u64 = 1 << 6;
+    /// Cache flush command support.
+    pub const FLUSH: u64 = 1 << 9;
+    /// The device exports information on optimal I/O alignment.
+    pub const TOPOLOGY: u64 = 1 << 10;
+    /// The device can toggle its cache between writeback and writethrough.
+    pub const CONFIG_WCE: u64 = 1 << 11;
+    /// The device supports more than one virtqueue (`num_queues`).
+    pub const MQ: u64 = 1 << 12;
+    /// The device can support discard.
+    pub const DISCARD: u64 = 1 << 13;
+    /// The device can support write zeroes.
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+    /// The device supports providing storage lifetime information.
+    pub const LIFETIME: u64 = 1 << 15;
+    /// The device supports secure erase.
+    pub const SECURE_ERASE: u64 = 1 << 16;
+
+    /// The features this driver uses when offered.
+    pub const DRIVER: u64 =
+        SIZE_MAX | SEG_MAX | GEOMETRY | RO | BLK_SIZE | FLUSH | TOPOLOGY | CONFIG_WCE | MQ | DISCARD | WRITE_ZEROES;
+
+    /// Names of the bits above, for display.
+    pub const NAMES: [(u64, &str); 13] = [
+        (SIZE_MAX, "SIZE_MAX"),
+        (SEG_MAX, "SEG_MAX"),
+        (GEOMETRY, "GEOMETRY"),
+        (RO, "RO"),
+        (BLK_SIZE, "BLK_SIZE"),
+        (FLUSH, "FLUSH"),
+        (TOPOLOGY, "TOPOLOGY"),
+        (CONFIG_WCE, "CONFIG_WCE"),
+        (MQ, "MQ"),
+        (DISCARD, "DISCARD"),
+        (WRITE_ZEROES, "WRITE_ZEROES"),
+        (LIFETIME, "LIFETIME"),
+        (SECURE_ERASE, "SECURE_ERASE"),
+    ];
+}
+
+/// Request types (`VIRTIO_BLK_T_*`).
+mod req_type {
+    pub const IN: u32 = 0;
+    pub const OUT: u32 = 1;
+    pub const FLUSH: u32 = 4;
+    pub const GET_ID: u32 = 8;
+    pub const DISCARD: u32 = 11;
+    pub const WRITE_ZEROES: u32 = 13;
+}
+
+/// Status values (`VIRTIO_BLK_S_*`).
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+/// What the status byte holds until the device writes it: not a valid status.
+const STATUS_UNWRITTEN: u8 = 0xff;
+
+/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`.
+const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+
+/// Bytes of config space read: `struct virtio_blk_config` up to and including
+/// `write_zeroes_may_unmap` and its padding (the fields every virtio-blk device has).
+pub const CONFIG_SIZE: u32 = 60;
+
+/// Per-slot control block in guest memory: header at 0, discard/write-zeroes range at 16,
+/// status at 32. 64 bytes, so each slot has its own cache line.
+const SLOT_CTL: usize = 64;
+const CTL_DWZ: usize = 16;
+const CTL_STATUS: usize = 32;
+
+/// `struct virtio_blk_config` (VIRTIO 1.3, 5.2.4). Fields whose feature was not negotiated
+/// hold whatever the device put there.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlkConfig {
+    /// Capacity in 512-byte sectors.
+    pub capacity: u64,
+    /// Largest segment, in bytes (`SIZE_MAX`).
+    pub size_max: u32,
+    /// Most data segments in one request (`SEG_MAX`).
+    pub seg_max: u32,
+    /// Cylinders, heads, sectors (`GEOMETRY`).
+    pub geometry: (u16, u8, u8),
+    /// Block size in bytes (`BLK_SIZE`).
+    pub blk_size: u32,
+    /// log2 of logical blocks per physical block (`TOPOLOGY`).
+    pub physical_block_exp: u8,
+    /// Offset of the first aligned logical block (`TOPOLOGY`).
+    pub alignment_offset: u8,
+    /// Suggested minimum I/O size in blocks (`TOPOLOGY`).
+    pub min_io_size: u16,
+    /// Optimal sustained I/O size in blocks (`TOPOLOGY`).
+    pub opt_io_size: u32,
+    /// Writeback cache mode (`CONFIG_WCE`).
+    pub writeback: u8,
+    /// Number of request queues (`MQ`).
+    pub num_queues: u16,
+    /// Most sectors in one discard segment (`DISCARD`).
+    pub max_discard_sectors: u32,
+    /// Most segments in one discard request (`DISCARD`).
+    pub max_discard_seg: u32,
+    /// Discard alignment in sectors (`DISCARD`).
+    pub discard_sector_alignment: u32,
+    /// Most sectors in one write-zeroes segment (`WRITE_ZEROES`).
+    pub max_write_zeroes_sectors: u32,
+    /// Most segments in one write-zeroes request (`WRITE_ZEROES`).
+    pub max_write_zeroes_seg: u32,
+    /// Whether write-zeroes with unmap may deallocate (`WRITE_ZEROES`).
+    pub write_zeroes_may_unmap: bool,
+}
+
+impl BlkConfig {
+    /// Parses the little-endian config space; missing bytes read as zero.
+    pub fn parse(bytes: &[u8]) -> Self {
+        let mut b = [0u8; CONFIG_SIZE as usize];
+        let n = bytes.len().min(b.len());
+        b[..n].copy_from_slice(&bytes[..n]);
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
+        Self {
+            capacity: u64::from_le_bytes(b[0..8].try_into().unwrap_or_default()),
+            size_max: u32_at(8),
+            seg_max: u32_at(12),
+            geometry: (u16_at(16), b[18], b[19]),
+            blk_size: u32_at(20),
+            physical_block_exp: b[24],
+            alignment_offset: b[25],
+            min_io_size: u16_at(26),
+            opt_io_size: u32_at(28),
+            writeback: b[32],
+            num_queues: u16_at(34),
+            max_discard_sectors: u32_at(36),
+            max_discard_seg: u32_at(40),
+            discard_sector_alignment: u32_at(44),
+            max_write_zeroes_sectors: u32_at(48),
+            max_write_zeroes_seg: u32_at(52),
+            write_zeroes_may_unmap: b[56] != 0,
+        }
+    }
+}
+
+/// What the driver knows about the device after connecting.
+#[derive(Clone, Debug)]
+pub struct BlkInfo {
+    /// The config space.
+    pub config: BlkConfig,
+    /// The negotiated features (ring and blk bits).
+    pub features: Features,
+    /// Queues the device has.
+    pub device_queues: u16,
+    /// Queues this driver set up.
+    pub queues: u16,
+    /// Entries per ring.
+    pub queue_size: u16,
+}
+
+impl BlkInfo {
+    /// Whether a blk feature bit was negotiated.
+    pub fn has(&self, bit: u64) -> bool {
+        self.features.bits() & bit != 0
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.config.capacity.saturating_mul(SECTOR_SIZE)
+    }
+
+    /// Logical block size (512 unless `BLK_SIZE` says otherwise).
+    pub fn block_size(&self) -> u32 {
+        if self.has(feature::BLK_SIZE) && self.config.blk_size >= 512 {
+            self.config.blk_size
+        } else {
+            512
+        }
+    }
+
+    /// Most data segments per request: `seg_max`, or 1 without `SEG_MAX` (as Linux); without
+    /// indirect descriptors also what fits in the ring beside header and status.
+    pub fn max_segments(&self) -> u32 {
+        let seg_max = if self.has(feature::SEG_MAX) { self.config.seg_max.max(1) } else { 1 };
+        if self.features.contains(Features::INDIRECT_DESC) {
+            seg_max
+        } else {
+            seg_max.min(self.queue_size as u32 - 2)
+        }
+    }
+
+    /// Largest segment in bytes: `size_max` with `SIZE_MAX`, otherwise unlimited.
+    pub fn max_segment_size(&self) -> u32 {
+        if self.has(feature::SIZE_MAX) && self.config.size_max > 0 {
+            self.config.size_max
+        } else {
+            u32::MAX
+        }
+    }
+
+    /// Whether the device is read-only.
+    pub fn read_only(&self) -> bool {
+        self.has(feature::RO)
+    }
+
+    /// The blk feature bits that were negotiated, by name.
+    pub fn feature_names(&self) -> Vec<&'static str> {
+        feature::NAMES.iter().filter(|(bit, _)| self.has(*bit)).map(|(_, n)| *n).collect()
+    }
+}
+
+/// How to connect to a virtio-blk device.
+#[derive(Clone, Debug)]
+pub struct BlkOptions {
+    /// Queues to set up; 0 means every queue the device has.
+    pub queues: u16,
+    /// Ring entries per queue (a power of two).
+    pub queue_size: u16,
+    /// Negotiate `EVENT_IDX` if offered.
+    pub event_idx: bool,
+    /// Negotiate `INDIRECT_DESC` if offered.
+    pub indirect_desc: bool,
+    /// Feature bits the device must offer (virtio numbering), on top of `VERSION_1`.
+    pub required_features: u64,
+    /// Guest memory shared with the device (rings, control blocks, data buffers).
+    pub memory: MemoryConfig,
+    /// How long one vhost-user control request may take.
+    pub control_timeout: Duration,
+    /// How long requests may be in flight without any of them completing before the
+    /// queue gives up on the device.
+    pub request_timeout: Duration,
+    /// How to wait for completions.
+    pub wait: WaitMode,
+    /// Check requests against the config space (alignment, capacity, limits) before
+    /// sending them. Off, the device judges them (for tests of the device's answers).
+    pub validate: bool,
+}
+
+impl Default for BlkOptions {
+    fn default() -> Self {
+        Self {
+            queues: 1,
+            queue_size: 256,
+            event_idx: true,
+            indirect_desc: true,
+            required_features: 0,
+            memory: MemoryConfig::default(),
+            control_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            wait: WaitMode::Sleep,
+            validate: true,
+        }
+    }
+}
+
+/// Why one request failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// `VIRTIO_BLK_S_IOERR`.
+    #[error("the device reported an I/O error (VIRTIO_BLK_S_IOERR)")]
+    IoError,
+    /// `VIRTIO_BLK_S_UNSUPP`.
+    #[error("the device does not support this request (VIRTIO_BLK_S_UNSUPP)")]
+    Unsupported,
+    /// The device returned the buffer without writing its status byte.
+    #[error("the device completed the request without writing its status byte")]
+    NoStatus,
+    /// The status byte holds a value that is not a status.
+    #[error("the device wrote an invalid status byte {0:#04x}")]
+    BadStatus(u8),
+    /// The back end went away with the request in flight.
+    #[error("the vhost-user back end disconnected before completing the request")]
+    Disconnected,
+    /// No request completed for this long; the queue gave up on the device.
+    #[error("no completion within {0:?}; the queue gave up on the device")]
+    TimedOut(Duration),
+    /// The virtqueue broke (the device broke the ring protocol).
+    #[error("the virtqueue broke: {0}")]
+    QueueBroken(String),
+}
+
+/// The result a status byte stands for (VIRTIO 1.3, 5.2.6).
+pub fn status_result(status: u8) -> Result<(), RequestError> {
+    match status {
+        S_OK => Ok(()),
+        S_IOERR => Err(RequestError::IoError),
+        S_UNSUPP => Err(RequestError::Unsupported),
+        STATUS_UNWRITTEN => Err(RequestError::NoStatus),
+        other => Err(RequestError::BadStatus(other)),
+    }
+}
+
+/// Errors of the virtio-blk driver.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlkError {
+    /// The vhost-user transport failed.
+    #[error(transparent)]
+    Transport(#[from] frontend::Error),
+    /// A request failed.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The request is malformed or outside the device (only with `validate`).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The device did not offer the feature the request needs.
+    #[error("the device does not offer {0}")]
+    NotSupported(&'static str),
+    /// A write to a read-only device.
+    #[error("the device is read-only")]
+    ReadOnly,
+    /// No free ring entry; reap completions first.
+    #[error("the queue is full")]
+    QueueFull,
+    /// More queues requested than the device has.
+    #[error("{requested} queues requested, the device has {available}")]
+    TooManyQueues {
+        /// Asked for.
+        requested: u16,
+        /// What the device has.
+        available: u16,
+    },
+    /// Guest memory is exhausted.
+    #[error("guest memory is full ({0} bytes requested)")]
+    OutOfMemory(usize),
+    /// The caller's wait ran out.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// What a request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `VIRTIO_BLK_T_IN`: read into the buffers.
+    Read,
+    /// `VIRTIO_BLK_T_OUT`: write the buffers.
+    Write,
+    /// `VIRTIO_BLK_T_FLUSH`.
+    Flush,
+    /// `VIRTIO_BLK_T_DISCARD` of `num_sectors` at `sector`.
+    Discard,
+    /// `VIRTIO_BLK_T_WRITE_ZEROES` of `num_sectors` at `sector`.
+    WriteZeroes {
+        /// Let the device deallocate.
+        unmap: bool,
+    },
+    /// `VIRTIO_BLK_T_GET_ID`: the id string into the buffer.
+    GetId,
+    /// Any other type, with the buffers device-readable (for tests of `UNSUPP`).
+    #[doc(hidden)]
+    Raw(u32),
+}
+
+/// One request: build with [`Request::read`], [`Request::write`], ...
+#[derive(Debug)]
+pub struct Request {
+    /// What to do.
+    pub op: Op,
+    /// First sector (read, write, discard, write-zeroes).
+    pub sector: u64,
+    /// Sectors for discard and write-zeroes.
+    pub num_sectors: u32,
+    /// Data buffers (read, write, get-id). Each may become several segments if it is
+    /// longer than `size_max`.
+    pub bufs: Vec<DmaBuffer>,
+    /// Returned in the completion.
+    pub user_data: u64,
+}
+
+impl Request {
+    /// Read `bufs` (total a multiple of 512 bytes) from `sector`.
+    pub fn read(sector: u64, bufs: Vec<DmaBuffer>, user_data: u64) -> Self {
+        Self { op: Op::Read, sector, num_sectors: 0, bufs, user_data }
+    }
+
+    /// Write `bufs` (total a multiple of 512 bytes) at `sector`.
+    pub fn write(sector: u64, bufs: Vec<DmaBuffer>, user_data: u64) -> Self {
+        Self { op: Op::Write, sector, num_sectors: 0, bufs, user_data }
+    }
+
+    /// Flush the device's write cache.
+    pub fn flush(user_data: u64) -> Self {
+        Self { op: Op::Flush, sector: 0, num_sectors: 0, bufs: Vec::new(), user_data }
+    }
+
+    /// Discard `num_sectors` at `sector`.
+    pub fn discard(sector: u64, num_sectors: u32, user_data: u64) -> Self {
+        Self { op: Op::Discard, sector, num_sectors, bufs: Vec::new(), user_data }
+    }
+
+    /// Write zeroes over `num_sectors` at `sector`.
+    pub fn write_zeroes(sector: u64, num_sectors: u32, unmap: bool, user_data: u64) -> Self {
+        Self { op: Op::WriteZeroes { unmap }, sector, num_sectors, bufs: Vec::new(), user_data }
+    }
+
+    /// Read the device id (up to 20 bytes) into `buf`.
+    pub fn get_id(buf: DmaBuffer, user_data: u64) -> Self {
+        Self { op: Op::GetId, sector: 0, num_sectors: 0, bufs: vec![buf], user_data }
+    }
+
+    fn data_len(&self) -> u64 {
+        self.bufs.iter().map(|b| b.len() as u64).sum()
+    }
+}
+
+/// A request that could not be submitted, with the request handed back.
+#[derive(Debug)]
+pub struct SubmitError {
+    /// Why.
+    pub error: BlkError,
+    /// The request, buffers and all.
+    pub request: Request,
+}
+
+impl fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for SubmitError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+impl From<SubmitError> for BlkError {
+    fn from(e: SubmitError) -> Self {
+        e.error
+    }
+}
+
+/// A finished request.
+#[derive(Debug)]
+pub struct Completion {
+    /// The request's `user_data`.
+    pub user_data: u64,
+    /// What the request did.
+    pub op: Op,
+    /// Success, or why not.
+    pub result: Result<(), RequestError>,
+    /// The request's buffers, handed back (empty if the request was abandoned: the
+    /// device may still write them).
+    pub bufs: Vec<DmaBuffer>,
+    /// Bytes the device reports having written (data and status).
+    pub len: u32,
+    seq: u64,
+}
+
+#[derive(Default)]
+struct Slot {
+    active: bool,
+    user_data: u64,
+    op: Option<Op>,
+    bufs: Vec<DmaBuffer>,
+    seq: u64,
+}
+
+/// A connected virtio-blk device: its config and its queues.
+pub struct BlkDevice {
+    conn: Connection,
+    info: Arc<BlkInfo>,
+    queues: Vec<BlkQueue>,
+}
+
+impl fmt::Debug for BlkDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlkDevice").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl BlkDevice {
+    /// Connects to the vhost-user-blk back end at `path` and sets up `opts.queues` queues.
+    pub fn connect(path: impl AsRef<std::path::Path>, opts: &BlkOptions) -> Result<Self, BlkError> {
+        let conn = Connection::connect(
+            path,
+            &ConnectOptions {
+                driver_features: feature::DRIVER,
+                required_features: opts.required_features,
+                event_idx: opts.event_idx,
+                indirect_desc: opts.indirect_desc,
+                config_size: CONFIG_SIZE,
+                memory: opts.memory,
+                timeout: opts.control_timeout,
+            },
+        )?;
+        let config = BlkConfig::parse(conn.config());
+        let features = conn.features();
+        let mut device_queues = if features.bits() & feature::MQ != 0 { config.num_queues.max(1) } else { 1 };
+        if let Some(n) = conn.max_queues() {
+            device_queues = device_queues.min(n.max(1));
+        }
+        let queues = match opts.queues {
+            0 => device_queues,
+            n if n > device_queues => return Err(BlkError::TooManyQueues { requested: n, available: device_queues }),
+            n => n,
+        };
+        let info = Arc::new(BlkInfo { config, features, device_queues, queues, queue_size: opts.queue_size.max(2) });
+        let indirect_max = (info.max_segments() + 3).min(u16::MAX as u32) as u16;
+        let queues = (0..queues)
+            .map(|i| {
+                let q = conn.create_queue::<u16>(i, info.queue_size, indirect_max)?;
+                BlkQueue::new(q, info.clone(), opts)
+            })
+            .collect::<Result<Vec<_>, BlkError>>()?;
+        Ok(Self { conn, info, queues })
+    }
+
+    /// What the device is.
+    pub fn info(&self) -> &BlkInfo {
+        &self.info
+    }
+
+    /// The queues not yet taken.
+    pub fn take_queues(&mut self) -> Vec<BlkQueue> {
+        std::mem::take(&mut self.queues)
+    }
+
+    /// The guest memory, to allocate data buffers.
+    pub fn memory(&self) -> &Arc<SharedMemory> {
+        self.conn.memory()
+    }
+
+    /// The vhost-user connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// One virtio-blk request queue. Move it to the thread that uses it.
+pub struct BlkQueue {
+    q: Queue<u16>,
+    info: Arc<BlkInfo>,
+    /// The control blocks of all slots (header, range, status); `None` once leaked.
+    ctl: Option<DmaBuffer>,
+    ctl_host: usize,
+    ctl_gpa: u64,
+    slots: Vec<Slot>,
+    free_slots: Vec<u16>,
+    in_flight: usize,
+    out_sg: Vec<Sg>,
+    in_sg: Vec<Sg>,
+    ready: VecDeque<Completion>,
+    unkicked: bool,
+    wait: WaitMode,
+    request_timeout: Duration,
+    validate: bool,
+    failed: Option<RequestError>,
+    seq: u64,
+}
+
+impl fmt::Debug for BlkQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlkQueue")
+            .field("index", &self.q.index())
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlkQueue {
+    fn new(q: Queue<u16>, info: Arc<BlkInfo>, opts: &BlkOptions) -> Result<Self, BlkError> {
+        let n = q.vq().vring_size() as usize;
+        let bytes = n * SLOT_CTL;
+        let ctl = q.memory().alloc_zeroed_buffer(bytes).ok_or(BlkError::OutOfMemory(bytes))?;
+        Ok(Self {
+            ctl_host: ctl.as_ptr() as usize,
+            ctl_gpa: ctl.gpa(),
+            ctl: Some(ctl),
+            slots: (0..n).map(|_| Slot::default()).collect(),
+            free_slots: (0..n as u16).rev().collect(),
+            in_flight: 0,
+            out_sg: Vec::with_capacity(8),
+            in_sg: Vec::with_capacity(8),
+            ready: VecDeque::with_capacity(n),
+            unkicked: false,
+            wait: opts.wait,
+            request_timeout: opts.request_timeout,
+            validate: opts.validate,
+            failed: None,
+            seq: 0,
+            q,
+            info,
+        })
+    }
+
+    /// The queue's index in the device.
+    pub fn index(&self) -> u16 {
+        self.q.index()
+    }
+
+    /// What the device is.
+    pub fn info(&self) -> &BlkInfo {
+        &self.info
+    }
+
+    /// The guest memory, to allocate data buffers.
+    pub fn memory(&self) -> &Arc<SharedMemory> {
+        self.q.memory()
+    }
+
+    /// Allocates a data buffer of `len` bytes in guest memory.
+    pub fn alloc(&self, len: usize) -> Result<DmaBuffer, BlkError> {
+        self.q.memory().alloc(len).ok_or(BlkError::OutOfMemory(len))
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Requests that can still be submitted now (free slots).
+    pub fn free_slots(&self) -> usize {
+        self.free_slots.len()
+    }
+
+    /// Changes how completions are waited for.
+    pub fn set_wait_mode(&mut self, wait: WaitMode) {
+        self.wait = wait;
+    }
+
+    /// Whether the queue gave up on the device (disconnect, timeout, broken ring): then
+    /// every request fails with this error.
+    pub fn failure(&self) -> Option<&RequestError> {
+        self.failed.as_ref()
+    }
+
+    fn check(&self, req: &Request) -> Result<(), BlkError> {
+        let info = &*self.info;
+        let sectors_ok = |sector: u64, n: u64| sector.checked_add(n).is_some_and(|end| end <= info.config.capacity);
+        match req.op {
+            Op::Read | Op::Write => {
+                if req.op == Op::Write && info.read_only() {
+                    return Err(BlkError::ReadOnly);
+                }
+                let len = req.data_len();
+                if len == 0 || !len.is_multiple_of(SECTOR_SIZE) {
+                    return Err(BlkError::InvalidRequest(format!(
+                        "data length {len} is not a positive multiple of {SECTOR_SIZE}"
+                    )));
+                }
+                if !sectors_ok(req.sector, len / SECTOR_SIZE) {
+                    return Err(BlkError::InvalidRequest(format!(
+                        "sectors {}..{} are beyond the capacity of {} sectors",
+                        req.sector,
+                        req.sector.saturating_add(len / SECTOR_SIZE),
+                        info.config.capacity
+                    )));
+                }
+            }
+            Op::Flush => {
+                if !info.has(feature::FLUSH) {
+                    return Err(BlkError::NotSupported("FLUSH"));
+                }
+            }
+            Op::Discard | Op::WriteZeroes { .. } => {
+                let (bit, name, max) = if req.op == Op::Discard {
+                    (feature::DISCARD, "DISCARD", info.config.max_discard_sectors)
+                } else {
+                    (feature::WRITE_ZEROES, "WRITE_ZEROES", info.config.max_write_zeroes_sectors)
+                };
+                if !info.has(bit) {
+                    return Err(BlkError::NotSupported(name));
+                }
+                if info.read_only() {
+                    return Err(BlkError::ReadOnly);
+                }
+                if req.num_sectors == 0 || (max > 0 && req.num_sectors > max) {
+                    return Err(BlkError::InvalidRequest(format!(
+                        "{name} of {} sectors (the device allows 1 to {max})",
+                        req.num_sectors
+                    )));
+                }
+                if !sectors_ok(req.sector, req.num_sectors as u64) {
+                    return Err(BlkError::InvalidRequest(format!(
+                        "{name} of sectors {}..{} is beyond the capacity of {} sectors",
+                        req.sector,
+                        req.sector + req.num_sectors as u64,
+                        info.config.capacity
+                    )));
+                }
+            }
+            Op::GetId => {
+                if req.data_len() == 0 {
+                    return Err(BlkError::InvalidRequest("GET_ID needs a buffer".into()));
+                }
+            }
+            Op::Raw(_) => {}
+        }
+        let max_seg = info.max_segment_size() as usize;
+        let segs: usize = req.bufs.iter().map(|b| b.len().div_ceil(max_seg)).sum();
+        if segs > info.max_segments() as usize {
+            return Err(BlkError::InvalidRequest(format!(
+                "{segs} data segments, the device takes at most {} (seg_max)",
+                info.max_segments()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Puts a request in the ring without notifying the device; call [`Self::kick`] (or a
+    /// wait, which kicks first) to send it. Fails with the request handed back.
+    pub fn submit(&mut self, req: Request) -> Result<(), SubmitError> {
+        self.submit_inner(req).map(|_| ())
+    }
+
+    fn submit_inner(&mut self, req: Request) -> Result<u64, SubmitError> {
+        if let Some(e) = &self.failed {
+            return Err(SubmitError { error: e.clone().into(), request: req });
+        }
+        if self.validate {
+            if let Err(error) = self.check(&req) {
+                return Err(SubmitError { error, request: req });
+            }
+        }
+        let Some(slot) = self.free_slots.pop() else {
+            return Err(SubmitError { error: BlkError::QueueFull, request: req });
+        };
+        let (ty, sector) = match req.op {
+            Op::Read => (req_type::IN, req.sector),
+            Op::Write => (req_type::OUT, req.sector),
+            Op::Flush => (req_type::FLUSH, 0),
+            Op::Discard => (req_type::DISCARD, 0),
+            Op::WriteZeroes { .. } => (req_type::WRITE_ZEROES, 0),
+            Op::GetId => (req_type::GET_ID, 0),
+            Op::Raw(t) => (t, req.sector),
+        };
+        let ctl_off = slot as usize * SLOT_CTL;
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&ty.to_le_bytes());
+        header[8..16].copy_from_slice(&sector.to_le_bytes());
+        let host = (self.ctl_host + ctl_off) as *mut u8;
+        // SAFETY: the slot's control block lies inside `ctl` (n slots of SLOT_CTL bytes,
+        // `slot < n`), which this queue owns; the slot is free, so the device has no request
+        // that points into it.
+        unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), host, 16) };
+        let dwz = matches!(req.op, Op::Discard | Op::WriteZeroes { .. });
+        if dwz {
+            let flags = if matches!(req.op, Op::WriteZeroes { unmap: true }) { WRITE_ZEROES_FLAG_UNMAP } else { 0 };
+            let mut range = [0u8; 16];
+            range[0..8].copy_from_slice(&req.sector.to_le_bytes());
+            range[8..12].copy_from_slice(&req.num_sectors.to_le_bytes());
+            range[12..16].copy_from_slice(&flags.to_le_bytes());
+            // SAFETY: as above, bytes 16..32 of the slot's block.
+            unsafe { std::ptr::copy_nonoverlapping(range.as_ptr(), host.add(CTL_DWZ), 16) };
+        }
+        // SAFETY: as above, byte 32 of the slot's block.
+        unsafe { std::ptr::write_volatile(host.add(CTL_STATUS), STATUS_UNWRITTEN) };
+
+        let gpa = self.ctl_gpa + ctl_off as u64;
+        self.out_sg.clear();
+        self.in_sg.clear();
+        self.out_sg.push(Sg::new(gpa, 16));
+        if dwz {
+            self.out_sg.push(Sg::new(gpa + CTL_DWZ as u64, 16));
+        }
+        let device_writes = matches!(req.op, Op::Read | Op::GetId);
+        let max_seg = self.info.max_segment_size() as usize;
+        let data = if device_writes { &mut self.in_sg } else { &mut self.out_sg };
+        for b in &req.bufs {
+            let mut off = 0;
+            while off < b.len() {
+                let len = (b.len() - off).min(max_seg);
+                data.push(Sg::new(b.gpa() + off as u64, len as u32));
+                off += len;
+            }
+        }
+        self.in_sg.push(Sg::new(gpa + CTL_STATUS as u64, 1));
+
+        match self.q.vq_mut().add_sgs_premapped(&[&self.out_sg], &[&self.in_sg], slot) {
+            Ok(()) => {
+                self.in_flight += 1;
+                self.unkicked = true;
+                self.seq += 1;
+                let s = &mut self.slots[slot as usize];
+                s.active = true;
+                s.user_data = req.user_data;
+                s.op = Some(req.op);
+                s.bufs = req.bufs;
+                s.seq = self.seq;
+                Ok(self.seq)
+            }
+            Err(e) => {
+                self.free_slots.push(slot);
+                let error = match e.kind {
+                    AddErrorKind::NoSpace => BlkError::QueueFull,
+                    AddErrorKind::Broken => match &self.failed {
+                        Some(f) => f.clone().into(),
+                        None => RequestError::QueueBroken("the virtqueue is broken".into()).into(),
+                    },
+                    kind => BlkError::InvalidRequest(format!("the virtqueue refused the request: {kind:?}")),
+                };
+                Err(SubmitError { error, request: req })
+            }
+        }
+    }
+
+    /// Notifies the device of submitted requests (if it wants a notification).
+    pub fn kick(&mut self) -> Result<(), BlkError> {
+        if std::mem::take(&mut self.unkicked) {
+            if let Err(e) = self.q.kick() {
+                let err = match e {
+                    frontend::Error::Disconnected => RequestError::Disconnected,
+                    other => RequestError::QueueBroken(other.to_string()),
+                };
+                self.abort_all(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves every completed request to the ready list; returns how many are ready.
+    fn collect(&mut self) -> usize {
+        while let Some(used) = self.q.vq_mut().get_buf() {
+            self.finish(used.token, used.len);
+        }
+        self.ready.len()
+    }
+
+    fn finish(&mut self, slot: u16, len: u32) {
+        let s = &mut self.slots[slot as usize];
+        if !s.active {
+            return;
+        }
+        let host = (self.ctl_host + slot as usize * SLOT_CTL + CTL_STATUS) as *const u8;
+        // SAFETY: the status byte of the slot's control block, inside `ctl`; the device is
+        // done with the request (the ring returned it), and `get_buf` ordered its writes
+        // before this read.
+        let status = unsafe { std::ptr::read_volatile(host) };
+        s.active = false;
+        self.ready.push_back(Completion {
+            user_data: s.user_data,
+            op: s.op.take().unwrap_or(Op::Flush),
+            result: status_result(status),
+            bufs: std::mem::take(&mut s.bufs),
+            len,
+            seq: s.seq,
+        });
+        self.free_slots.push(slot);
+        self.in_flight -= 1;
+    }
+
+    /// Fails every request in flight with `err`, and every later one: the device is gone
+    /// or cannot be trusted to complete them.
+    fn abort_all(&mut self, err: RequestError) {
+        self.collect();
+        self.failed.get_or_insert(err.clone());
+        self.q.vq().break_queue();
+        self.q.leak_on_drop();
+        while let Some(slot) = self.q.vq_mut().detach_unused_buf() {
+            let s = &mut self.slots[slot as usize];
+            if !s.active {
+                continue;
+            }
+            s.active = false;
+            // The device may still write these: keep them out of the allocator.
+            std::mem::take(&mut s.bufs).into_iter().for_each(DmaBuffer::leak);
+            self.ready.push_back(Completion {
+                user_data: s.user_data,
+                op: s.op.take().unwrap_or(Op::Flush),
+                result: Err(err.clone()),
+                bufs: Vec::new(),
+                len: 0,
+                seq: s.seq,
+            });
+            self.in_flight -= 1;
+        }
+        if let Some(ctl) = self.ctl.take() {
+            ctl.leak();
+        }
+        // Slots stay unusable: `failed` refuses new requests.
+    }
+
+    /// Waits until something new is ready or nothing is in flight. `deadline` is the
+    /// caller's; the request timeout (no completion for that long) applies as well.
+    fn wait_some(&mut self, deadline: Option<Instant>) -> Result<(), BlkError> {
+        self.kick()?;
+        let before = self.ready.len();
+        if self.collect() > before || self.in_flight == 0 {
+            return Ok(());
+        }
+        let waiting_since = Instant::now();
+        let give_up = waiting_since + self.request_timeout;
+        loop {
+            if self.collect() > before || self.in_flight == 0 {
+                return Ok(());
+            }
+            let until = deadline.map_or(give_up, |d| d.min(give_up));
+            match self.q.wait(self.wait, Some(until)) {
+                Ok(()) => {}
+                Err(frontend::Error::Timeout(_)) => {
+                    let now = Instant::now();
+                    if now >= give_up {
+                        self.abort_all(RequestError::TimedOut(self.request_timeout));
+                        return Ok(());
+                    }
+                    if deadline.is_some_and(|d| now >= d) {
+                        return Err(BlkError::Timeout(now - waiting_since));
+                    }
+                }
+                Err(frontend::Error::Disconnected) => {
+                    self.abort_all(RequestError::Disconnected);
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.abort_all(RequestError::QueueBroken(e.to_string()));
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Takes the completions that are ready now, without waiting (kicks first).
+    pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<usize, BlkError> {
+        self.kick()?;
+        self.collect();
+        let n = self.ready.len();
+        out.extend(self.ready.drain(..));
+        Ok(n)
+    }
+
+    /// Waits until at least `min` completions are ready (fewer if fewer requests are in
+    /// flight), then moves all ready ones to `out`. Kicks first. `timeout` bounds the wait
+    /// (`BlkError::Timeout`); the request timeout still applies without it.
+    pub fn wait(
+        &mut self,
+        min: usize,
+        out: &mut Vec<Completion>,
+        timeout: Option<Duration>,
+    ) -> Result<usize, BlkError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        while self.ready.len() < min && self.in_flight > 0 {
+            self.wait_some(deadline)?;
+        }
+        self.collect();
+        let n = self.ready.len();
+        out.extend(self.ready.drain(..));
+        Ok(n)
+    }
+
+    /// Submits `req` and waits for it alone; other completions stay ready for `poll`/`wait`.
+    pub fn run(&mut self, mut req: Request) -> Result<Completion, BlkError> {
+        let seq = loop {
+            match self.submit_inner(req) {
+                Ok(seq) => break seq,
+                Err(SubmitError { error: BlkError::QueueFull, request }) if self.in_flight > 0 => {
+                    req = request;
+                    self.wait_some(None)?;
+                }
+                Err(e) => return Err(e.error),
+            }
+        };
+        loop {
+            if let Some(i) = self.ready.iter().position(|c| c.seq == seq) {
+                return Ok(self.ready.remove(i).expect("index from position"));
+            }
+            self.wait_some(None)?;
+        }
+    }
+
+    /// Largest transfer the `*_at` helpers send in one request.
+    fn chunk_bytes(&self) -> usize {
+        let limit = self.info.max_segments() as u64 * self.info.max_segment_size() as u64;
+        (limit.min(1 << 20) as usize / SECTOR_SIZE as usize * SECTOR_SIZE as usize).max(SECTOR_SIZE as usize)
+    }
+
+    fn sector_of(offset: u64) -> Result<u64, BlkError> {
+        if !offset.is_multiple_of(SECTOR_SIZE) {
+            return Err(BlkError::InvalidRequest(format!("offset {offset} is not a multiple of {SECTOR_SIZE}")));
+        }
+        Ok(offset / SECTOR_SIZE)
+    }
+
+    /// Reads `buf.len()` bytes (a multiple of 512) at byte `offset` (a multiple of 512),
+    /// through a bounce buffer.
+    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlkError> {
+        let sector = Self::sector_of(offset)?;
+        let chunk = self.chunk_bytes();
+        let mut bounce = self.alloc(chunk.min(buf.len()).max(1))?;
+        for (i, part) in buf.chunks_mut(chunk).enumerate() {
+            bounce.set_len(part.len());
+            let c = self.run(Request::read(sector + (i * chunk) as u64 / SECTOR_SIZE, vec![bounce], 0))?;
+            c.result?;
+            bounce = c.bufs.into_iter().next().ok_or(RequestError::Disconnected)?;
+            part.copy_from_slice(&bounce);
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` (a multiple of 512 bytes) at byte `offset` (a multiple of 512), through
+    /// a bounce buffer.
+    pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlkError> {
+        let sector = Self::sector_of(offset)?;
+        let chunk = self.chunk_bytes();
+        let mut bounce = self.alloc(chunk.min(buf.len()).max(1))?;
+        for (i, part) in buf.chunks(chunk).enumerate() {
+            bounce.set_len(part.len());
+            bounce.copy_from_slice(part);
+            let c = self.run(Request::write(sector + (i * chunk) as u64 / SECTOR_SIZE, vec![bounce], 0))?;
+            c.result?;
+            bounce = c.bufs.into_iter().next().ok_or(RequestError::Disconnected)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes the write cache. Without `FLUSH` the device has none to flush
+    /// (VIRTIO 1.3, 5.2.5) and this does nothing.
+    pub fn flush(&mut self) -> Result<(), BlkError> {
+        if !self.info.has(feature::FLUSH) {
+            return Ok(());
+        }
+        Ok(self.run(Request::flush(0))?.result?)
+    }
+
+    fn ranged(&mut self, offset: u64, len: u64, op: Op) -> Result<(), BlkError> {
+        let mut sector = Self::sector_of(offset)?;
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            return Err(BlkError::InvalidRequest(format!("length {len} is not a multiple of {SECTOR_SIZE}")));
+        }
+        let max = match op {
+            Op::Discard => self.info.config.max_discard_sectors,
+            _ => self.info.config.max_write_zeroes_sectors,
+        };
+        let max = if max == 0 { u32::MAX } else { max } as u64;
+        let mut left = len / SECTOR_SIZE;
+        while left > 0 {
+            let n = left.min(max) as u32;
+            let req = Request { op, sector, num_sectors: n, bufs: Vec::new(), user_data: 0 };
+            self.run(req)?.result?;
+            sector += n as u64;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Discards `len` bytes at `offset` (both multiples of 512), split to the device's
+    /// `max_discard_sectors`. Needs `DISCARD`.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), BlkError> {
+        self.ranged(offset, len, Op::Discard)
+    }
+
+    /// Writes zeroes over `len` bytes at `offset` (both multiples of 512), split to the
+    /// device's `max_write_zeroes_sectors`. Needs `WRITE_ZEROES`.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), BlkError> {
+        self.ranged(offset, len, Op::WriteZeroes { unmap })
+    }
+
+    /// The device id string (`GET_ID`; up to 20 bytes, NUL-padded).
+    pub fn get_id(&mut self) -> Result<String, BlkError> {
+        let mut buf = self.alloc(ID_BYTES)?;
+        buf.fill(0);
+        let c = self.run(Request::get_id(buf, 0))?;
+        c.result?;
+        let buf = c.bufs.into_iter().next().ok_or(RequestError::Disconnected)?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+    }
+
+    /// Waits for the requests in flight (up to `timeout`), then stops the ring on the back
+    /// end (`GET_VRING_BASE`). Completions still ready are dropped.
+    pub fn close(mut self, timeout: Duration) -> Result<(), BlkError> {
+        let mut sink = Vec::new();
+        let pending = self.in_flight;
+        if pending > 0 {
+            self.wait(pending, &mut sink, Some(timeout))?;
+        }
+        if self.failed.is_none() {
+            self.q.stop()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BlkQueue {
+    fn drop(&mut self) {
+        if self.in_flight > 0 {
+            // The device may still complete these and write their buffers and status
+            // bytes: keep all of it out of the allocator.
+            self.q.leak_on_drop();
+            for s in &mut self.slots {
+                std::mem::take(&mut s.bufs).into_iter().for_each(DmaBuffer::leak);
+            }
+            if let Some(ctl) = self.ctl.take() {
+                ctl.leak();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_bytes_5_2_6() {
+        assert_eq!(status_result(0), Ok(()));
+        assert_eq!(status_result(1), Err(RequestError::IoError));
+        assert_eq!(status_result(2), Err(RequestError::Unsupported));
+        assert_eq!(status_result(STATUS_UNWRITTEN), Err(RequestError::NoStatus));
+        assert_eq!(status_result(3), Err(RequestError::BadStatus(3)));
+    }
+
+    #[test]
+    fn config_layout_5_2_4() {
+        let mut b = [0u8; 60];
+        b[0..8].copy_from_slice(&131072u64.to_le_bytes());
+        b[12..16].copy_from_slice(&126u32.to_le_bytes());
+        b[20..24].copy_from_slice(&4096u32.to_le_bytes());
+        b[34..36].copy_from_slice(&4u16.to_le_bytes());
+        b[36..40].copy_from_slice(&32768u32.to_le_bytes());
+        b[48..52].copy_from_slice(&65536u32.to_le_bytes());
+        b[56] = 1;
+        let c = BlkConfig::parse(&b);
+        assert_eq!(c.capacity, 131072);
+        assert_eq!(c.seg_max, 126);
+        assert_eq!(c.blk_size, 4096);
+        assert_eq!(c.num_queues, 4);
+        assert_eq!(c.max_discard_sectors, 32768);
+        assert_eq!(c.max_write_zeroes_sectors, 65536);
+        assert!(c.write_zeroes_may_unmap);
+        assert_eq!(BlkConfig::parse(&b[..8]).capacity, 131072);
+    }
+}

@@ -1,0 +1,806 @@
+//! The vhost-user frontend: the driver's end of a vhost-user connection.
+//!
+//! [`Connection::connect`] runs the handshake on the unix socket (the order QEMU uses):
+//!
+//! ```text
+//! SET_OWNER, GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES (REPLY_ACK, CONFIG, MQ),
+//! GET_QUEUE_NUM, GET_CONFIG, SET_FEATURES, SET_MEM_TABLE (the memfds of SharedMemory)
+//! ```
+//!
+//! and [`Connection::create_queue`] sets up one virtqueue:
+//!
+//! ```text
+//! SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ENABLE
+//! ```
+//!
+//! Each [`Queue`] is a [`virtq::Virtqueue`] with its own kick eventfd (the queue's
+//! [`Notify`]) and call eventfd, usable from its own thread. Dropping it stops the ring
+//! with `GET_VRING_BASE`.
+//!
+//! The messages themselves are rust-vmm's `vhost` crate (`Frontend`, `VhostBackend`,
+//! `VhostUserFrontend`). One thing it cannot do is give up on a silent peer: its receive
+//! loop retries `EAGAIN` forever, so a socket read timeout turns into a busy loop. Each
+//! control request therefore runs under a watchdog thread that shuts the socket down when
+//! the request's deadline passes; the blocked receive then sees end-of-file and the request
+//! fails, and the connection is marked dead.
+//!
+//! Ring addresses in `SET_VRING_ADDR` are in the frontend's address space (host
+//! addresses), as the vhost-user protocol requires; descriptors carry GPAs.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtq::{CreateError, Direction, Dma, DmaRegion, Features, Notify, NotifyData, QueueConfig, Virtqueue};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::{MemoryConfig, SharedMemory};
+
+/// `VHOST_USER_F_PROTOCOL_FEATURES`: the back end speaks the protocol-feature extension.
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// What can go wrong on a vhost-user connection.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The socket path does not exist.
+    #[error("vhost-user socket {0}: no such file (is the back end running?)")]
+    SocketNotFound(PathBuf),
+    /// The path exists but is not a unix socket.
+    #[error("{0} is not a unix socket")]
+    NotASocket(PathBuf),
+    /// `connect` failed.
+    #[error("cannot connect to vhost-user socket {path}: {source}")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// The system's reason.
+        source: io::Error,
+    },
+    /// The peer does not answer the first request like a vhost-user back end.
+    #[error("{path} is not a vhost-user back end: {detail}")]
+    NotVhostUser {
+        /// The socket path.
+        path: PathBuf,
+        /// What the peer did instead.
+        detail: String,
+    },
+    /// A request failed in the protocol.
+    #[error("vhost-user request {request} failed: {source}")]
+    Protocol {
+        /// The request, by its protocol name.
+        request: &'static str,
+        /// What vhost reported.
+        source: vhost::Error,
+    },
+    /// A request got no answer in time; the connection was closed.
+    #[error("vhost-user request {request} got no answer within {timeout:?}; connection closed")]
+    ControlTimeout {
+        /// The request, by its protocol name.
+        request: &'static str,
+        /// The time allowed.
+        timeout: Duration,
+    },
+    /// The device does not offer features the driver requires.
+    #[error("the device does not offer required virtio features {missing:?} (offered {offered:?})")]
+    MissingFeatures {
+        /// Required but not offered.
+        missing: Features,
+        /// What the device offers.
+        offered: Features,
+    },
+    /// The back end lacks a vhost-user protocol feature that the request needs.
+    #[error("the back end does not offer vhost-user protocol feature {0}")]
+    MissingProtocolFeature(&'static str),
+    /// A queue index beyond what the device has.
+    #[error("queue {index} requested, the device has {available}")]
+    NoSuchQueue {
+        /// The index asked for.
+        index: u16,
+        /// How many queues there are.
+        available: u16,
+    },
+    /// The guest memory could not be created.
+    #[error("cannot create guest memory: {0}")]
+    Memory(#[source] io::Error),
+    /// A virtqueue could not be created.
+    #[error("cannot create virtqueue {index}: {reason}")]
+    CreateQueue {
+        /// The queue index.
+        index: u16,
+        /// virtq's reason.
+        reason: CreateError,
+    },
+    /// An eventfd could not be created or read.
+    #[error("eventfd: {0}")]
+    EventFd(#[source] io::Error),
+    /// The back end closed the connection (or died).
+    #[error("the vhost-user back end disconnected")]
+    Disconnected,
+    /// Waiting for the device took longer than allowed.
+    #[error("timed out after {0:?} waiting for the device")]
+    Timeout(Duration),
+    /// The virtqueue latched broken.
+    #[error("the virtqueue is broken: {0}")]
+    QueueBroken(String),
+}
+
+/// How to connect.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// Device-class feature bits the driver can use: accepted if the device offers them.
+    pub driver_features: u64,
+    /// Bits the device must offer (any class; `VERSION_1` is always required).
+    pub required_features: u64,
+    /// Negotiate `VIRTIO_RING_F_EVENT_IDX` if offered.
+    pub event_idx: bool,
+    /// Negotiate `VIRTIO_RING_F_INDIRECT_DESC` if offered.
+    pub indirect_desc: bool,
+    /// Bytes of device config space to read with `GET_CONFIG` (0: none).
+    pub config_size: u32,
+    /// Guest memory to share.
+    pub memory: MemoryConfig,
+    /// How long one control request may take.
+    pub timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            driver_features: 0,
+            required_features: 0,
+            event_idx: true,
+            indirect_desc: true,
+            config_size: 0,
+            memory: MemoryConfig::default(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Shuts the socket down when a control request overruns its deadline (see the module
+/// documentation for why).
+struct Watchdog {
+    state: Mutex<WatchState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct WatchState {
+    deadline: Option<Instant>,
+    fired: bool,
+    stop: bool,
+}
+
+impl Watchdog {
+    fn lock(&self) -> MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(&self, fd: RawFd) {
+        let mut s = self.lock();
+        while !s.stop {
+            match s.deadline {
+                None => s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        // SAFETY: `fd` is the connection's socket, open until this thread
+                        // has been joined (`ConnInner::drop`); shutdown touches no memory.
+                        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                        s.fired = true;
+                        s.deadline = None;
+                    } else {
+                        s = self.cv.wait_timeout(s, d - now).unwrap_or_else(|e| e.into_inner()).0;
+                    }
+                }
+            }
+        }
+    }
+
+    fn arm(&self, deadline: Instant) {
+        self.lock().deadline = Some(deadline);
+        self.cv.notify_one();
+    }
+
+    /// Disarms; returns whether it fired.
+    fn disarm(&self) -> bool {
+        let mut s = self.lock();
+        s.deadline = None;
+        std::mem::take(&mut s.fired)
+    }
+}
+
+/// The state shared by a connection and its queues.
+struct ConnInner {
+    path: PathBuf,
+    frontend: Mutex<Frontend>,
+    sock: RawFd,
+    watchdog: Arc<Watchdog>,
+    watchdog_thread: Option<JoinHandle<()>>,
+    timeout: Duration,
+    dead: AtomicBool,
+    memory: Arc<SharedMemory>,
+    features: Features,
+    protocol_features: VhostUserProtocolFeatures,
+    /// `VHOST_USER_F_PROTOCOL_FEATURES` was offered and acked.
+    protocol_extension: bool,
+    max_queues: Option<u16>,
+    config: Vec<u8>,
+}
+
+impl ConnInner {
+    /// Runs one control request under the watchdog.
+    fn control<R>(&self, request: &'static str, f: impl FnOnce(&mut Frontend) -> vhost::Result<R>) -> Result<R, Error> {
+        if self.dead.load(Ordering::Relaxed) {
+            return Err(Error::Disconnected);
+        }
+        let mut fe = self.frontend.lock().unwrap_or_else(|e| e.into_inner());
+        self.watchdog.arm(Instant::now() + self.timeout);
+        let r = f(&mut fe);
+        let fired = self.watchdog.disarm();
+        r.map_err(|e| {
+            if fired {
+                self.dead.store(true, Ordering::Relaxed);
+                Error::ControlTimeout { request, timeout: self.timeout }
+            } else if is_disconnect(&e) {
+                self.dead.store(true, Ordering::Relaxed);
+                Error::Disconnected
+            } else {
+                Error::Protocol { request, source: e }
+            }
+        })
+    }
+
+    /// Whether the peer has closed its end (checks the socket without blocking).
+    fn peer_gone(&self) -> bool {
+        if self.dead.load(Ordering::Relaxed) {
+            return true;
+        }
+        let mut p = libc::pollfd { fd: self.sock, events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd, zero timeout.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        if n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            self.dead.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+}
+
+impl Drop for ConnInner {
+    fn drop(&mut self) {
+        self.watchdog.lock().stop = true;
+        self.watchdog.cv.notify_one();
+        if let Some(t) = self.watchdog_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn is_disconnect(e: &vhost::Error) -> bool {
+    use vhost::vhost_user::Error as U;
+    matches!(
+        e,
+        vhost::Error::VhostUserProtocol(U::Disconnected | U::PartialMessage | U::SocketBroken(_) | U::SocketError(_))
+    )
+}
+
+/// A connection to a vhost-user back end, after the handshake. Cheap to clone; the socket
+/// closes when the connection and all its queues are gone.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<ConnInner>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("path", &self.inner.path)
+            .field("features", &self.inner.features)
+            .field("max_queues", &self.inner.max_queues)
+            .finish_non_exhaustive()
+    }
+}
+
+fn describe_first_reply_error(e: &vhost::Error, timeout: Duration) -> String {
+    use vhost::vhost_user::Error as U;
+    match e {
+        vhost::Error::VhostUserProtocol(U::PartialMessage | U::Disconnected) => {
+            "it closed the connection without a complete reply".into()
+        }
+        vhost::Error::VhostUserProtocol(U::SocketBroken(err) | U::SocketError(err)) => {
+            format!("the connection broke ({err})")
+        }
+        vhost::Error::VhostUserProtocol(U::InvalidMessage) => "its reply is not a vhost-user message".into(),
+        other => format!("{other} (within {timeout:?})"),
+    }
+}
+
+impl Connection {
+    /// Connects to the back end at `path` and runs the handshake up to `SET_MEM_TABLE`.
+    pub fn connect(path: impl AsRef<Path>, opts: &ConnectOptions) -> Result<Self, Error> {
+        let path = path.as_ref().to_path_buf();
+        match std::fs::metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Error::SocketNotFound(path)),
+            Err(source) => return Err(Error::Connect { path, source }),
+            Ok(m) if !m.file_type().is_socket() => return Err(Error::NotASocket(path)),
+            Ok(_) => {}
+        }
+        let stream = UnixStream::connect(&path).map_err(|source| Error::Connect { path: path.clone(), source })?;
+        let sock = stream.as_raw_fd();
+        let memory = SharedMemory::new(opts.memory).map_err(Error::Memory)?;
+        let watchdog = Arc::new(Watchdog { state: Mutex::new(WatchState::default()), cv: Condvar::new() });
+        let thread = {
+            let w = watchdog.clone();
+            std::thread::Builder::new()
+                .name("vhost-user-watchdog".into())
+                .spawn(move || w.run(sock))
+                .map_err(|e| Error::Connect { path: path.clone(), source: e })?
+        };
+        let mut inner = ConnInner {
+            path: path.clone(),
+            // A generous queue limit until GET_QUEUE_NUM says otherwise (devices without MQ,
+            // such as net with its rx/tx pair, still have several queues).
+            frontend: Mutex::new(Frontend::from_stream(stream, 256)),
+            sock,
+            watchdog,
+            watchdog_thread: Some(thread),
+            timeout: opts.timeout,
+            dead: AtomicBool::new(false),
+            memory,
+            features: Features::empty(),
+            protocol_features: VhostUserProtocolFeatures::empty(),
+            protocol_extension: false,
+            max_queues: None,
+            config: Vec::new(),
+        };
+
+        inner.control("SET_OWNER", |fe| fe.set_owner()).map_err(|e| not_vhost_user(&path, e, opts.timeout))?;
+        let offered = inner
+            .control("GET_FEATURES", |fe| fe.get_features())
+            .map_err(|e| not_vhost_user(&path, e, opts.timeout))?;
+
+        if offered & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            inner.protocol_extension = true;
+            let pf = inner.control("GET_PROTOCOL_FEATURES", |fe| fe.get_protocol_features())?;
+            let acked = pf
+                & (VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::MQ);
+            inner.control("SET_PROTOCOL_FEATURES", |fe| fe.set_protocol_features(acked))?;
+            if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Every later request asks for an acknowledgement, so a failure on the back
+                // end's side shows up at the request that caused it.
+                inner.frontend.lock().unwrap_or_else(|e| e.into_inner()).set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+            inner.protocol_features = acked;
+            if acked.contains(VhostUserProtocolFeatures::MQ) {
+                let n = inner.control("GET_QUEUE_NUM", |fe| fe.get_queue_num())?;
+                inner.max_queues = Some(n.min(u16::MAX as u64) as u16);
+            }
+        }
+
+        if opts.config_size > 0 {
+            if !inner.protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
+                return Err(Error::MissingProtocolFeature("CONFIG (needed for GET_CONFIG)"));
+            }
+            let size = opts.config_size;
+            let buf = vec![0u8; size as usize];
+            let (_, payload) =
+                inner.control("GET_CONFIG", |fe| fe.get_config(0, size, VhostUserConfigFlags::empty(), &buf))?;
+            inner.config = payload;
+        }
+
+        let ring_wanted = Features::VERSION_1
+            | if opts.event_idx { Features::EVENT_IDX } else { Features::empty() }
+            | if opts.indirect_desc { Features::INDIRECT_DESC } else { Features::empty() };
+        let required = Features::from_bits(opts.required_features) | Features::VERSION_1;
+        let offered_f = Features::from_bits(offered & !VHOST_USER_F_PROTOCOL_FEATURES);
+        let missing = required & !offered_f;
+        if missing != Features::empty() {
+            return Err(Error::MissingFeatures { missing, offered: offered_f });
+        }
+        let wanted = (ring_wanted | Features::from_bits(opts.driver_features) | required).transport_filter();
+        let negotiated = offered_f & wanted;
+        let proto_bit = offered & VHOST_USER_F_PROTOCOL_FEATURES;
+        inner.control("SET_FEATURES", |fe| fe.set_features(negotiated.bits() | proto_bit))?;
+        inner.features = negotiated;
+
+        let regions: Vec<VhostUserMemoryRegionInfo> = inner
+            .memory
+            .regions()
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.gpa(),
+                memory_size: r.size() as u64,
+                userspace_addr: r.host_addr(),
+                mmap_offset: 0,
+                mmap_handle: r.fd(),
+            })
+            .collect();
+        inner.control("SET_MEM_TABLE", |fe| fe.set_mem_table(&regions))?;
+
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// The negotiated virtio features (device class and ring bits).
+    pub fn features(&self) -> Features {
+        self.inner.features
+    }
+
+    /// The acked vhost-user protocol features.
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.inner.protocol_features
+    }
+
+    /// The back end's queue count from `GET_QUEUE_NUM`, if it has the MQ protocol feature.
+    pub fn max_queues(&self) -> Option<u16> {
+        self.inner.max_queues
+    }
+
+    /// The device config space read at connection time (`ConnectOptions::config_size` bytes).
+    pub fn config(&self) -> &[u8] {
+        &self.inner.config
+    }
+
+    /// Reads `size` bytes of device config space at `offset` now.
+    pub fn read_config(&self, offset: u32, size: u32) -> Result<Vec<u8>, Error> {
+        if !self.inner.protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(Error::MissingProtocolFeature("CONFIG (needed for GET_CONFIG)"));
+        }
+        let buf = vec![0u8; size as usize];
+        let (_, payload) =
+            self.inner.control("GET_CONFIG", |fe| fe.get_config(offset, size, VhostUserConfigFlags::empty(), &buf))?;
+        Ok(payload)
+    }
+
+    /// The guest memory shared with the back end.
+    pub fn memory(&self) -> &Arc<SharedMemory> {
+        &self.inner.memory
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Whether the back end is still connected (checks the socket).
+    pub fn is_connected(&self) -> bool {
+        !self.inner.peer_gone()
+    }
+
+    /// Creates virtqueue `index` with `size` entries and starts it on the back end.
+    ///
+    /// `T` is the token type of the ring (see [`virtq::DriverQueue`]). `indirect_max` is the
+    /// longest indirect table (see [`QueueConfig::indirect_max`]).
+    pub fn create_queue<T>(&self, index: u16, size: u16, indirect_max: u16) -> Result<Queue<T>, Error> {
+        let inner = &self.inner;
+        if let Some(available) = inner.max_queues {
+            if index >= available {
+                return Err(Error::NoSuchQueue { index, available });
+            }
+        }
+        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let call = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let leak = Arc::new(AtomicBool::new(false));
+        let dma = QueueDma { memory: inner.memory.clone(), leak: leak.clone() };
+        let mut config = QueueConfig::new(index, size, inner.features);
+        config.indirect_max = indirect_max;
+        let vq = Virtqueue::new(config, dma, Kicker(kick)).map_err(|reason| Error::CreateQueue { index, reason })?;
+        let mut queue =
+            Queue { vq, call, conn: inner.clone(), index, leak, started: false, sock_check: Instant::now() };
+        // Interrupts stay off until a sleeping wait turns them on.
+        queue.vq.disable_cb();
+
+        let translate = |gpa: u64| {
+            inner.memory.gpa_to_host(gpa, 1).ok_or(Error::CreateQueue { index, reason: CreateError::NoMemory })
+        };
+        let ring = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: translate(queue.vq.desc_addr())?,
+            used_ring_addr: translate(queue.vq.used_addr())?,
+            avail_ring_addr: translate(queue.vq.avail_addr())?,
+            log_addr: None,
+        };
+        // Packed rings start with both wrap counters at 1 (bit 15 of the base).
+        let base = if inner.features.contains(Features::RING_PACKED) { 0x8000 } else { 0 };
+        let i = index as usize;
+        inner.control("SET_VRING_NUM", |fe| fe.set_vring_num(i, size))?;
+        inner.control("SET_VRING_BASE", |fe| fe.set_vring_base(i, base))?;
+        inner.control("SET_VRING_ADDR", |fe| fe.set_vring_addr(i, &ring))?;
+        let handle = queue.vq.handle();
+        inner.control("SET_VRING_KICK", |fe| fe.set_vring_kick(i, &handle.notifier().0))?;
+        inner.control("SET_VRING_CALL", |fe| fe.set_vring_call(i, &queue.call))?;
+        queue.started = true;
+        // With VHOST_USER_F_PROTOCOL_FEATURES acked, rings start disabled.
+        if inner.protocol_extension {
+            inner.control("SET_VRING_ENABLE", |fe| fe.set_vring_enable(i, true))?;
+        }
+        Ok(queue)
+    }
+}
+
+fn not_vhost_user(path: &Path, e: Error, timeout: Duration) -> Error {
+    let detail = match &e {
+        Error::Protocol { source, .. } => describe_first_reply_error(source, timeout),
+        Error::Disconnected => "it closed the connection without a complete reply".into(),
+        Error::ControlTimeout { .. } => format!("no reply within {timeout:?}"),
+        _ => return e,
+    };
+    Error::NotVhostUser { path: path.to_path_buf(), detail }
+}
+
+/// The kick side of a queue: an eventfd the back end waits on.
+pub struct Kicker(pub EventFd);
+
+impl Notify for Kicker {
+    fn notify(&self, _data: NotifyData) -> bool {
+        self.0.write(1).is_ok()
+    }
+}
+
+/// A queue's view of the shared memory: frees ring memory back to the allocator unless
+/// the device may still write it (the queue was dropped with buffers in flight).
+pub struct QueueDma {
+    memory: Arc<SharedMemory>,
+    leak: Arc<AtomicBool>,
+}
+
+// SAFETY: every call forwards to `SharedMemory`, whose `Dma` contract is the same; `free`
+// may skip returning memory to the allocator, which only withholds it.
+unsafe impl Dma for QueueDma {
+    const MAPS: bool = <SharedMemory as Dma>::MAPS;
+
+    fn alloc_zeroed(&self, size: usize, align: usize) -> Option<DmaRegion> {
+        self.memory.alloc_zeroed(size, align)
+    }
+
+    unsafe fn free(&self, region: DmaRegion) {
+        if !self.leak.load(Ordering::Relaxed) {
+            // SAFETY: the caller's promise, passed on.
+            unsafe { self.memory.free(region) }
+        }
+    }
+
+    fn map(&self, addr: u64, len: u32, dir: Direction) -> Option<u64> {
+        self.memory.map(addr, len, dir)
+    }
+
+    fn unmap(&self, device_addr: u64, len: u32, dir: Direction) {
+        self.memory.unmap(device_addr, len, dir)
+    }
+}
+
+/// How to wait for used buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitMode {
+    /// Busy-poll the used ring (interrupts stay suppressed).
+    Poll,
+    /// Sleep on the call eventfd (interrupts enabled with `enable_cb_prepare` + `poll`).
+    Sleep,
+    /// Poll for a while, then sleep.
+    Hybrid(Duration),
+}
+
+/// The driver queue type of a vhost-user queue.
+pub type VhostVirtqueue<T> = Virtqueue<T, QueueDma, Kicker>;
+
+/// One virtqueue of a connection: the ring, its kick and call eventfds.
+///
+/// `Send`: move it to the thread that drives it.
+pub struct Queue<T> {
+    vq: VhostVirtqueue<T>,
+    call: EventFd,
+    conn: Arc<ConnInner>,
+    index: u16,
+    leak: Arc<AtomicBool>,
+    started: bool,
+    sock_check: Instant,
+}
+
+impl<T> fmt::Debug for Queue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue").field("index", &self.index).field("size", &self.vq.vring_size()).finish_non_exhaustive()
+    }
+}
+
+/// How often a busy-polling wait checks whether the back end is still there.
+const SOCKET_CHECK_INTERVAL: Duration = Duration::from_millis(2);
+
+impl<T> Queue<T> {
+    /// The queue index.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// The ring.
+    pub fn vq(&self) -> &VhostVirtqueue<T> {
+        &self.vq
+    }
+
+    /// The ring, to add and take buffers.
+    pub fn vq_mut(&mut self) -> &mut VhostVirtqueue<T> {
+        &mut self.vq
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &Arc<SharedMemory> {
+        &self.conn.memory
+    }
+
+    /// The negotiated features.
+    pub fn features(&self) -> Features {
+        self.conn.features
+    }
+
+    /// Notifies the device of new buffers if it wants a notification.
+    pub fn kick(&mut self) -> Result<(), Error> {
+        if self.vq.kick() {
+            Ok(())
+        } else {
+            Err(self.broken_error())
+        }
+    }
+
+    fn broken_error(&self) -> Error {
+        if self.conn.dead.load(Ordering::Relaxed) {
+            return Error::Disconnected;
+        }
+        match self.vq.fault() {
+            Some(f) => Error::QueueBroken(f.to_string()),
+            None => Error::QueueBroken("the queue was stopped".into()),
+        }
+    }
+
+    /// Whether the back end is still connected.
+    pub fn is_connected(&self) -> bool {
+        !self.conn.peer_gone()
+    }
+
+    /// Waits until the ring has used buffers (`has_used`), the back end disconnects, the
+    /// queue breaks, or `deadline` passes.
+    pub fn wait(&mut self, mode: WaitMode, deadline: Option<Instant>) -> Result<(), Error> {
+        if self.vq.has_used() {
+            return Ok(());
+        }
+        if mode == WaitMode::Sleep {
+            return self.sleep(deadline, Instant::now());
+        }
+        // The clock is read every 64 spins only: a completion that arrives early costs no
+        // clock read at all.
+        let mut start = None;
+        let mut spins = 0u32;
+        loop {
+            if self.vq.has_used() {
+                return Ok(());
+            }
+            if self.vq.is_broken() {
+                return Err(self.broken_error());
+            }
+            spins = spins.wrapping_add(1);
+            if !spins.is_multiple_of(64) {
+                std::hint::spin_loop();
+                continue;
+            }
+            let now = Instant::now();
+            let start = *start.get_or_insert(now);
+            let spin_until = match mode {
+                WaitMode::Hybrid(d) => Some(start + d),
+                _ => None,
+            };
+            if let Some(d) = deadline {
+                if now >= d {
+                    return Err(Error::Timeout(now - start));
+                }
+            }
+            match spin_until {
+                Some(t) if now >= t => return self.sleep(deadline, start),
+                _ => {
+                    if now.duration_since(self.sock_check) >= SOCKET_CHECK_INTERVAL {
+                        self.sock_check = now;
+                        if self.conn.peer_gone() {
+                            return Err(Error::Disconnected);
+                        }
+                    }
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+
+    /// Sleeps on the call eventfd, interrupts enabled (Linux's `enable_cb_prepare` then
+    /// `poll` before sleeping, so no used buffer slips between the check and the sleep).
+    fn sleep(&mut self, deadline: Option<Instant>, start: Instant) -> Result<(), Error> {
+        loop {
+            let snapshot = self.vq.enable_cb_prepare();
+            if self.vq.poll(snapshot) || self.vq.has_used() {
+                self.vq.disable_cb();
+                return Ok(());
+            }
+            if self.vq.is_broken() {
+                return Err(self.broken_error());
+            }
+            let timeout_ms = match deadline {
+                None => -1,
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        self.vq.disable_cb();
+                        return Err(Error::Timeout(now - start));
+                    }
+                    (d - now).as_millis().clamp(1, i32::MAX as u128) as i32
+                }
+            };
+            let mut fds = [
+                libc::pollfd { fd: self.call.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: self.conn.sock, events: libc::POLLRDHUP, revents: 0 },
+            ];
+            // SAFETY: two valid pollfds in a local array.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    self.vq.disable_cb();
+                    return Err(Error::EventFd(e));
+                }
+            }
+            if fds[1].revents != 0 {
+                self.conn.dead.store(true, Ordering::Relaxed);
+                self.vq.disable_cb();
+                // Used buffers that arrived before the hang-up still count.
+                return if self.vq.has_used() { Ok(()) } else { Err(Error::Disconnected) };
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                // Non-blocking: consumes the count; EAGAIN means someone else did.
+                let _ = self.call.read();
+            }
+        }
+    }
+
+    /// Stops the ring on the back end (`GET_VRING_BASE`) and returns its next available
+    /// index. Buffers still in flight stay in the ring; take them back with
+    /// `vq_mut().detach_unused_buf()`.
+    pub fn stop(&mut self) -> Result<u32, Error> {
+        if !self.started {
+            return Err(Error::QueueBroken("the queue is already stopped".into()));
+        }
+        self.started = false;
+        let i = self.index as usize;
+        let r = self.conn.control("GET_VRING_BASE", |fe| fe.get_vring_base(i));
+        self.vq.break_queue();
+        r
+    }
+
+    /// Marks the ring and everything in flight as possibly still written by the device:
+    /// the ring memory is not given back to the allocator when the queue is dropped.
+    pub fn leak_on_drop(&self) {
+        self.leak.store(true, Ordering::Relaxed);
+    }
+}
+
+impl<T> Drop for Queue<T> {
+    fn drop(&mut self) {
+        let in_flight = self.vq.num_free() < self.vq.vring_size();
+        if self.started && !self.conn.peer_gone() {
+            let _ = self.stop();
+        }
+        if in_flight {
+            // The back end may still complete them (QEMU finishes requests in flight after
+            // GET_VRING_BASE): keep the ring out of the allocator.
+            self.leak_on_drop();
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Helpers for the back-end tests: an in-process `serve-blk` server on a temporary socket,
+//! the four ring layouts as frontend options, child processes (the test binary run again
+//! in another role, so that a test can kill a frontend or a back end with SIGKILL), and a
+//! deterministic data generator.
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use virtq_vhost_user::backend::blk::{BlkBackend, BlkBackendOptions};
+use virtq_vhost_user::backend::{Server, ShutdownHandle, Stats};
+use virtq_vhost_user::blk::{BlkDevice, BlkOptions};
+use virtq_vhost_user::virtq::Features;
+use virtq_vhost_user::{MemoryConfig, WaitMode};
+
+/// A ring layout, as the frontend negotiates it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Split,
+    SplitInOrder,
+    Packed,
+    PackedInOrder,
+}
+
+pub const LAYOUTS: [Layout; 4] = [Layout::Split, Layout::SplitInOrder, Layout::Packed, Layout::PackedInOrder];
+
+impl Layout {
+    /// The ring features the frontend is made to require (and so negotiate).
+    pub fn features(self) -> Features {
+        match self {
+            Layout::Split => Features::empty(),
+            Layout::SplitInOrder => Features::IN_ORDER,
+            Layout::Packed => Features::RING_PACKED,
+            Layout::PackedInOrder => Features::RING_PACKED | Features::IN_ORDER,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Split => "split",
+            Layout::SplitInOrder => "split-in-order",
+            Layout::Packed => "packed",
+            Layout::PackedInOrder => "packed-in-order",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Self {
+        *LAYOUTS.iter().find(|l| l.name() == s).unwrap_or_else(|| panic!("unknown layout {s}"))
+    }
+}
+
+/// Frontend options for `layout`: small rings so that they wrap often.
+pub fn blk_options(layout: Layout, queues: u16, queue_size: u16) -> BlkOptions {
+    BlkOptions {
+        queues,
+        queue_size,
+        required_features: layout.features().bits(),
+        memory: MemoryConfig { size: 32 << 20, regions: 2 },
+        request_timeout: Duration::from_secs(20),
+        control_timeout: Duration::from_secs(5),
+        wait: WaitMode::Sleep,
+        ..Default::default()
+    }
+}
+
+/// An in-process back end serving an image in a temporary folder.
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub image: PathBuf,
+    pub stats: Arc<Stats>,
+    shutdown: ShutdownHandle,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    pub fn start(image_bytes: u64, opts: BlkBackendOptions) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.raw");
+        std::fs::File::create(&image).and_then(|f| f.set_len(image_bytes)).expect("image");
+        Self::start_on(dir, image, opts)
+    }
+
+    pub fn start_on(dir: tempfile::TempDir, image: PathBuf, opts: BlkBackendOptions) -> Self {
+        let socket = dir.path().join("blk.sock");
+        let device = BlkBackend::open(&image, &opts).expect("open image");
+        let mut server = Server::bind(&socket, Arc::new(device)).expect("bind");
+        let stats = server.stats();
+        let shutdown = server.shutdown_handle();
+        let thread = std::thread::spawn(move || server.run());
+        Self { dir, socket, image, stats, shutdown, thread: Some(thread) }
+    }
+
+    pub fn connect(&self, opts: &BlkOptions) -> BlkDevice {
+        BlkDevice::connect(&self.socket, opts).expect("connect to the back end")
+    }
+
+    /// Reads the image file directly.
+    pub fn image_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        let f = std::fs::File::open(&self.image).unwrap();
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset).unwrap();
+        buf
+    }
+
+    /// Waits (up to 10 s) until `n` connections have ended, i.e. the server is back
+    /// waiting for the next frontend.
+    pub fn wait_connections(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.stats.connections.load(Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "the server did not accept connection {n}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops the server and checks that it stopped cleanly.
+    pub fn stop(mut self) {
+        self.shutdown.shutdown();
+        let t = self.thread.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !t.is_finished() {
+            assert!(Instant::now() < deadline, "the server did not stop within 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        t.join().expect("server thread panicked").expect("server failed");
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.shutdown.shutdown();
+            let _ = t.join();
+        }
+    }
+}
+
+/// xorshift64*: deterministic test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() >> 32) * n) >> 32
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        for chunk in v.chunks_mut(8) {
+            let x = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&x[..chunk.len()]);
+        }
+        v
+    }
+}
+
+/// The environment variable that selects a child role.
+pub const CHILD_ROLE: &str = "VIRTQ_BACKEND_TEST_ROLE";
+
+/// Runs this test binary again as a child in `role`: the child runs the test named
+/// `entry`, which must call [`child_role`] first.
+pub fn spawn_child(entry: &str, role: &str, args: &[(&str, String)], log: &Path) -> Child {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.args([entry, "--exact", "--nocapture", "--test-threads=1"]).env(CHILD_ROLE, role);
+    for (k, v) in args {
+        cmd.env(k, v);
+    }
+    let out = std::fs::File::create(log).expect("child log");
+    let err = out.try_clone().unwrap();
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().expect("spawn child")
+}
+
+/// The role this process was started in, if it is a child.
+pub fn child_role() -> Option<String> {
+    std::env::var(CHILD_ROLE).ok()
+}
+
+/// Waits for `path` to exist (a socket, a progress file), up to `timeout`.
+pub fn wait_for_path(path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} did not appear within {timeout:?}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGKILL, then reap.
+pub fn kill_child(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
