@@ -9,6 +9,14 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 
+echo "== real peers: QEMU (backports), a Debian kernel and initramfs, qemu-storage-daemon"
+# The vhost-user tests start qemu-storage-daemon and boot a Linux guest themselves;
+# without these they would skip. Needs root (apt) on a fresh machine.
+./scripts/guest/setup.sh
+if [ ! -x /usr/bin/qemu-storage-daemon ]; then
+    apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils
+fi
+
 echo "== unit, integration, property and doc tests"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
