@@ -1,5 +1,6 @@
 //! Pinning the driver and the device to CPUs of their own, so that the numbers measure
-//! the ring (cache-line transfers between two cores) rather than the scheduler.
+//! the ring (cache-line transfers between two cores) rather than the scheduler, and
+//! counting how often the scheduler took a CPU away anyway.
 
 use std::io;
 
@@ -56,4 +57,23 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
 #[cfg(not(target_os = "linux"))]
 pub fn pin_current_thread(_cpu: usize) -> io::Result<()> {
     Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
+/// Involuntary context switches of the calling thread so far: how often the scheduler
+/// took its CPU away (another process wanted it). A pinned polling thread that was
+/// preempted stalls its peer for a whole time slice, so a run with many of them measured
+/// the machine's load, not the ring. `None` where the count is unavailable.
+#[cfg(target_os = "linux")]
+pub fn involuntary_switches() -> Option<u64> {
+    // SAFETY: `rusage` is plain integers, for which all zeroes is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_THREAD asks about the calling thread; the kernel writes one `rusage`
+    // into `usage`, which we own.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    (rc == 0).then_some(usage.ru_nivcsw as u64)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn involuntary_switches() -> Option<u64> {
+    None
 }

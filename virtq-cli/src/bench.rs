@@ -1,5 +1,5 @@
 //! `virtq bench`: the driver and the device on two threads of this process, sharing one
-//! split ring in one block of memory, measured over a matrix of modes and batch sizes.
+//! ring in one block of memory, measured over a matrix of layouts, modes and batch sizes.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,22 +9,17 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use virtq::testing::TestMemory;
-use virtq::Features;
 
 use crate::affinity;
 use crate::device_side;
 use crate::driver_side::{self, DriverOutcome};
+use crate::layout::{with_layout, BenchLayout, Layout, BASE_FEATURE_NAMES};
 use crate::notify::Control;
-use crate::report::{self, Latency, Report, Throughput};
+use crate::pingpong::{self, CachelineRtt};
+use crate::report::{self, Latency, LayoutInfo, Report, Throughput};
+use crate::stats::median;
 
-/// What the two ends negotiate. No `INDIRECT_DESC`: every buffer is a single segment,
-/// which never uses an indirect table anyway.
-pub const FEATURES: Features = Features::VERSION_1.union(Features::EVENT_IDX);
-
-/// Names of [`FEATURES`], for the report.
-pub const FEATURE_NAMES: [&str; 2] = ["VERSION_1", "EVENT_IDX"];
-
-/// Bytes in each buffer (one device-readable segment; the device does not touch them).
+/// Bytes in each buffer (one segment; the device does not touch them).
 pub const BUF_LEN: u32 = 64;
 
 /// A side that has made no progress for this long is taken to be hung.
@@ -68,12 +63,15 @@ pub enum Workload {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub ring_size: u16,
+    pub layouts: Vec<Layout>,
     pub batches: Vec<u16>,
     pub modes: Vec<Mode>,
     /// Measured time per cell.
     pub duration: Duration,
     /// Unmeasured time at the start of each cell (caches, branch predictors, CPU clocks).
     pub warmup: Duration,
+    /// Measured time of each cache-line ping-pong (one before each polling latency cell).
+    pub pingpong: Duration,
 }
 
 /// The timing parameters one cell's driver needs.
@@ -93,34 +91,46 @@ impl Settings {
         let max_samples = (self.duration.as_micros() * 10).clamp(1_000, 8_000_000) as usize;
         Timing { ring_size: self.ring_size, warmup: self.warmup, duration: self.duration, max_samples }
     }
+
+    /// The cells in the order they run: per mode, each batch size on every layout in turn,
+    /// then latency on every layout. Neighbouring cells are close in time, so layouts are
+    /// compared under the same conditions even when the machine's speed drifts.
+    fn cells(&self) -> Vec<(Layout, Mode, Workload)> {
+        let mut cells = Vec::new();
+        for &mode in &self.modes {
+            for &batch in &self.batches {
+                cells.extend(self.layouts.iter().map(|&l| (l, mode, Workload::Stream { batch })));
+            }
+            cells.extend(self.layouts.iter().map(|&l| (l, mode, Workload::Latency)));
+        }
+        cells
+    }
 }
 
 /// Runs the whole matrix, printing progress on stderr.
 pub fn run(settings: &Settings) -> Result<Report, String> {
     let started = Instant::now();
     let cpus = affinity::plan();
-    let cells: Vec<(Mode, Workload)> = settings
-        .modes
-        .iter()
-        .flat_map(|&mode| {
-            let streams = settings.batches.iter().map(move |&batch| (mode, Workload::Stream { batch }));
-            streams.chain([(mode, Workload::Latency)])
-        })
-        .collect();
+    let cells = settings.cells();
     let timing = settings.timing();
     let mut throughput = Vec::new();
     let mut latency = Vec::new();
+    let mut rtts = Vec::new();
     let mut pinned = cpus.is_some();
-    for (i, &(mode, workload)) in cells.iter().enumerate() {
-        // Padded for the progress lines, plain for error messages.
-        let (label, name) = match workload {
-            Workload::Stream { batch } => {
-                (format!("throughput {mode:<5} batch {batch:>4}"), format!("throughput {mode} batch {batch}"))
-            }
-            Workload::Latency => (format!("latency    {mode:<5}           "), format!("latency {mode}")),
+    let width = cells.len().to_string().len();
+    for (i, &(layout, mode, workload)) in cells.iter().enumerate() {
+        let what = match workload {
+            Workload::Stream { batch } => format!("throughput batch {batch:>4}"),
+            Workload::Latency => "latency".to_string(),
         };
-        eprint!("[{:>2}/{}] {label} ... ", i + 1, cells.len());
-        let cell = run_cell(mode, workload, timing, cpus, &name).map_err(|e| {
+        let name = format!("{layout} {mode} {}", what.split_whitespace().collect::<Vec<_>>().join(" "));
+        eprint!("[{:>width$}/{}] {layout:<15} {mode:<5} {what:<21} ... ", i + 1, cells.len());
+        // Right before each polling cell (and after each polling latency cell), where the
+        // host has the two virtual CPUs: the floor a polling cell is compared with, and
+        // the key to its variation between runs.
+        let rtt_before =
+            if mode == Mode::Poll { measure_rtt(cpus, settings.pingpong, &mut rtts, ("", "; ")) } else { None };
+        let cell = with_layout!(layout, L => run_cell::<L>(mode, workload, timing, cpus, &name)).map_err(|e| {
             eprintln!("failed");
             format!("{name}: {e}")
         })?;
@@ -128,38 +138,71 @@ pub fn run(settings: &Settings) -> Result<Report, String> {
         let d = &cell.driver;
         match workload {
             Workload::Stream { batch } => {
-                let t = Throughput::new(mode, batch, d);
-                eprintln!("{:.2} M buffers/s", t.mbufs_per_sec);
+                let t = Throughput::new(layout, mode, batch, d, rtt_before, cell.preemptions);
+                eprintln!(
+                    "{:.2} M buffers/s, {:.4} kicks/buf, {:.4} irqs/buf",
+                    t.mbufs_per_sec, t.kicks_per_buffer, t.interrupts_per_buffer
+                );
                 throughput.push(t);
             }
             Workload::Latency => {
-                let l = Latency::new(mode, d);
-                eprintln!("p50 {} ns, p99 {} ns", l.p50_ns, l.p99_ns);
+                let mut l = Latency::new(layout, mode, d, cell.preemptions);
+                eprint!("p50 {} ns, p99 {} ns", l.p50_ns, l.p99_ns);
+                if mode == Mode::Poll {
+                    let rtt_after = measure_rtt(cpus, settings.pingpong, &mut rtts, ("; after: ", ""));
+                    l.compare_with_cacheline(rtt_before, rtt_after);
+                }
+                eprintln!();
                 latency.push(l);
             }
         }
     }
+    let rtt_medians: Vec<f64> = rtts.iter().map(|r| r.median_ns).collect();
     Ok(Report {
         ring_size: settings.ring_size,
-        features: FEATURE_NAMES.to_vec(),
+        features: BASE_FEATURE_NAMES.to_vec(),
+        layouts: settings.layouts.iter().map(|&l| LayoutInfo::new(l)).collect(),
         buffer_bytes: BUF_LEN,
         duration_ms: settings.duration.as_millis() as u64,
         warmup_ms: settings.warmup.as_millis() as u64,
         cpus: cpus.map(|(driver, device)| report::Cpus { driver, device }),
         pinned,
+        cacheline_rtt_ns: median(&rtt_medians),
         throughput,
         latency,
         total_seconds: started.elapsed().as_secs_f64(),
     })
 }
 
+/// One cache-line ping-pong, reported on the progress line (between `around.0` and
+/// `around.1`) and kept in `all`.
+fn measure_rtt(
+    cpus: Option<(usize, usize)>,
+    duration: Duration,
+    all: &mut Vec<CachelineRtt>,
+    (prefix, suffix): (&str, &str),
+) -> Option<CachelineRtt> {
+    match pingpong::measure(cpus, duration) {
+        Ok(r) => {
+            eprint!("{prefix}RTT {:.0} ns{suffix}", r.median_ns);
+            all.push(r);
+            Some(r)
+        }
+        Err(why) => {
+            eprint!("{prefix}no RTT ({why}){suffix}");
+            None
+        }
+    }
+}
+
 struct CellOutcome {
     driver: DriverOutcome,
     pinned: bool,
+    preemptions: Option<u64>,
 }
 
 /// Runs one cell on two fresh threads and checks that every buffer came back once.
-fn run_cell(
+fn run_cell<L: BenchLayout>(
     mode: Mode,
     workload: Workload,
     timing: Timing,
@@ -168,51 +211,87 @@ fn run_cell(
 ) -> Result<CellOutcome, String> {
     // Ring, plus one buffer per entry, plus slack for alignment: each cell gets fresh
     // memory because `TestMemory` never reuses what it handed out.
-    let size = usize::from(timing.ring_size);
-    let mem = TestMemory::new(size * (32 + BUF_LEN as usize) + (64 << 10));
+    let mem = TestMemory::new(ring_memory(timing.ring_size));
     let ctl = Control::default();
     let (to_device, from_driver) = mpsc::sync_channel(1);
+    let (mem, ctl_ref) = (&mem, &ctl);
+    let pair = run_pair(
+        &ctl,
+        cpus,
+        name,
+        move || driver_side::run::<L>(mem, ctl_ref, to_device, mode, workload, timing),
+        move || device_side::run::<L>(mem, ctl_ref, from_driver, mode),
+    )?;
+    // The device's error explains the driver's ("the device side gave up"), so it
+    // comes first.
+    let popped = pair.device?;
+    let driver = pair.driver?;
+    driver.returned.verify(driver.added)?;
+    if popped != driver.added {
+        return Err(format!("the driver added {} buffers but the device popped {popped}", driver.added));
+    }
+    Ok(CellOutcome { driver, pinned: pair.pinned, preemptions: pair.preemptions })
+}
+
+/// Guest memory for one ring of `size` entries (any layout) and one buffer per entry.
+pub fn ring_memory(size: u16) -> usize {
+    usize::from(size) * (32 + BUF_LEN as usize) + (64 << 10)
+}
+
+/// What the two threads of [`run_pair`] returned.
+pub struct Pair<A, B> {
+    pub driver: A,
+    pub device: B,
+    /// Whether both threads were pinned.
+    pub pinned: bool,
+    /// Involuntary context switches of the two threads over their lives (see
+    /// [`affinity::involuntary_switches`]).
+    pub preemptions: Option<u64>,
+}
+
+/// Runs `driver` and `device` on two fresh threads, pinned to `cpus.0` and `cpus.1`
+/// (each registered as the waiter of its doorbell in `ctl`), under the watchdog.
+pub fn run_pair<A: Send, B: Send>(
+    ctl: &Control,
+    cpus: Option<(usize, usize)>,
+    name: &str,
+    driver: impl FnOnce() -> A + Send,
+    device: impl FnOnce() -> B + Send,
+) -> Result<Pair<A, B>, String> {
     thread::scope(|s| {
-        let (mem, ctl) = (&mem, &ctl);
         let driver = thread::Builder::new()
             .name("virtq-driver".into())
             .spawn_scoped(s, move || {
                 let pinned = pin(cpus.map(|c| c.0), "driver");
                 ctl.driver_bell.register_waiter();
-                let outcome = driver_side::run(mem, ctl, to_device, mode, workload, timing);
-                (outcome, pinned)
+                let result = driver();
+                (result, pinned, affinity::involuntary_switches())
             })
             .map_err(|e| format!("cannot start the driver thread: {e}"))?;
         let device = match thread::Builder::new().name("virtq-device".into()).spawn_scoped(s, move || {
             let pinned = pin(cpus.map(|c| c.1), "device");
             ctl.device_bell.register_waiter();
-            (device_side::run(mem, ctl, from_driver, mode), pinned)
+            let result = device();
+            (result, pinned, affinity::involuntary_switches())
         }) {
             Ok(h) => h,
             Err(e) => {
-                // The driver thread is waiting for the device to take the ring: let it go.
+                // The driver thread may be waiting for the device: let it go. (The
+                // device's ends of the channels were dropped with its closure.)
                 ctl.stop();
                 return Err(format!("cannot start the device thread: {e}"));
             }
         };
         watchdog(ctl, &driver, &device, name);
-        let (driver, driver_pinned) = driver.join().map_err(|_| "the driver thread panicked".to_string())?;
-        let (device, device_pinned) = device.join().map_err(|_| "the device thread panicked".to_string())?;
-        // The device's error explains the driver's ("the device side gave up"), so it
-        // comes first.
-        let popped = device?;
-        let driver = driver?;
-        driver.returned.verify(driver.added)?;
-        if popped != driver.added {
-            return Err(format!("the driver added {} buffers but the device popped {popped}", driver.added));
-        }
-        Ok(CellOutcome { driver, pinned: driver_pinned && device_pinned })
+        let (driver, driver_pinned, a) = driver.join().map_err(|_| "the driver thread panicked".to_string())?;
+        let (device, device_pinned, b) = device.join().map_err(|_| "the device thread panicked".to_string())?;
+        Ok(Pair { driver, device, pinned: driver_pinned && device_pinned, preemptions: a.zip(b).map(|(a, b)| a + b) })
     })
 }
 
 /// Pins the calling thread to `cpu`; on failure, says so once per process and goes on
 /// unpinned (the numbers are then noisier, not wrong).
-fn pin(cpu: Option<usize>, side: &str) -> bool {
+pub fn pin(cpu: Option<usize>, side: &str) -> bool {
     static WARNED: AtomicBool = AtomicBool::new(false);
     let Some(cpu) = cpu else { return false };
     match affinity::pin_current_thread(cpu) {
@@ -260,6 +339,49 @@ fn watchdog<A, B>(ctl: &Control, driver: &ScopedJoinHandle<'_, A>, device: &Scop
                 progress[1],
             );
             std::process::exit(EXIT_STALLED);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(layouts: Vec<Layout>, batches: Vec<u16>, modes: Vec<Mode>) -> Settings {
+        Settings {
+            ring_size: 64,
+            layouts,
+            batches,
+            modes,
+            duration: Duration::from_millis(20),
+            warmup: Duration::from_millis(4),
+            pingpong: Duration::from_millis(5),
+        }
+    }
+
+    #[test]
+    fn cells_interleave_layouts_within_each_batch() {
+        let s = settings(vec![Layout::Split, Layout::Packed], vec![1, 8], vec![Mode::Poll, Mode::Sleep]);
+        let cells = s.cells();
+        assert_eq!(cells.len(), 2 * (2 + 1) * 2);
+        assert_eq!(cells[0], (Layout::Split, Mode::Poll, Workload::Stream { batch: 1 }));
+        assert_eq!(cells[1], (Layout::Packed, Mode::Poll, Workload::Stream { batch: 1 }));
+        assert_eq!(cells[2], (Layout::Split, Mode::Poll, Workload::Stream { batch: 8 }));
+        assert_eq!(cells[4], (Layout::Split, Mode::Poll, Workload::Latency));
+        assert_eq!(cells[11], (Layout::Packed, Mode::Sleep, Workload::Latency));
+    }
+
+    /// Every layout, both modes, a batch that is not a divisor of the ring and one that
+    /// fills it: every buffer must come back exactly once (checked inside `run_cell`).
+    #[test]
+    fn every_layout_streams_and_round_trips_correctly() {
+        let s = settings(Layout::ALL.to_vec(), vec![3, 64], vec![Mode::Poll, Mode::Sleep]);
+        let timing = s.timing();
+        for (layout, mode, workload) in s.cells() {
+            let name = format!("{layout} {mode} {workload:?}");
+            let cell = with_layout!(layout, L => run_cell::<L>(mode, workload, timing, None, &name))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(cell.driver.added > 0, "{name}: nothing moved");
         }
     }
 }

@@ -1,23 +1,30 @@
-//! The device thread: pops chains, completes them, publishes per batch drained, and
-//! decides whether the driver wants an interrupt.
+//! The device thread of the matrix: pops chains, completes them, publishes per batch
+//! drained, and decides whether the driver wants an interrupt. Generic over the layout, so
+//! the loop is compiled for `SplitDevice` and for `PackedDevice`.
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 
 use virtq::testing::TestMemory;
-use virtq::{DeviceConfig, Segments, SplitDevice};
+use virtq::{DeviceConfig, Segments};
 
 use crate::bench::{Mode, BUF_LEN};
+use crate::layout::{BenchLayout, RingDevice};
 use crate::notify::Control;
 
 /// Runs the device side of one cell; returns the number of chains popped. On failure it
 /// stops the run, so that the driver gives up instead of waiting for buffers.
-pub fn run(mem: &TestMemory, ctl: &Control, from_driver: Receiver<DeviceConfig>, mode: Mode) -> Result<u64, String> {
+pub fn run<L: BenchLayout>(
+    mem: &TestMemory,
+    ctl: &Control,
+    from_driver: Receiver<DeviceConfig>,
+    mode: Mode,
+) -> Result<u64, String> {
     // No config means the driver failed to create the ring; it reports why.
     let Ok(config) = from_driver.recv() else {
         return Ok(0);
     };
-    let result = SplitDevice::new(mem, config)
+    let result = L::attach(mem, config)
         .map_err(|e| format!("device: cannot attach to the ring: {e}"))
         .and_then(|mut device| serve(&mut device, ctl, mode));
     if result.is_err() {
@@ -26,7 +33,7 @@ pub fn run(mem: &TestMemory, ctl: &Control, from_driver: Receiver<DeviceConfig>,
     result
 }
 
-fn serve(device: &mut SplitDevice<'_, TestMemory>, ctl: &Control, mode: Mode) -> Result<u64, String> {
+fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, mode: Mode) -> Result<u64, String> {
     // Every buffer is one readable segment: a sink of one is enough, and a longer chain
     // is a bug the pop reports (as `SinkFull`).
     let mut segs = Segments::<1>::new();
@@ -34,8 +41,9 @@ fn serve(device: &mut SplitDevice<'_, TestMemory>, ctl: &Control, mode: Mode) ->
     // Never hold more than a ring's worth of completions back from the driver.
     let max_batch = u64::from(device.size());
     if mode == Mode::Poll {
-        // With EVENT_IDX this is a no-op: `avail_event` is never moved forward, so the
+        // Split with EVENT_IDX: a no-op, as `avail_event` is never moved forward, so the
         // driver's kicks stay suppressed (but for one every 2^16 buffers, at index wrap).
+        // Packed: writes DISABLE into the device event area once.
         device.disable_notifications();
     }
     loop {

@@ -1,13 +1,16 @@
-//! The driver thread: creates the ring, adds buffers, kicks, and takes them back.
+//! The driver thread of the matrix: creates the ring, adds buffers, kicks, and takes them
+//! back. Generic over the layout: each of the four gets its own compiled loops, on a
+//! `DriverQueue` whose layout is fixed at compile time.
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::SyncSender;
 use std::time::Instant;
 
 use virtq::testing::TestMemory;
-use virtq::{DeviceConfig, QueueConfig, Sg, SplitDriver};
+use virtq::{DeviceConfig, DriverQueue, QueueConfig, Sg};
 
-use crate::bench::{Mode, Timing, Workload, BUF_LEN, FEATURES};
+use crate::bench::{Mode, Timing, Workload, BUF_LEN};
+use crate::layout::BenchLayout;
 use crate::notify::{Control, Kicker};
 
 /// Checks, cheaply, that every token added came back exactly once.
@@ -25,7 +28,8 @@ pub struct TokenCheck {
 }
 
 impl TokenCheck {
-    fn record(&mut self, token: u64) {
+    #[inline(always)]
+    pub fn record(&mut self, token: u64) {
         self.count += 1;
         self.sum = self.sum.wrapping_add(token);
         self.sum_sq = self.sum_sq.wrapping_add(token.wrapping_mul(token));
@@ -73,10 +77,11 @@ pub struct DriverOutcome {
     pub samples: Vec<u32>,
 }
 
-type Queue<'a> = SplitDriver<u64, &'a TestMemory, Kicker<'a>>;
+/// The driver queue of layout `L`, with the layout fixed at compile time.
+pub type Queue<'a, L> = DriverQueue<u64, &'a TestMemory, Kicker<'a>, L>;
 
-struct Driver<'a> {
-    queue: Queue<'a>,
+struct Driver<'a, L: BenchLayout> {
+    queue: Queue<'a, L>,
     ctl: &'a Control,
     mode: Mode,
     /// One buffer per ring entry. Buffer `token % size` carries token `token`: the device
@@ -89,7 +94,7 @@ struct Driver<'a> {
 
 /// Runs the driver side of one cell. Whatever happens, it ends by stopping the run, so
 /// that the device thread exits too.
-pub fn run(
+pub fn run<L: BenchLayout>(
     mem: &TestMemory,
     ctl: &Control,
     to_device: SyncSender<DeviceConfig>,
@@ -97,7 +102,7 @@ pub fn run(
     workload: Workload,
     timing: Timing,
 ) -> Result<DriverOutcome, String> {
-    let result = setup(mem, ctl, to_device, mode, timing.ring_size).and_then(|d| match workload {
+    let result = setup::<L>(mem, ctl, to_device, mode, timing.ring_size).and_then(|d| match workload {
         Workload::Stream { batch } => d.stream(batch, timing),
         Workload::Latency => d.latency(timing),
     });
@@ -105,30 +110,34 @@ pub fn run(
     result
 }
 
-fn setup<'a>(
+fn setup<'a, L: BenchLayout>(
     mem: &'a TestMemory,
     ctl: &'a Control,
     to_device: SyncSender<DeviceConfig>,
     mode: Mode,
     size: u16,
-) -> Result<Driver<'a>, String> {
-    let mut config = QueueConfig::new(0, size, FEATURES);
+) -> Result<Driver<'a, L>, String> {
+    let features = L::LAYOUT.features();
+    let mut config = QueueConfig::new(0, size, features);
     // Poll mode never wants an interrupt: start with them suppressed, as Linux does for a
     // queue without a callback.
     config.callbacks = mode == Mode::Sleep;
-    let queue = SplitDriver::new(config, mem, Kicker(&ctl.device_bell))
+    let queue = Queue::<L>::new(config, mem, Kicker(&ctl.device_bell))
         .map_err(|e| format!("driver: cannot create the queue: {e}"))?;
     // The device attaches to the ring where a transport would tell it to.
-    to_device
-        .send(DeviceConfig::new(queue.vring_size(), FEATURES, queue.desc_addr(), queue.avail_addr(), queue.used_addr()))
-        .map_err(|_| "driver: the device thread is gone".to_string())?;
+    to_device.send(device_config(&queue, features)).map_err(|_| "driver: the device thread is gone".to_string())?;
     let bufs = (0..queue.vring_size()).map(|_| mem.alloc_sg(BUF_LEN)).collect();
     // Both workloads start busy; interrupts are enabled only right before sleeping.
     queue.disable_cb();
     Ok(Driver { queue, ctl, mode, bufs, added: 0, returned: TokenCheck::default() })
 }
 
-impl Driver<'_> {
+/// Where the device finds the ring `queue` created, as a transport would tell it.
+pub fn device_config<L: BenchLayout>(queue: &Queue<'_, L>, features: virtq::Features) -> DeviceConfig {
+    DeviceConfig::new(queue.vring_size(), features, queue.desc_addr(), queue.avail_addr(), queue.used_addr())
+}
+
+impl<L: BenchLayout> Driver<'_, L> {
     /// Adds `n` single-segment buffers, then kicks once (if the device asked for it).
     fn add_batch(&mut self, n: u16) -> Result<(), String> {
         for _ in 0..n {
@@ -228,7 +237,7 @@ impl Driver<'_> {
             // Reading the clock costs about as much as moving one buffer, so only look at
             // it every few rounds; that overshoots the window by well under a microsecond.
             iterations = iterations.wrapping_add(1);
-            if window.is_none() && iterations % 16 == 0 {
+            if window.is_none() && iterations.is_multiple_of(16) {
                 let now = Instant::now();
                 match first {
                     None if now >= measure_from => first = Some(self.snapshot(now)),

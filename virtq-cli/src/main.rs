@@ -1,23 +1,34 @@
 //! `virtq`: command-line tools for the virtq crate.
 //!
-//! `virtq bench` measures the split ring in-process: the driver ([`virtq::SplitDriver`])
-//! and the device ([`virtq::SplitDevice`]) run on two threads sharing one ring, pinned to
-//! two CPUs when there are two. It needs nothing outside the process.
+//! `virtq bench` measures the four ring layouts in-process: the driver (a `DriverQueue`
+//! with its layout fixed at compile time) and the device (`SplitDevice` or
+//! `PackedDevice`) run on two threads sharing one ring, pinned to two CPUs when there are
+//! two. `virtq bench --ringtest` runs the protocol of Linux's `tools/virtio/ringtest`
+//! instead. Neither needs anything outside the process.
 
 mod affinity;
 mod bench;
+mod blk_cmd;
 mod device_side;
 mod driver_side;
+mod layout;
 mod notify;
+mod pingpong;
+mod plot;
 mod report;
+mod ringtest;
+mod serve_blk;
+mod stats;
 
 use std::io::{self, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::bench::{Mode, Settings};
+use crate::layout::Layout;
 
 #[derive(Debug, Parser)]
 #[command(name = "virtq", version, about = "Virtio virtqueue tools")]
@@ -28,18 +39,28 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Benchmark the split ring in-process: driver and device on two threads, one ring.
+    /// Benchmark the ring layouts in-process: driver and device on two threads, one ring.
     ///
-    /// For each mode and batch size, streams buffers with the ring kept full and reports
-    /// throughput and notifications per buffer; for each mode, measures request/response
-    /// latency with one buffer outstanding. Every run checks that each buffer came back
-    /// exactly once; a side that makes no progress for 5 s aborts the run.
+    /// For each layout (split, split in-order, packed, packed in-order), mode and batch
+    /// size, streams buffers with the ring kept full and reports throughput and
+    /// notifications per buffer; for each layout and mode, measures request/response
+    /// latency with one buffer outstanding, next to the machine's cache-line round trip.
+    /// Every run checks that each buffer came back exactly once; a side that makes no
+    /// progress for 5 s aborts the run (exit status 3).
+    ///
+    /// With --ringtest, runs the protocol of Linux's tools/virtio/ringtest instead.
     Bench(BenchArgs),
+    /// Drive a vhost-user-blk device (e.g. qemu-storage-daemon): info, read, write, verify, bench.
+    Blk(blk_cmd::BlkArgs),
+    /// Serve a raw image as a vhost-user-blk back end (for QEMU and its Linux guest).
+    ServeBlk(serve_blk::ServeBlkArgs),
 }
 
 #[derive(Debug, Args)]
 struct BenchArgs {
-    /// Short run for smoke tests: 150 ms per cell unless --duration-ms says otherwise.
+    /// Short run for smoke tests (under 10 s): 100 ms per cell unless --duration-ms says
+    /// otherwise; with --ringtest, 1,000,000 buffers per run unless --run-cycles says
+    /// otherwise.
     #[arg(long)]
     quick: bool,
 
@@ -47,9 +68,18 @@ struct BenchArgs {
     #[arg(long)]
     json: bool,
 
+    /// Layouts to measure, comma-separated [default: all four].
+    #[arg(long, value_name = "LAYOUT,..", value_delimiter = ',', value_enum)]
+    layout: Vec<Layout>,
+
     /// Measured time per cell in milliseconds, after a warm-up of a fifth of it (at most
-    /// 200 ms) [default: 1000, or 150 with --quick].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    /// 200 ms) [default: 750, or 100 with --quick].
+    #[arg(
+        long,
+        value_name = "N",
+        conflicts_with = "ringtest",
+        value_parser = clap::value_parser!(u64).range(1..=600_000)
+    )]
     duration_ms: Option<u64>,
 
     /// Buffers added per kick in the throughput runs, comma-separated.
@@ -58,17 +88,48 @@ struct BenchArgs {
         value_name = "N,..",
         value_delimiter = ',',
         default_value = "1,8,32,128",
+        conflicts_with = "ringtest",
         value_parser = clap::value_parser!(u16).range(1..)
     )]
     batch: Vec<u16>,
 
     /// How the two sides wait for work: busy-poll, sleep until notified, or both.
-    #[arg(long, value_enum, default_value_t = ModeArg::Both)]
+    #[arg(long, value_enum, default_value_t = ModeArg::Both, conflicts_with = "ringtest")]
     mode: ModeArg,
 
     /// Ring size in entries (a power of two, at most 32768).
     #[arg(long, value_name = "ENTRIES", default_value_t = 256, value_parser = parse_ring_size)]
     size: u16,
+
+    /// Also draw throughput against batch size (a panel per mode, a line per layout) into
+    /// this SVG file.
+    #[arg(long, value_name = "FILE.svg", conflicts_with = "ringtest")]
+    plot: Option<PathBuf>,
+
+    /// Run the protocol of Linux's tools/virtio/ringtest (batch 1, both sides polling, no
+    /// notifications) on each layout, in alternating rounds, and report buffers/s and
+    /// ns per buffer (median over rounds).
+    #[arg(long)]
+    ringtest: bool,
+
+    /// Buffers per ringtest run [default: 10000000, or 1000000 with --quick].
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "ringtest",
+        value_parser = clap::value_parser!(u64).range(1..=1_000_000_000_000)
+    )]
+    run_cycles: Option<u64>,
+
+    /// Ringtest: busy-wait with the CPU's spin hint (`pause`), as ringtest's --relax. By
+    /// default a busy wait just re-reads the ring, as ringtest's does.
+    #[arg(long, requires = "ringtest")]
+    relax: bool,
+
+    /// Ringtest rounds: every layout runs once per round, in turn; the report gives each
+    /// layout's median over rounds.
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "ringtest", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    rounds: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -88,11 +149,22 @@ fn parse_ring_size(s: &str) -> Result<u16, String> {
 }
 
 impl BenchArgs {
+    /// The layouts asked for, each once, in the order given; all four by default.
+    fn layouts(&self) -> Vec<Layout> {
+        let mut layouts = Vec::new();
+        for &l in if self.layout.is_empty() { &Layout::ALL[..] } else { &self.layout[..] } {
+            if !layouts.contains(&l) {
+                layouts.push(l);
+            }
+        }
+        layouts
+    }
+
     fn settings(&self) -> Result<Settings, String> {
         if let Some(&b) = self.batch.iter().find(|&&b| b > self.size) {
             return Err(format!("a batch of {b} does not fit in a ring of {} entries", self.size));
         }
-        let default_ms = if self.quick { 150 } else { 1000 };
+        let default_ms = if self.quick { 100 } else { 750 };
         let duration = Duration::from_millis(self.duration_ms.unwrap_or(default_ms));
         let modes = match self.mode {
             ModeArg::Poll => vec![Mode::Poll],
@@ -101,17 +173,38 @@ impl BenchArgs {
         };
         Ok(Settings {
             ring_size: self.size,
+            layouts: self.layouts(),
             batches: self.batch.clone(),
             modes,
             duration,
             warmup: (duration / 5).min(Duration::from_millis(200)),
+            pingpong: self.pingpong(),
         })
+    }
+
+    fn ringtest_settings(&self) -> ringtest::Settings {
+        let default_cycles = if self.quick { 1_000_000 } else { 10_000_000 };
+        ringtest::Settings {
+            ring_size: self.size,
+            run_cycles: self.run_cycles.unwrap_or(default_cycles),
+            rounds: self.rounds,
+            layouts: self.layouts(),
+            pingpong: self.pingpong(),
+            relax: self.relax,
+        }
+    }
+
+    /// Measured time of one cache-line ping-pong.
+    fn pingpong(&self) -> Duration {
+        Duration::from_millis(if self.quick { 20 } else { 100 })
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Blk(args) => blk_cmd::run(args),
+        Command::ServeBlk(args) => serve_blk::run(args),
         Command::Bench(args) => match bench_command(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -123,9 +216,26 @@ fn main() -> ExitCode {
 }
 
 fn bench_command(args: &BenchArgs) -> Result<(), String> {
-    let settings = args.settings()?;
-    let report = bench::run(&settings)?;
     let mut out = io::stdout().lock();
-    let written = if args.json { report.write_json(&mut out) } else { report.write_table(&mut out) };
+    let written = if args.ringtest {
+        let report = ringtest::run(&args.ringtest_settings())?;
+        if args.json {
+            report.write_json(&mut out)
+        } else {
+            report.write_table(&mut out)
+        }
+    } else {
+        let report = bench::run(&args.settings()?)?;
+        if let Some(path) = &args.plot {
+            std::fs::write(path, plot::throughput_svg(&report))
+                .map_err(|e| format!("cannot write the plot to {}: {e}", path.display()))?;
+            eprintln!("plot written to {}", path.display());
+        }
+        if args.json {
+            report.write_json(&mut out)
+        } else {
+            report.write_table(&mut out)
+        }
+    };
     written.and_then(|()| out.flush()).map_err(|e| format!("cannot write the results: {e}"))
 }

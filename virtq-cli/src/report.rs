@@ -1,4 +1,4 @@
-//! Results: computed from the driver's counters, printed as a table or as JSON.
+//! Results of the matrix: computed from the driver's counters, printed as a table or as JSON.
 
 use std::io::{self, Write};
 
@@ -6,15 +6,20 @@ use serde::Serialize;
 
 use crate::bench::Mode;
 use crate::driver_side::DriverOutcome;
+use crate::layout::Layout;
+use crate::pingpong::CachelineRtt;
+use crate::stats::{percentile, ratio};
 
 /// Everything one `virtq bench` run measured (the `--json` output).
 #[derive(Debug, Serialize)]
 pub struct Report {
     /// Ring entries.
     pub ring_size: u16,
-    /// Negotiated features.
+    /// Features negotiated for every layout.
     pub features: Vec<&'static str>,
-    /// Bytes per buffer (one device-readable segment).
+    /// The layouts measured, with the features that select each.
+    pub layouts: Vec<LayoutInfo>,
+    /// Bytes per buffer (one segment).
     pub buffer_bytes: u32,
     /// Measured time per cell.
     pub duration_ms: u64,
@@ -24,6 +29,8 @@ pub struct Report {
     pub cpus: Option<Cpus>,
     /// Whether every thread of every cell was pinned.
     pub pinned: bool,
+    /// Median of the cache-line round trips measured during the run.
+    pub cacheline_rtt_ns: Option<f64>,
     pub throughput: Vec<Throughput>,
     pub latency: Vec<Latency>,
     /// Wall time of the whole matrix.
@@ -36,9 +43,23 @@ pub struct Cpus {
     pub device: usize,
 }
 
+/// A layout and the features that select it (on top of [`Report::features`]).
+#[derive(Debug, Serialize)]
+pub struct LayoutInfo {
+    pub layout: Layout,
+    pub features: &'static [&'static str],
+}
+
+impl LayoutInfo {
+    pub fn new(layout: Layout) -> Self {
+        Self { layout, features: layout.layout_feature_names() }
+    }
+}
+
 /// One streaming cell.
 #[derive(Debug, Serialize)]
 pub struct Throughput {
+    pub layout: Layout,
     pub mode: Mode,
     /// Buffers added per kick.
     pub batch: u16,
@@ -55,15 +76,27 @@ pub struct Throughput {
     pub interrupts_per_buffer: f64,
     /// Buffers checked to have come back exactly once (warm-up and drain included).
     pub checked_buffers: u64,
+    /// The cache-line round trip measured right before the cell (polling cells only).
+    pub cacheline_rtt: Option<CachelineRtt>,
+    /// Involuntary context switches of the two threads in the cell: a busy machine.
+    pub preemptions: Option<u64>,
 }
 
 impl Throughput {
-    pub fn new(mode: Mode, batch: u16, d: &DriverOutcome) -> Self {
+    pub fn new(
+        layout: Layout,
+        mode: Mode,
+        batch: u16,
+        d: &DriverOutcome,
+        cacheline_rtt: Option<CachelineRtt>,
+        preemptions: Option<u64>,
+    ) -> Self {
         let (a, b) = d.window;
         let buffers = b.buffers - a.buffers;
         let seconds = (b.at - a.at).as_secs_f64();
         let (kicks, interrupts) = (b.kicks - a.kicks, b.interrupts - a.interrupts);
         Self {
+            layout,
             mode,
             batch,
             mbufs_per_sec: ratio(buffers as f64, seconds) / 1e6,
@@ -74,6 +107,8 @@ impl Throughput {
             kicks_per_buffer: ratio(kicks as f64, buffers as f64),
             interrupts_per_buffer: ratio(interrupts as f64, buffers as f64),
             checked_buffers: d.returned.count,
+            cacheline_rtt,
+            preemptions,
         }
     }
 }
@@ -81,6 +116,7 @@ impl Throughput {
 /// One request/response cell.
 #[derive(Debug, Serialize)]
 pub struct Latency {
+    pub layout: Layout,
     pub mode: Mode,
     /// Round trips measured.
     pub samples: usize,
@@ -90,17 +126,35 @@ pub struct Latency {
     pub max_ns: u32,
     pub kicks_per_request: f64,
     pub interrupts_per_request: f64,
+    /// The cache-line round trips measured right before and right after this cell
+    /// (polling cells only).
+    pub cacheline_rtt_before: Option<CachelineRtt>,
+    pub cacheline_rtt_after: Option<CachelineRtt>,
+    /// The mean of the two medians (or the one measured).
+    pub cacheline_rtt_ns: Option<f64>,
+    /// Whether the two round trips agree within [`STABLE_PLACEMENT`]: if not, the host
+    /// moved a virtual CPU around the cell and the ratio below is unreliable.
+    pub placement_stable: Option<bool>,
+    /// `p50_ns` in cache-line round trips.
+    pub p50_over_cacheline: Option<f64>,
     /// Requests checked to have come back exactly once (warm-up included).
     pub checked_buffers: u64,
+    /// Involuntary context switches of the two threads in the cell: a busy machine.
+    pub preemptions: Option<u64>,
 }
 
+/// The largest ratio between the round trips before and after a cell that still counts as
+/// the same placement of the two virtual CPUs.
+pub const STABLE_PLACEMENT: f64 = 1.5;
+
 impl Latency {
-    pub fn new(mode: Mode, d: &DriverOutcome) -> Self {
+    pub fn new(layout: Layout, mode: Mode, d: &DriverOutcome, preemptions: Option<u64>) -> Self {
         let mut samples = d.samples.clone();
         samples.sort_unstable();
         let (a, b) = d.window;
         let requests = (b.buffers - a.buffers) as f64;
         Self {
+            layout,
             mode,
             samples: samples.len(),
             p50_ns: percentile(&samples, 50),
@@ -109,27 +163,37 @@ impl Latency {
             max_ns: samples.last().copied().unwrap_or(0),
             kicks_per_request: ratio((b.kicks - a.kicks) as f64, requests),
             interrupts_per_request: ratio((b.interrupts - a.interrupts) as f64, requests),
+            cacheline_rtt_before: None,
+            cacheline_rtt_after: None,
+            cacheline_rtt_ns: None,
+            placement_stable: None,
+            p50_over_cacheline: None,
             checked_buffers: d.returned.count,
+            preemptions,
         }
     }
-}
 
-/// `a / b`, or 0 for an empty window (a very short cell on a busy machine).
-fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        a / b
-    } else {
-        0.0
+    /// Records the cache-line round trips measured around the cell and relates p50 to them.
+    pub fn compare_with_cacheline(&mut self, before: Option<CachelineRtt>, after: Option<CachelineRtt>) {
+        self.cacheline_rtt_before = before;
+        self.cacheline_rtt_after = after;
+        (self.cacheline_rtt_ns, self.placement_stable, self.p50_over_cacheline) = (None, None, None);
+        let rtts: Vec<f64> = [before, after].iter().flatten().map(|r| r.median_ns).filter(|&ns| ns > 0.0).collect();
+        if rtts.is_empty() {
+            return;
+        }
+        let mean = rtts.iter().sum::<f64>() / rtts.len() as f64;
+        self.cacheline_rtt_ns = Some(mean);
+        if let [x, y] = rtts[..] {
+            self.placement_stable = Some(x.max(y) / x.min(y) <= STABLE_PLACEMENT);
+        }
+        self.p50_over_cacheline = Some(f64::from(self.p50_ns) / mean);
     }
 }
 
-/// Nearest-rank percentile of sorted samples (0 for none).
-fn percentile(sorted: &[u32], pct: usize) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (sorted.len() * pct).div_ceil(100).max(1);
-    sorted[rank - 1]
+/// A count for a table cell, `-` when unknown.
+fn count(n: Option<u64>) -> String {
+    n.map_or_else(|| "-".to_string(), |n| n.to_string())
 }
 
 impl Report {
@@ -139,13 +203,22 @@ impl Report {
     }
 
     pub fn write_table(&self, out: &mut impl Write) -> io::Result<()> {
+        let layouts: Vec<String> = self
+            .layouts
+            .iter()
+            .map(|l| match l.features {
+                [] => l.layout.to_string(),
+                f => format!("{} ({})", l.layout, f.join(" | ")),
+            })
+            .collect();
         writeln!(
             out,
-            "virtq bench: split ring of {} entries, {}; one {}-byte readable buffer per request",
+            "virtq bench: ring of {} entries, {}; one {}-byte buffer per request",
             self.ring_size,
             self.features.join(" | "),
             self.buffer_bytes
         )?;
+        writeln!(out, "layouts: {}", layouts.join(", "))?;
         let placement = match (self.cpus, self.pinned) {
             (Some(c), true) => format!("driver pinned to CPU {}, device to CPU {}", c.driver, c.device),
             (Some(_), false) => "driver and device unpinned (pinning failed)".to_string(),
@@ -154,38 +227,101 @@ impl Report {
         writeln!(out, "{placement}; each cell: {} ms measured after {} ms warm-up", self.duration_ms, self.warmup_ms)?;
         if !self.throughput.is_empty() {
             writeln!(out)?;
-            writeln!(out, "throughput: ring kept full, one kick per batch")?;
             writeln!(
                 out,
-                "{:<6} {:>5} {:>10} {:>10} {:>10} {:>12}",
-                "mode", "batch", "Mbuf/s", "kicks/buf", "irqs/buf", "buffers"
+                "throughput: ring kept full, one kick per batch; notifications per buffer; RTT: cache-line round \
+                 trip just before the cell"
             )?;
+            writeln!(
+                out,
+                "{:<5} {:>5}  {:<15} {:>8} {:>10} {:>10} {:>11} {:>8} {:>7}",
+                "mode", "batch", "layout", "Mbuf/s", "kicks/buf", "irqs/buf", "buffers", "preempt", "RTT ns"
+            )?;
+            let mut previous = None;
             for t in &self.throughput {
+                if previous.is_some_and(|p| p != (t.mode, t.batch)) {
+                    writeln!(out)?;
+                }
+                previous = Some((t.mode, t.batch));
                 writeln!(
                     out,
-                    "{:<6} {:>5} {:>10.2} {:>10.4} {:>10.4} {:>12}",
-                    t.mode, t.batch, t.mbufs_per_sec, t.kicks_per_buffer, t.interrupts_per_buffer, t.buffers
+                    "{:<5} {:>5}  {:<15} {:>8.2} {:>10.4} {:>10.4} {:>11} {:>8} {:>7}",
+                    t.mode,
+                    t.batch,
+                    t.layout,
+                    t.mbufs_per_sec,
+                    t.kicks_per_buffer,
+                    t.interrupts_per_buffer,
+                    t.buffers,
+                    count(t.preemptions),
+                    t.cacheline_rtt.map_or_else(|| "-".to_string(), |r| format!("{:.0}", r.median_ns))
                 )?;
             }
         }
         if !self.latency.is_empty() {
             writeln!(out)?;
-            writeln!(out, "latency: one request outstanding, add+kick to get_buf")?;
             writeln!(
                 out,
-                "{:<6} {:>10} {:>10} {:>10} {:>10} {:>10}",
-                "mode", "p50 ns", "p99 ns", "kicks/req", "irqs/req", "samples"
+                "latency: one request outstanding, add+kick to get_buf (each sample includes one clock read);"
+            )?;
+            writeln!(
+                out,
+                "RTT: one cache line ping-ponged between the same two CPUs just before/after the cell (p50/RTT: \
+                 against their mean)"
+            )?;
+            writeln!(
+                out,
+                "{:<5}  {:<15} {:>8} {:>9} {:>9} {:>8} {:>10} {:>9} {:>9} {:>8}",
+                "mode",
+                "layout",
+                "p50 ns",
+                "p99 ns",
+                "RTT ns",
+                "p50/RTT",
+                "kicks/req",
+                "irqs/req",
+                "samples",
+                "preempt"
             )?;
             for l in &self.latency {
+                let rtt = match (l.cacheline_rtt_before, l.cacheline_rtt_after) {
+                    (Some(a), Some(b)) => format!("{:.0}/{:.0}", a.median_ns, b.median_ns),
+                    (Some(r), None) | (None, Some(r)) => format!("{:.0}", r.median_ns),
+                    (None, None) => "-".to_string(),
+                };
+                let x = match (l.p50_over_cacheline, l.placement_stable) {
+                    (Some(x), Some(false)) => format!("{x:.2}x?"),
+                    (Some(x), _) => format!("{x:.2}x"),
+                    (None, _) => "-".to_string(),
+                };
                 writeln!(
                     out,
-                    "{:<6} {:>10} {:>10} {:>10.4} {:>10.4} {:>10}",
-                    l.mode, l.p50_ns, l.p99_ns, l.kicks_per_request, l.interrupts_per_request, l.samples
+                    "{:<5}  {:<15} {:>8} {:>9} {:>9} {:>8} {:>10.4} {:>9.4} {:>9} {:>8}",
+                    l.mode,
+                    l.layout,
+                    l.p50_ns,
+                    l.p99_ns,
+                    rtt,
+                    x,
+                    l.kicks_per_request,
+                    l.interrupts_per_request,
+                    l.samples,
+                    count(l.preemptions)
                 )?;
+            }
+            if self.latency.iter().any(|l| l.placement_stable == Some(false)) {
+                writeln!(
+                    out,
+                    "?: the round trip changed more than {STABLE_PLACEMENT}x across the cell (the host moved a virtual CPU)"
+                )?;
+            }
+            if let Some(rtt) = self.cacheline_rtt_ns {
+                writeln!(out, "cache-line round trip, median over the run: {rtt:.0} ns")?;
             }
         }
         let checked: u64 = self.throughput.iter().map(|t| t.checked_buffers).sum::<u64>()
             + self.latency.iter().map(|l| l.checked_buffers).sum::<u64>();
+        writeln!(out, "(preempt: involuntary context switches of the two pinned threads in the cell)")?;
         writeln!(out)?;
         writeln!(out, "checked: all {checked} buffers came back exactly once; total {:.1} s", self.total_seconds)
     }
@@ -193,15 +329,39 @@ impl Report {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::driver_side::{Snapshot, TokenCheck};
+
+    fn latency_cell(samples: Vec<u32>) -> Latency {
+        let at = Instant::now();
+        let snap = Snapshot { at, buffers: 0, kicks: 0, interrupts: 0 };
+        let d = DriverOutcome { added: 0, returned: TokenCheck::default(), window: (snap, snap), samples };
+        Latency::new(Layout::Packed, Mode::Poll, &d, Some(3))
+    }
+
+    fn rtt(ns: f64) -> Option<CachelineRtt> {
+        Some(CachelineRtt { median_ns: ns, min_ns: ns, round_trips: 100 })
+    }
 
     #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<u32> = (1..=100).collect();
-        assert_eq!(percentile(&v, 50), 50);
-        assert_eq!(percentile(&v, 99), 99);
-        assert_eq!(percentile(&[7], 99), 7);
-        assert_eq!(percentile(&[], 50), 0);
-        assert_eq!(percentile(&[1, 2, 3], 50), 2);
+    fn p50_against_the_mean_round_trip_and_placement_check() {
+        let mut l = latency_cell(vec![300, 100, 200]);
+        assert_eq!((l.p50_ns, l.p99_ns, l.min_ns, l.max_ns), (200, 300, 100, 300));
+        assert_eq!(l.p50_over_cacheline, None);
+
+        l.compare_with_cacheline(rtt(60.0), rtt(80.0));
+        assert_eq!(l.cacheline_rtt_ns, Some(70.0));
+        assert_eq!(l.placement_stable, Some(true));
+        assert!((l.p50_over_cacheline.unwrap() - 200.0 / 70.0).abs() < 1e-9);
+
+        // The host moved a virtual CPU: 65 ns before, 300 ns after.
+        l.compare_with_cacheline(rtt(65.0), rtt(300.0));
+        assert_eq!(l.placement_stable, Some(false));
+
+        // Only one measurement: no verdict on placement, ratio against that one.
+        l.compare_with_cacheline(None, rtt(100.0));
+        assert_eq!((l.placement_stable, l.p50_over_cacheline), (None, Some(2.0)));
     }
 }
