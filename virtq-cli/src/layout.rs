@@ -80,6 +80,9 @@ impl fmt::Display for Layout {
 /// The device-queue operations the benchmark uses, implemented by both concrete device
 /// types so that the device loop is compiled once per layout (no `DeviceQueue` match).
 pub trait RingDevice<'m> {
+    /// Whether the device makes used descriptors visible a cache line at a time by itself
+    /// (packed), so that a polling loop need publish only when it runs out of work.
+    const BATCHES_USED_LINES: bool;
     fn pop<S: SegmentSink<'m>>(&mut self, segs: &mut S) -> Result<Option<Chain>, DeviceError>;
     fn complete(&mut self, chain: Chain, written: u32);
     fn publish_used(&mut self);
@@ -90,8 +93,9 @@ pub trait RingDevice<'m> {
 }
 
 macro_rules! ring_device {
-    ($device:ident) => {
+    ($device:ident, $batches:expr) => {
         impl<'m> RingDevice<'m> for $device<'m, TestMemory> {
+            const BATCHES_USED_LINES: bool = $batches;
             #[inline(always)]
             fn pop<S: SegmentSink<'m>>(&mut self, segs: &mut S) -> Result<Option<Chain>, DeviceError> {
                 $device::pop(self, segs)
@@ -124,8 +128,8 @@ macro_rules! ring_device {
     };
 }
 
-ring_device!(SplitDevice);
-ring_device!(PackedDevice);
+ring_device!(SplitDevice, false);
+ring_device!(PackedDevice, true);
 
 /// A driver ring layout together with the device queue that serves it.
 pub trait BenchLayout: RingLayout + 'static {

@@ -446,6 +446,7 @@ fn packed_2_8_1_a_descriptor_replayed_from_the_previous_lap_is_not_popped_twice(
         let chain = device.pop(&mut segs).unwrap().unwrap();
         assert_eq!(chain.id(), id);
         device.complete(chain, 0);
+        device.publish_used();
     }
     assert_eq!(device.avail_base(), 0, "wrapped: position 0, wrap counter 0");
     // The driver rewrites position 0 exactly as on the first lap.
@@ -518,6 +519,7 @@ fn packed_a_chain_of_exactly_the_ring_size_is_fine() {
     assert_eq!((segs.len(), chain.readable_len()), (4, 32));
     assert_eq!(device.avail_base(), 2, "one lap later: position 2, wrap counter 0");
     device.complete(chain, 0);
+    device.publish_used();
     assert_eq!(ring.flags(2), USED1);
     assert!(device.pop(&mut segs).unwrap().is_none());
 }
@@ -597,6 +599,7 @@ fn packed_2_8_7_reserved_flags_and_ids_in_indirect_tables_are_ignored() {
     assert_eq!((chain.readable_len(), chain.writable_len()), (8, 16));
     assert_eq!(device.avail_base(), 1 | WRAP_BIT, "an indirect buffer takes one ring descriptor");
     device.complete(chain, 16);
+    device.publish_used();
     assert_eq!((ring.id(0), ring.len(0), ring.flags(0)), (5, 16, USED1 | DESC_F_WRITE));
 }
 
@@ -672,6 +675,7 @@ fn packed_2_8_6_a_chain_straddling_the_ring_end_is_accepted_and_named_by_its_las
             ring.desc(i, r, 8, i, LAP1);
             let chain = device.pop(&mut segs).unwrap().unwrap();
             device.complete(chain, 0);
+            device.publish_used();
         }
         device.publish_used();
         // Positions 3 (first lap) and 0 (second lap, flipped bits); the buffer id is in
@@ -703,6 +707,7 @@ fn packed_2_8_6_a_chain_straddling_the_ring_end_is_accepted_and_named_by_its_las
     assert_eq!(chain.id(), 1);
     assert_eq!(segments(&segs), vec![(r, 8, false), (w, 16, true)]);
     device.complete(chain, 0);
+    device.publish_used();
     assert_eq!((ring.id(2), ring.flags(2)), (1, USED1), "nothing written: no WRITE flag");
 }
 
@@ -732,6 +737,7 @@ fn packed_2_8_10_device_interrupts_when_the_driver_event_is_outside_the_ring_or_
         assert!(!device.needs_notification(), "nothing used yet");
         let chain = device.pop(&mut segs).unwrap().unwrap();
         device.complete(chain, 8);
+        device.publish_used();
         ring.driver_event(off_wrap, flags);
         assert_eq!(device.needs_notification(), expected, "{off_wrap:#x} {flags}");
         assert!(!device.needs_notification(), "decided once per completion");
@@ -806,9 +812,11 @@ fn packed_2_8_3_completion_length_is_clamped_and_write_flag_means_data_was_writt
     let mut segs = Segments::<16>::new();
     let chain = device.pop(&mut segs).unwrap().unwrap();
     device.complete(chain, 1000);
+    device.publish_used();
     assert_eq!((ring.id(0), ring.len(0), ring.flags(0)), (6, 8, USED1 | DESC_F_WRITE));
     let chain = device.pop(&mut segs).unwrap().unwrap();
     device.complete(chain, 0);
+    device.publish_used();
     assert_eq!((ring.id(1), ring.len(1), ring.flags(1)), (7, 0, USED1));
 }
 

@@ -266,6 +266,8 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
     /// kick may never come.
     #[doc(alias = "vringh_notify_enable_kern")]
     pub fn enable_notifications(&mut self) -> bool {
+        // A device about to sleep must not keep completions back.
+        self.publish_used();
         if self.event_idx {
             self.ring.avail_event().store(self.last_avail_idx);
         } else if self.used_flags_shadow != 0 {
