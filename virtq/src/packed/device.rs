@@ -216,7 +216,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
             self.pending[self.pending_len] = (pos, flags);
             self.pending_len += 1;
             self.advance_used(chain.descs);
-            if self.pending_len == USED_LINE || self.used_pos as usize % USED_LINE == 0 {
+            if self.pending_len == USED_LINE || (self.used_pos as usize).is_multiple_of(USED_LINE) {
                 self.flush_pending();
             }
         }
