@@ -36,82 +36,27 @@ use virtq::{AddErrorKind, Features, Sg};
 use crate::frontend::{self, ConnectOptions, Connection, Queue, WaitMode};
 use crate::memory::{DmaBuffer, MemoryConfig, SharedMemory};
 
-/// Bytes in a virtio-blk sector, whatever the device's block size.
-pub const SECTOR_SIZE: u64 = 512;
+pub use crate::virtio_blk::{ID_BYTES, SECTOR as SECTOR_SIZE};
 
-/// Length of the device id returned by `GET_ID`.
-pub const ID_BYTES: usize = 20;
+pub use crate::virtio_blk::feature;
 
-/// virtio-blk feature bits (VIRTIO 1.3, 5.2.3).
-pub mod feature {
-    /// Maximum size of any single segment is in `size_max`.
-    pub const SIZE_MAX: u64 = 1 << 1;
-    /// Maximum number of segments in a request is in `seg_max`.
-    pub const SEG_MAX: u64 = 1 << 2;
-    /// Disk-style geometry specified in `geometry`.
-    pub const GEOMETRY: u64 = 1 << 4;
-    /// The device is read-only.
-    pub const RO: u64 = 1 << 5;
-    /// Block size of the disk is in `blk_size`.
-    pub const BLK_SIZE: u64 = 1 << 6;
-    /// Cache flush command support.
-    pub const FLUSH: u64 = 1 << 9;
-    /// The device exports information on optimal I/O alignment.
-    pub const TOPOLOGY: u64 = 1 << 10;
-    /// The device can toggle its cache between writeback and writethrough.
-    pub const CONFIG_WCE: u64 = 1 << 11;
-    /// The device supports more than one virtqueue (`num_queues`).
-    pub const MQ: u64 = 1 << 12;
-    /// The device can support discard.
-    pub const DISCARD: u64 = 1 << 13;
-    /// The device can support write zeroes.
-    pub const WRITE_ZEROES: u64 = 1 << 14;
-    /// The device supports providing storage lifetime information.
-    pub const LIFETIME: u64 = 1 << 15;
-    /// The device supports secure erase.
-    pub const SECURE_ERASE: u64 = 1 << 16;
+/// The virtio-blk features this driver uses when offered.
+pub const DRIVER_FEATURES: u64 = feature::SIZE_MAX
+    | feature::SEG_MAX
+    | feature::GEOMETRY
+    | feature::RO
+    | feature::BLK_SIZE
+    | feature::FLUSH
+    | feature::TOPOLOGY
+    | feature::CONFIG_WCE
+    | feature::MQ
+    | feature::DISCARD
+    | feature::WRITE_ZEROES;
 
-    /// The features this driver uses when offered.
-    pub const DRIVER: u64 =
-        SIZE_MAX | SEG_MAX | GEOMETRY | RO | BLK_SIZE | FLUSH | TOPOLOGY | CONFIG_WCE | MQ | DISCARD | WRITE_ZEROES;
-
-    /// Names of the bits above, for display.
-    pub const NAMES: [(u64, &str); 13] = [
-        (SIZE_MAX, "SIZE_MAX"),
-        (SEG_MAX, "SEG_MAX"),
-        (GEOMETRY, "GEOMETRY"),
-        (RO, "RO"),
-        (BLK_SIZE, "BLK_SIZE"),
-        (FLUSH, "FLUSH"),
-        (TOPOLOGY, "TOPOLOGY"),
-        (CONFIG_WCE, "CONFIG_WCE"),
-        (MQ, "MQ"),
-        (DISCARD, "DISCARD"),
-        (WRITE_ZEROES, "WRITE_ZEROES"),
-        (LIFETIME, "LIFETIME"),
-        (SECURE_ERASE, "SECURE_ERASE"),
-    ];
-}
-
-/// Request types (`VIRTIO_BLK_T_*`).
-mod req_type {
-    pub const IN: u32 = 0;
-    pub const OUT: u32 = 1;
-    pub const FLUSH: u32 = 4;
-    pub const GET_ID: u32 = 8;
-    pub const DISCARD: u32 = 11;
-    pub const WRITE_ZEROES: u32 = 13;
-}
-
-/// Status values (`VIRTIO_BLK_S_*`).
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+use crate::virtio_blk::{req as req_type, status, WRITE_ZEROES_FLAG_UNMAP};
 /// What the status byte holds until the device writes it: not a valid status.
 const STATUS_UNWRITTEN: u8 = 0xff;
 
-/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`.
-const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 
 /// Bytes of config space read: `struct virtio_blk_config` up to and including
 /// `write_zeroes_may_unmap` and its padding (the fields every virtio-blk device has).
@@ -332,9 +277,9 @@ pub enum RequestError {
 /// The result a status byte stands for (VIRTIO 1.3, 5.2.6).
 pub fn status_result(status: u8) -> Result<(), RequestError> {
     match status {
-        S_OK => Ok(()),
-        S_IOERR => Err(RequestError::IoError),
-        S_UNSUPP => Err(RequestError::Unsupported),
+        status::OK => Ok(()),
+        status::IOERR => Err(RequestError::IoError),
+        status::UNSUPP => Err(RequestError::Unsupported),
         STATUS_UNWRITTEN => Err(RequestError::NoStatus),
         other => Err(RequestError::BadStatus(other)),
     }
@@ -525,7 +470,7 @@ impl BlkDevice {
         let conn = Connection::connect(
             path,
             &ConnectOptions {
-                driver_features: feature::DRIVER,
+                driver_features: DRIVER_FEATURES,
                 required_features: opts.required_features,
                 event_idx: opts.event_idx,
                 indirect_desc: opts.indirect_desc,

@@ -7,6 +7,9 @@
 //!   or sleeping.
 //! - [`blk`]: a virtio-blk driver on top (read, write, flush, discard, write-zeroes,
 //!   get-id), many requests in flight per queue, completions matched by token.
+//! - [`backend`]: the device's end: a vhost-user back end whose rings are `virtq` device
+//!   queues, and a virtio-blk device over a file.
+//! - [`virtio_blk`]: the virtio-blk vocabulary both sides share.
 //!
 //! ```no_run
 //! use virtq_vhost_user::blk::{BlkDevice, BlkOptions};
@@ -27,6 +30,7 @@ pub mod backend;
 pub mod blk;
 pub mod frontend;
 pub mod memory;
+pub mod virtio_blk;
 
 /// The core crate, re-exported for its types (`Features`, `Sg`, ...).
 pub use virtq;

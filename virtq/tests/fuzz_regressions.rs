@@ -9,18 +9,12 @@
 use virtq::testing::{CountingDma, TestMemory};
 use virtq::{AddErrorKind, DeviceConfig, DeviceQueue, Features, LayoutKind, QueueConfig, Segments, Sg, Virtqueue};
 
-const LAYOUTS: [LayoutKind; 4] =
-    [LayoutKind::Split, LayoutKind::SplitInOrder, LayoutKind::Packed, LayoutKind::PackedInOrder];
+mod common;
+
+use common::LAYOUTS;
 
 fn features(layout: LayoutKind) -> Features {
-    let mut f = Features::VERSION_1;
-    match layout {
-        LayoutKind::Split => {}
-        LayoutKind::SplitInOrder => f |= Features::IN_ORDER,
-        LayoutKind::Packed => f |= Features::RING_PACKED,
-        LayoutKind::PackedInOrder => f |= Features::RING_PACKED | Features::IN_ORDER,
-    }
-    f
+    common::layout_features(layout, false, false)
 }
 
 /// Found by `driver_hostile_device` in about 4,000 executions (input

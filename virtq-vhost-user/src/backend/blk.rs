@@ -28,64 +28,11 @@ use virtq::{Chain, Features, Segment};
 
 use super::{Device, QueueHandler};
 
-/// Bytes in a virtio-blk sector.
-pub const SECTOR: u64 = 512;
-
-/// Bytes of a request header.
-const HEADER: usize = 16;
-
-/// Length of the device id (`GET_ID`).
-pub const ID_BYTES: usize = 20;
+pub use crate::virtio_blk::{feature, req, status, ID_BYTES, SECTOR};
+use crate::virtio_blk::{HEADER_BYTES as HEADER, WRITE_ZEROES_FLAG_UNMAP as FLAG_UNMAP};
 
 /// The most data copied through the bounce buffer at a time.
 pub const BOUNCE_BYTES: usize = 256 * 1024;
-
-/// virtio-blk feature bits (VIRTIO 1.3, 5.2.3).
-pub mod feature {
-    /// `seg_max` is valid.
-    pub const SEG_MAX: u64 = 1 << 2;
-    /// The device is read-only.
-    pub const RO: u64 = 1 << 5;
-    /// `blk_size` is valid.
-    pub const BLK_SIZE: u64 = 1 << 6;
-    /// Cache flush.
-    pub const FLUSH: u64 = 1 << 9;
-    /// `num_queues` is valid.
-    pub const MQ: u64 = 1 << 12;
-    /// Discard.
-    pub const DISCARD: u64 = 1 << 13;
-    /// Write zeroes.
-    pub const WRITE_ZEROES: u64 = 1 << 14;
-}
-
-/// Request types (`VIRTIO_BLK_T_*`).
-pub mod req {
-    /// Read.
-    pub const IN: u32 = 0;
-    /// Write.
-    pub const OUT: u32 = 1;
-    /// Flush.
-    pub const FLUSH: u32 = 4;
-    /// Device id.
-    pub const GET_ID: u32 = 8;
-    /// Discard.
-    pub const DISCARD: u32 = 11;
-    /// Write zeroes.
-    pub const WRITE_ZEROES: u32 = 13;
-}
-
-/// Status values (`VIRTIO_BLK_S_*`).
-pub mod status {
-    /// Success.
-    pub const OK: u8 = 0;
-    /// Device or driver error.
-    pub const IOERR: u8 = 1;
-    /// Request unsupported.
-    pub const UNSUPP: u8 = 2;
-}
-
-/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`.
-const FLAG_UNMAP: u32 = 1;
 
 /// Options of a [`BlkBackend`].
 #[derive(Clone, Debug)]
