@@ -194,10 +194,17 @@ pub fn child_role() -> Option<String> {
     std::env::var(CHILD_ROLE).ok()
 }
 
-/// Waits for `path` to exist (a socket, a progress file), up to `timeout`.
+/// Waits for `path` to exist (a progress file) or, for a socket, to accept connections,
+/// up to `timeout`.
 pub fn wait_for_path(path: &Path, timeout: Duration) {
+    use std::os::unix::fs::FileTypeExt;
     let deadline = Instant::now() + timeout;
-    while !path.exists() {
+    let ready = |p: &Path| match std::fs::metadata(p) {
+        Ok(m) if m.file_type().is_socket() => is_listening(p),
+        Ok(_) => true,
+        Err(_) => false,
+    };
+    while !ready(path) {
         assert!(Instant::now() < deadline, "{} did not appear within {timeout:?}", path.display());
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -207,4 +214,17 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
 pub fn kill_child(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Whether the unix socket at `path` accepts connections. Its file appears at `bind`,
+/// a moment before `listen`, and a connection attempt in between is refused; the
+/// kernel's socket table says which state it is in (`__SO_ACCEPTCON` in the flags),
+/// without taking the one connection a vhost-user back end serves.
+pub fn is_listening(path: &std::path::Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else { return path.exists() };
+    let want = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8 && fields[7] == want && fields[3] == "00010000"
+    })
 }

@@ -107,11 +107,11 @@ impl Daemon {
             .expect("start qemu-storage-daemon");
         self.child = Some(child);
         let start = Instant::now();
-        while !self.socket.exists() {
+        while !is_listening(&self.socket) {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("{QSD} exited with {status}: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
             }
-            assert!(start.elapsed() < Duration::from_secs(10), "{QSD} socket did not appear within 10 s");
+            assert!(start.elapsed() < Duration::from_secs(10), "{QSD} socket was not listening within 10 s");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -169,4 +169,17 @@ impl Rng {
             chunk.copy_from_slice(&v[..chunk.len()]);
         }
     }
+}
+
+/// Whether the unix socket at `path` accepts connections. Its file appears at `bind`,
+/// a moment before `listen`, and a connection attempt in between is refused; the
+/// kernel's socket table says which state it is in (`__SO_ACCEPTCON` in the flags),
+/// without taking the one connection a vhost-user back end serves.
+pub fn is_listening(path: &std::path::Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else { return path.exists() };
+    let want = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8 && fields[7] == want && fields[3] == "00010000"
+    })
 }
