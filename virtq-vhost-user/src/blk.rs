@@ -57,7 +57,6 @@ use crate::virtio_blk::{req as req_type, status, WRITE_ZEROES_FLAG_UNMAP};
 /// What the status byte holds until the device writes it: not a valid status.
 const STATUS_UNWRITTEN: u8 = 0xff;
 
-
 /// Bytes of config space read: `struct virtio_blk_config` up to and including
 /// `write_zeroes_may_unmap` and its padding (the fields every virtio-blk device has).
 pub const CONFIG_SIZE: u32 = 60;

@@ -39,7 +39,6 @@ pub mod feature {
     /// The device supports secure erase.
     pub const SECURE_ERASE: u64 = 1 << 16;
 
-
     /// Names of the bits above, for display.
     pub const NAMES: [(u64, &str); 13] = [
         (SIZE_MAX, "SIZE_MAX"),

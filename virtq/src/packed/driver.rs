@@ -168,7 +168,8 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
 
     unsafe fn create_in(config: &QueueConfig, memory: DmaRegion) -> Result<Self, CreateError> {
         Self::check(config)?;
-        if memory.size < ContiguousLayout::new(config.size).total || !(memory.cpu.as_ptr() as usize).is_multiple_of(16) {
+        if memory.size < ContiguousLayout::new(config.size).total || !(memory.cpu.as_ptr() as usize).is_multiple_of(16)
+        {
             return Err(CreateError::NoMemory);
         }
         // SAFETY: checked size and alignment; validity is the caller's promise.
