@@ -141,37 +141,6 @@ impl Drop for TestServer {
     }
 }
 
-/// xorshift64*: deterministic test data.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() >> 32) * n) >> 32
-    }
-
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        for chunk in v.chunks_mut(8) {
-            let x = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&x[..chunk.len()]);
-        }
-        v
-    }
-}
-
 /// The environment variable that selects a child role.
 pub const CHILD_ROLE: &str = "VIRTQ_BACKEND_TEST_ROLE";
 
@@ -218,4 +187,9 @@ pub fn kill_child(child: &mut Child) {
 
 #[path = "../util/listening.rs"]
 mod listening;
+#[allow(unused_imports)] // not every test crate uses each helper
 pub use listening::is_listening;
+#[path = "../util/rng.rs"]
+mod rng;
+#[allow(unused_imports)]
+pub use rng::Rng;
