@@ -15,14 +15,13 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use virtq::testing::TestMemory;
 use virtq::{
-    DeviceConfig, DriverQueue, Features, PackedDevice, PackedDriver, PackedInOrderDriver, QueueConfig, RingLayout,
-    Segments, Sg, SplitDevice, SplitDriver, SplitInOrderDriver,
+    DeviceConfig, Features, PackedDevice, PackedDriver, PackedInOrderDriver, QueueConfig, Segments, Sg, SplitDevice,
+    SplitDriver, SplitInOrderDriver,
 };
 
 #[path = "../examples/cycle_baseline.rs"]
@@ -69,46 +68,9 @@ fn median(id: &str) -> Option<f64> {
     })
 }
 
-/// The device half of a cycle, for both static device types.
-trait Device<'m> {
-    fn round(&mut self, segs: &mut Segments<'m, 16>) -> bool;
-}
-
-macro_rules! device_round {
-    ($t:ty) => {
-        impl<'m> Device<'m> for $t {
-            #[inline]
-            fn round(&mut self, segs: &mut Segments<'m, 16>) -> bool {
-                match self.pop(segs) {
-                    Ok(Some(chain)) => {
-                        let written = chain.writable_len();
-                        self.complete(chain, written);
-                        self.publish_used();
-                        true
-                    }
-                    _ => false,
-                }
-            }
-        }
-    };
-}
-device_round!(SplitDevice<'m, TestMemory>);
-device_round!(PackedDevice<'m, TestMemory>);
-
-#[inline]
-fn virtq_cycle<'m, L: RingLayout>(
-    driver: &mut DriverQueue<u64, &'m TestMemory, (), L>,
-    device: &mut impl Device<'m>,
-    segs: &mut Segments<'m, 16>,
-    sgs: &[Sg],
-    token: u64,
-) {
-    driver.add_inbuf(sgs, token).expect("ring has room");
-    black_box(driver.kick_prepare());
-    assert!(device.round(segs));
-    let used = driver.get_buf().expect("used buffer");
-    assert_eq!(used.token, token);
-}
+#[path = "../examples/support/cycle.rs"]
+mod support;
+use support::round_trip as virtq_cycle;
 
 fn bench_virtq(c: &mut Criterion, layout: &str, segments: usize, indirect: bool) {
     let mut features = Features::VERSION_1 | Features::EVENT_IDX;

@@ -13,32 +13,9 @@ use virtq::{
 
 const SIZE: u16 = 256;
 
-/// The device operations the cycle needs, for the static and the dynamic device types.
-trait Device<'m> {
-    fn round(&mut self, segs: &mut Segments<'m, 16>) -> bool;
-}
-
-macro_rules! device_round {
-    ($t:ty) => {
-        impl<'m> Device<'m> for $t {
-            #[inline]
-            fn round(&mut self, segs: &mut Segments<'m, 16>) -> bool {
-                match self.pop(segs) {
-                    Ok(Some(chain)) => {
-                        let written = chain.writable_len();
-                        self.complete(chain, written);
-                        self.publish_used();
-                        true
-                    }
-                    _ => false,
-                }
-            }
-        }
-    };
-}
-device_round!(SplitDevice<'m, TestMemory>);
-device_round!(PackedDevice<'m, TestMemory>);
-device_round!(DeviceQueue<'m, TestMemory>);
+#[path = "support/cycle.rs"]
+mod support;
+use support::{round_trip, Device};
 
 fn cycles<'m, L: RingLayout>(
     driver: &mut DriverQueue<u64, &'m TestMemory, (), L>,
@@ -48,11 +25,7 @@ fn cycles<'m, L: RingLayout>(
 ) {
     let mut segs = Segments::<16>::new();
     for i in 0..n {
-        driver.add_inbuf(sgs, i).expect("ring has room");
-        let _ = driver.kick_prepare();
-        assert!(device.round(&mut segs));
-        let used = driver.get_buf().expect("used buffer");
-        assert_eq!(used.token, i);
+        round_trip(driver, device, &mut segs, sgs, i);
     }
 }
 

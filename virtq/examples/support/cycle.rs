@@ -1,0 +1,51 @@
+//! One buffer's round trip through a driver queue and a device queue, shared by
+//! `examples/cycle.rs` (instruction counts) and `benches/cycle.rs` (criterion).
+
+use std::hint::black_box;
+
+use virtq::testing::TestMemory;
+use virtq::{DeviceQueue, DriverQueue, PackedDevice, RingLayout, Segments, Sg, SplitDevice};
+
+/// The device half of a round trip, for the fixed and the run-time device types.
+pub trait Device<'m> {
+    /// Pops one chain, completes it in full and publishes; false if none was available.
+    fn round(&mut self, segs: &mut Segments<'m, 16>) -> bool;
+}
+
+macro_rules! device_round {
+    ($t:ty) => {
+        impl<'m> Device<'m> for $t {
+            #[inline]
+            fn round(&mut self, segs: &mut Segments<'m, 16>) -> bool {
+                match self.pop(segs) {
+                    Ok(Some(chain)) => {
+                        let written = chain.writable_len();
+                        self.complete(chain, written);
+                        self.publish_used();
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        }
+    };
+}
+device_round!(SplitDevice<'m, TestMemory>);
+device_round!(PackedDevice<'m, TestMemory>);
+device_round!(DeviceQueue<'m, TestMemory>);
+
+/// add, kick_prepare, device pop + complete + publish, get_buf; checks the token.
+#[inline]
+pub fn round_trip<'m, L: RingLayout>(
+    driver: &mut DriverQueue<u64, &'m TestMemory, (), L>,
+    device: &mut impl Device<'m>,
+    segs: &mut Segments<'m, 16>,
+    sgs: &[Sg],
+    token: u64,
+) {
+    driver.add_inbuf(sgs, token).expect("ring has room");
+    black_box(driver.kick_prepare());
+    assert!(device.round(segs));
+    let used = driver.get_buf().expect("used buffer");
+    assert_eq!(used.token, token);
+}
