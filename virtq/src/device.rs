@@ -277,17 +277,19 @@ impl Chain {
         Self { id, descs: 0, readable: 0, writable: 0, readable_segments: 0, writable_segments: 0 }
     }
 
+    #[inline(always)]
     pub(crate) fn add(&mut self, len: u32, writable: bool) -> Result<(), DeviceError> {
-        let (total, count) = if writable {
-            (&mut self.writable, &mut self.writable_segments)
-        } else {
-            (&mut self.readable, &mut self.readable_segments)
-        };
-        *total = total.checked_add(len).ok_or(DeviceError::LengthOverflow)?;
-        if self.readable.checked_add(self.writable).is_none() {
+        // The two totals never sum past u32::MAX, so one check of the new sum covers both.
+        if self.readable as u64 + self.writable as u64 + len as u64 > u32::MAX as u64 {
             return Err(DeviceError::LengthOverflow);
         }
-        *count += 1;
+        if writable {
+            self.writable += len;
+            self.writable_segments += 1;
+        } else {
+            self.readable += len;
+            self.readable_segments += 1;
+        }
         Ok(())
     }
 

@@ -342,7 +342,15 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         let state = self.heads.get_mut(head as usize)?;
         let token = state.token.take()?;
         let ctx = state.ctx.take();
-        let (descs, tail, indirect_entries) = (state.descs, state.tail, state.indirect_entries);
+        let chain = (state.descs, state.tail, state.indirect_entries);
+        Some((token, ctx, self.free_chain(head, chain, free_head, relink)))
+    }
+
+    /// The second half of [`Self::release`], once the token is out of `heads[head]`:
+    /// `chain` is that state's `(descs, tail, indirect_entries)`. Returns `descs`.
+    #[inline(always)]
+    fn free_chain(&mut self, head: u16, chain: (u16, u16, u16), free_head: &mut u16, relink: bool) -> u16 {
+        let (descs, tail, indirect_entries) = chain;
         if D::MAPS {
             if indirect_entries > 0 {
                 let first = head as usize * self.indirect_max as usize;
@@ -357,7 +365,7 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
             *free_head = head;
         }
         self.num_free += descs;
-        Some((token, ctx, descs))
+        descs
     }
 
     /// Validates a used entry the device wrote: `id` names a buffer in flight whose
@@ -374,13 +382,24 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         false
     }
 
-    /// [`Self::check_used`] then [`Self::release`]: the used entry's buffer, taken back.
+    /// [`Self::check_used`] then [`Self::release`] with one look-up: the used entry's
+    /// buffer, taken back, or `None` with the fault latched.
     #[inline(always)]
     pub fn take_used(&mut self, id: u32, len: u32, free_head: &mut u16) -> Option<(T, Option<usize>, u16)> {
-        if !self.check_used(id, len) {
-            return None;
-        }
-        self.release(id as u16, free_head, true)
+        let fault = match self.heads.get_mut(id as usize) {
+            None => Fault::UsedIdOutOfRange { id },
+            Some(h) if len > h.writable && h.token.is_some() => Fault::UsedLenTooLong { id, len, writable: h.writable },
+            Some(h) => match h.token.take() {
+                Some(token) => {
+                    let ctx = h.ctx.take();
+                    let chain = (h.descs, h.tail, h.indirect_entries);
+                    return Some((token, ctx, self.free_chain(id as u16, chain, free_head, true)));
+                }
+                None => Fault::UsedIdNotInFlight { id },
+            },
+        };
+        self.fail(fault);
+        None
     }
 
     /// Takes back the oldest buffer of an in-order ring, at `head`, and its writable

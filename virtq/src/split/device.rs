@@ -212,15 +212,20 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         self.unsignalled += 1;
     }
 
+    #[inline(always)]
     fn write_used(&self, idx: u16, id: u16, len: u32) {
         let (id_field, len_field) = self.ring.used_elem(idx);
         id_field.store(id as u32);
         len_field.store(len);
     }
 
+    #[inline(always)]
     fn flush_run(&mut self) {
-        if let Some(run) = self.run.take() {
-            self.write_used(run.first, run.last_id, run.last_len);
+        // Test before taking: `take` would store `None` on every publish.
+        if self.run.is_some() {
+            if let Some(run) = self.run.take() {
+                self.write_used(run.first, run.last_id, run.last_len);
+            }
         }
     }
 

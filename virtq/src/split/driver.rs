@@ -269,7 +269,8 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         // In order, the private links stay sequential, so this is `head + descs`.
         self.free_head = next_free;
 
-        let slot = self.ring.avail_ring(self.avail_idx_shadow);
+        let avail_idx = self.avail_idx_shadow;
+        let slot = self.ring.avail_ring(avail_idx);
         // In order with one descriptor per buffer, the slot already holds this head from
         // the previous lap: skip the store that would steal the cache line from the device.
         if !IN_ORDER || slot.load() != head {
@@ -278,8 +279,9 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         // Descriptors and the ring entry before the index that publishes them; pairs with
         // the device's rmb after it reads `avail.idx` (`SplitDevice::pop`).
         core.barriers.wmb();
-        self.avail_idx_shadow = self.avail_idx_shadow.wrapping_add(1);
-        self.ring.avail_idx().store(self.avail_idx_shadow);
+        let avail_idx = avail_idx.wrapping_add(1);
+        self.avail_idx_shadow = avail_idx;
+        self.ring.avail_idx().store(avail_idx);
         core.num_added = core.num_added.wrapping_add(1);
         if core.num_added == u16::MAX {
             // The kick window `[shadow - num_added, shadow)` would alias at 2^16 unkicked
