@@ -441,6 +441,27 @@ pub struct Completion {
     seq: u64,
 }
 
+/// A caller's time limit on a wait, fixed to an instant at the wait's first clock reading.
+#[derive(Clone, Copy, Debug)]
+enum Limit {
+    None,
+    After(Duration),
+    At(Instant),
+}
+
+impl Limit {
+    /// The deadline; an `After` becomes `At(now + duration)`.
+    fn resolve(&mut self, now: Instant) -> Option<Instant> {
+        if let Limit::After(d) = *self {
+            *self = now.checked_add(d).map_or(Limit::None, Limit::At);
+        }
+        match *self {
+            Limit::At(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Slot {
     active: bool,
@@ -534,6 +555,9 @@ pub struct BlkQueue {
     in_flight: usize,
     out_sg: Vec<Sg>,
     in_sg: Vec<Sg>,
+    /// `info.max_segment_size()` and `info.max_segments()`, worked out once.
+    max_seg: usize,
+    max_segs: usize,
     ready: VecDeque<Completion>,
     unkicked: bool,
     wait: WaitMode,
@@ -566,6 +590,8 @@ impl BlkQueue {
             in_flight: 0,
             out_sg: Vec::with_capacity(8),
             in_sg: Vec::with_capacity(8),
+            max_seg: info.max_segment_size() as usize,
+            max_segs: info.max_segments() as usize,
             ready: VecDeque::with_capacity(n),
             unkicked: false,
             wait: opts.wait,
@@ -681,12 +707,17 @@ impl BlkQueue {
             }
             Op::Raw(_) => {}
         }
-        let max_seg = info.max_segment_size() as usize;
-        let segs: usize = req.bufs.iter().map(|b| b.len().div_ceil(max_seg)).sum();
-        if segs > info.max_segments() as usize {
+        let max_seg = self.max_seg;
+        // No division for the usual buffer that fits one segment.
+        let segs: usize = req
+            .bufs
+            .iter()
+            .map(|b| if b.len() <= max_seg { usize::from(!b.is_empty()) } else { b.len().div_ceil(max_seg) })
+            .sum();
+        if segs > self.max_segs {
             return Err(BlkError::InvalidRequest(format!(
                 "{segs} data segments, the device takes at most {} (seg_max)",
-                info.max_segments()
+                self.max_segs
             )));
         }
         Ok(())
@@ -749,7 +780,7 @@ impl BlkQueue {
             self.out_sg.push(Sg::new(gpa + CTL_DWZ as u64, 16));
         }
         let device_writes = matches!(req.op, Op::Read | Op::GetId);
-        let max_seg = self.info.max_segment_size() as usize;
+        let max_seg = self.max_seg;
         let data = if device_writes { &mut self.in_sg } else { &mut self.out_sg };
         for b in &req.bufs {
             let mut off = 0;
@@ -865,31 +896,37 @@ impl BlkQueue {
         // Slots stay unusable: `failed` refuses new requests.
     }
 
-    /// Waits until something new is ready or nothing is in flight. `deadline` is the
-    /// caller's; the request timeout (no completion for that long) applies as well.
-    fn wait_some(&mut self, deadline: Option<Instant>) -> Result<(), BlkError> {
+    /// Waits until something new is ready or nothing is in flight. `limit` is the
+    /// caller's; the request timeout (no completion for that long) applies as well. Both
+    /// count from the first clock reading of the wait (see `Queue::wait_with`), so a
+    /// busy-polling wait whose completion comes within its first spins reads no clock.
+    fn wait_some(&mut self, limit: &mut Limit) -> Result<(), BlkError> {
         self.kick()?;
         let before = self.ready.len();
-        if self.collect() > before || self.in_flight == 0 {
-            return Ok(());
-        }
-        let waiting_since = Instant::now();
-        let give_up = waiting_since + self.request_timeout;
+        let request_timeout = self.request_timeout;
+        let mut waiting_since: Option<Instant> = None;
         loop {
             if self.collect() > before || self.in_flight == 0 {
                 return Ok(());
             }
-            let until = deadline.map_or(give_up, |d| d.min(give_up));
-            match self.q.wait(self.wait, Some(until)) {
+            let until = |now: Instant| {
+                let give_up = waiting_since.get_or_insert(now).checked_add(request_timeout);
+                match (limit.resolve(now), give_up) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            };
+            match self.q.wait_with(self.wait, until) {
                 Ok(()) => {}
                 Err(frontend::Error::Timeout(_)) => {
                     let now = Instant::now();
-                    if now >= give_up {
-                        self.abort_all(RequestError::TimedOut(self.request_timeout));
+                    let since = *waiting_since.get_or_insert(now);
+                    if now.duration_since(since) >= request_timeout {
+                        self.abort_all(RequestError::TimedOut(request_timeout));
                         return Ok(());
                     }
-                    if deadline.is_some_and(|d| now >= d) {
-                        return Err(BlkError::Timeout(now - waiting_since));
+                    if limit.resolve(now).is_some_and(|d| now >= d) {
+                        return Err(BlkError::Timeout(now - since));
                     }
                 }
                 Err(frontend::Error::Disconnected) => {
@@ -915,18 +952,21 @@ impl BlkQueue {
 
     /// Waits until at least `min` completions are ready (fewer if fewer requests are in
     /// flight), then moves all ready ones to `out`. Kicks first. `timeout` bounds the wait
-    /// (`BlkError::Timeout`); the request timeout still applies without it.
+    /// (`BlkError::Timeout`); the request timeout still applies without it. A busy-polling
+    /// wait starts counting at its first clock reading, after up to 64 spins.
     pub fn wait(
         &mut self,
         min: usize,
         out: &mut Vec<Completion>,
         timeout: Option<Duration>,
     ) -> Result<usize, BlkError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut limit = timeout.map_or(Limit::None, Limit::After);
         while self.ready.len() < min && self.in_flight > 0 {
-            self.wait_some(deadline)?;
+            self.wait_some(&mut limit)?;
         }
-        self.collect();
+        if self.in_flight > 0 {
+            self.collect();
+        }
         let n = self.ready.len();
         out.extend(self.ready.drain(..));
         Ok(n)
@@ -939,7 +979,7 @@ impl BlkQueue {
                 Ok(seq) => break seq,
                 Err(SubmitError { error: BlkError::QueueFull, request }) if self.in_flight > 0 => {
                     req = request;
-                    self.wait_some(None)?;
+                    self.wait_some(&mut Limit::None)?;
                 }
                 Err(e) => return Err(e.error),
             }
@@ -948,7 +988,7 @@ impl BlkQueue {
             if let Some(i) = self.ready.iter().position(|c| c.seq == seq) {
                 return Ok(self.ready.remove(i).expect("index from position"));
             }
-            self.wait_some(None)?;
+            self.wait_some(&mut Limit::None)?;
         }
     }
 

@@ -673,15 +673,27 @@ impl<T> Queue<T> {
     /// Waits until the ring has used buffers (`has_used`), the back end disconnects, the
     /// queue breaks, or `deadline` passes.
     pub fn wait(&mut self, mode: WaitMode, deadline: Option<Instant>) -> Result<(), Error> {
+        self.wait_with(mode, |_| deadline)
+    }
+
+    /// Like [`Self::wait`], with the deadline worked out by `deadline` from the wait's first
+    /// clock reading. A busy-polling wait reads the clock only every 64 spins, so a caller
+    /// with a relative timeout reads no clock at all when the buffer comes within them.
+    pub(crate) fn wait_with(
+        &mut self,
+        mode: WaitMode,
+        deadline: impl FnOnce(Instant) -> Option<Instant>,
+    ) -> Result<(), Error> {
         if self.vq.has_used() {
             return Ok(());
         }
         if mode == WaitMode::Sleep {
-            return self.sleep(deadline, Instant::now());
+            let now = Instant::now();
+            return self.sleep(deadline(now), now);
         }
-        // The clock is read every 64 spins only: a completion that arrives early costs no
-        // clock read at all.
-        let mut start = None;
+        let mut deadline = Some(deadline);
+        // (first clock reading, deadline), set at the first clock reading.
+        let mut clock: Option<(Instant, Option<Instant>)> = None;
         let mut spins = 0u32;
         loop {
             if self.vq.has_used() {
@@ -696,7 +708,7 @@ impl<T> Queue<T> {
                 continue;
             }
             let now = Instant::now();
-            let start = *start.get_or_insert(now);
+            let (start, deadline) = *clock.get_or_insert_with(|| (now, deadline.take().and_then(|f| f(now))));
             let spin_until = match mode {
                 WaitMode::Hybrid(d) => Some(start + d),
                 _ => None,
@@ -709,7 +721,12 @@ impl<T> Queue<T> {
             match spin_until {
                 Some(t) if now >= t => return self.sleep(deadline, start),
                 _ => {
-                    if now.duration_since(self.sock_check) >= SOCKET_CHECK_INTERVAL {
+                    // Only a wait that has spun a while asks the socket: a live back end
+                    // answers in microseconds, so a busy queue makes no syscall here, and a
+                    // dead one leaves the wait spinning until it checks.
+                    if now.duration_since(start) >= SOCKET_CHECK_INTERVAL
+                        && now.duration_since(self.sock_check) >= SOCKET_CHECK_INTERVAL
+                    {
                         self.sock_check = now;
                         if self.conn.peer_gone() {
                             return Err(Error::Disconnected);
