@@ -13,6 +13,10 @@
 # needs_notification, as a virtio-queue device does after add_used; "no-notify" leaves it
 # out, which is the work of virtq's cycle (its device publishes without deciding on an
 # interrupt).
+#
+# Last, streaming (CYCLE_BATCH=32: 32 adds, one kick_prepare, 32 pops and completions, one
+# publish, 32 get_bufs), per buffer and per side: the work each thread of `virtq bench`'s
+# batch-32 cells does for a buffer, without cache-line transfers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is required (apt-get install valgrind)" >&2; exit 1; }
@@ -61,4 +65,27 @@ for spec in ${BASELINE_SEGMENTS:-1 4 16 4-indirect 16-indirect}; do
     nn=$(baseline_per_cycle "$segs" $indirect no-notify)
     split=$(per_cycle split static "$segs" $indirect)
     printf '%-12s %9s %9s %12s %9s %9s\n' "$spec" "$base" "$nn" "$split" "$(ratio "$split" "$base")" "$(ratio "$split" "$nn")"
+done
+
+# Instructions inside the never-inlined `device_batch` and in the whole run.
+stream_counts() { # layout cycles -> "total device"
+    local out
+    out=$(mktemp)
+    CYCLE_BATCH=32 valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" "$1" static "$2" >/dev/null 2>&1
+    callgrind_annotate --inclusive=yes "$out" 2>/dev/null | awk '
+        /PROGRAM TOTALS/ { gsub(",", "", $1); total = $1 }
+        /=> .*device_batch/ { gsub(",", "", $1); device = $1 }
+        END { print total, device }'
+    rm -f "$out"
+}
+
+echo
+echo "streaming, batch 32, 1 segment: instructions per buffer"
+printf '%-16s %8s %8s %8s
+' layout driver device both
+for layout in split split-in-order packed packed-in-order; do
+    read -r ta da < <(stream_counts "$layout" 32000)
+    read -r tb db < <(stream_counts "$layout" 64000)
+    awk -v l="$layout" -v t=$((tb - ta)) -v d=$((db - da)) \
+        'BEGIN { printf "%-16s %8.1f %8.1f %8.1f\n", l, (t - d) / 32000, d / 32000, t / 32000 }'
 done

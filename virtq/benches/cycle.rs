@@ -68,6 +68,8 @@ fn median(id: &str) -> Option<f64> {
     })
 }
 
+// The streaming half of the module (`pop_complete`, `publish`) serves `examples/cycle.rs` only.
+#[allow(dead_code)]
 #[path = "../examples/support/cycle.rs"]
 mod support;
 use support::round_trip as virtq_cycle;

@@ -2,8 +2,15 @@
 //! publish, get_buf. Used by `scripts/instructions.sh` to count instructions per cycle
 //! under callgrind, comparing a statically chosen layout with run-time dispatch.
 //!
-//! `cargo run --release -p virtq --example cycle -- <layout> <static|dynamic> <cycles> [segments]`
+//! `cargo run --release -p virtq --example cycle -- <layout> <static|dynamic> <cycles> [segments] [indirect]`
 //! with layout one of split, split-in-order, packed, packed-in-order.
+//!
+//! With `CYCLE_BATCH=N` in the environment it streams instead: N adds, one kick_prepare,
+//! the device pops and completes N chains and publishes once, then N get_bufs. The
+//! device's half is a function of its own (`device_batch`), so callgrind tells the two
+//! sides' costs apart.
+
+use std::hint::black_box;
 
 use virtq::testing::TestMemory;
 use virtq::{
@@ -29,6 +36,38 @@ fn cycles<'m, L: RingLayout>(
     }
 }
 
+/// Streaming: `batch` adds, one kick_prepare, the device's half (`device_batch`), then
+/// `batch` get_bufs; `n` buffers in all.
+fn streams<'m, L: RingLayout>(
+    driver: &mut DriverQueue<u64, &'m TestMemory, (), L>,
+    device: &mut impl Device<'m>,
+    sgs: &[Sg],
+    n: u64,
+    batch: u64,
+) {
+    let mut segs = Segments::<16>::new();
+    for first in (0..n).step_by(batch as usize) {
+        for token in first..first + batch {
+            driver.add_inbuf(sgs, token).expect("ring has room");
+        }
+        black_box(driver.kick_prepare().is_some());
+        device_batch(device, &mut segs, batch);
+        for token in first..first + batch {
+            assert_eq!(driver.get_buf().expect("used buffer").token, token);
+        }
+    }
+}
+
+/// The device's half of a streamed batch: pop and complete `batch` chains, then publish.
+/// Never inlined, so that callgrind counts it apart from the driver's half.
+#[inline(never)]
+fn device_batch<'m>(device: &mut impl Device<'m>, segs: &mut Segments<'m, 16>, batch: u64) {
+    for _ in 0..batch {
+        assert!(device.pop_complete(segs));
+    }
+    device.publish();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: cycle <split|split-in-order|packed|packed-in-order> <static|dynamic> <cycles> [segments]";
@@ -51,13 +90,27 @@ fn main() {
     let mut config = QueueConfig::new(0, SIZE, features);
     config.callbacks = false;
     let device_config = |d: [u64; 3]| DeviceConfig::new(SIZE, features, d[0], d[1], d[2]);
+    let batch: u64 = std::env::var("CYCLE_BATCH").map_or(0, |b| b.parse().expect("CYCLE_BATCH: a number"));
+    assert!(
+        batch <= u64::from(SIZE) && n.is_multiple_of(batch.max(1)),
+        "CYCLE_BATCH: at most {SIZE}, dividing <cycles>"
+    );
+    macro_rules! run {
+        ($driver:expr, $device:expr) => {
+            if batch > 0 {
+                streams($driver, $device, &sgs, n, batch)
+            } else {
+                cycles($driver, $device, &sgs, n)
+            }
+        };
+    }
 
     macro_rules! run_static {
         ($layout:ty, $device:ident) => {{
             let mut driver = DriverQueue::<u64, _, (), $layout>::new(config, &mem, ()).unwrap();
             let addrs = [driver.desc_addr(), driver.avail_addr(), driver.used_addr()];
             let mut device = $device::new(&mem, device_config(addrs)).unwrap();
-            cycles(&mut driver, &mut device, &sgs, n);
+            run!(&mut driver, &mut device);
         }};
     }
     match (layout, dispatch) {
@@ -69,7 +122,7 @@ fn main() {
             let mut driver = Virtqueue::<u64, _, ()>::new(config, &mem, ()).unwrap();
             let addrs = [driver.desc_addr(), driver.avail_addr(), driver.used_addr()];
             let mut device = DeviceQueue::new(&mem, device_config(addrs)).unwrap();
-            cycles(&mut driver, &mut device, &sgs, n);
+            run!(&mut driver, &mut device);
         }
         _ => panic!("{usage}"),
     }

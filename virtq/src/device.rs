@@ -84,6 +84,35 @@ pub(crate) fn push_segment<'m, M: GuestMemory + ?Sized, S: SegmentSink<'m>>(
     }
 }
 
+/// A chain of one direct descriptor, the common case, without the walk's per-segment
+/// bookkeeping: a single length cannot overflow, nor be readable after a writable one.
+#[inline(always)]
+pub(crate) fn single_segment<'m, M: GuestMemory + ?Sized, S: SegmentSink<'m>>(
+    mem: &'m M,
+    id: u16,
+    addr: u64,
+    len: u32,
+    writable: bool,
+    segs: &mut S,
+) -> Result<Chain, DeviceError> {
+    let host = mem.translate(addr, len as u64).ok_or(DeviceError::AddressOutOfRange { addr, len: len as u64 })?;
+    // SAFETY: translated for `len` bytes; `GuestMemory` keeps it valid while `mem` is
+    // borrowed, i.e. for 'm.
+    let seg = unsafe { Segment::new(host, addr, len, writable) };
+    if !segs.push(seg) {
+        return Err(DeviceError::SinkFull);
+    }
+    let (readable, writable_len) = if writable { (0, len) } else { (len, 0) };
+    Ok(Chain {
+        id,
+        descs: 1,
+        readable,
+        writable: writable_len,
+        readable_segments: u16::from(!writable),
+        writable_segments: u16::from(writable),
+    })
+}
+
 /// In-order completions not yet written: consecutive buffers the device finished, to be
 /// returned with one used entry that names the last (VIRTIO 1.3, 2.7.9 and 2.8.21).
 #[derive(Clone, Copy, Debug)]
@@ -441,6 +470,7 @@ impl<'m, M: GuestMemory + ?Sized> DeviceQueue<'m, M> {
     }
 
     /// Makes every completion so far visible to the driver.
+    #[inline(always)]
     pub fn publish_used(&mut self) {
         device_dispatch!(self, q => q.publish_used())
     }

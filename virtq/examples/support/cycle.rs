@@ -8,6 +8,10 @@ use virtq::{DeviceQueue, DriverQueue, PackedDevice, RingLayout, Segments, Sg, Sp
 
 /// The device half of a round trip, for the fixed and the run-time device types.
 pub trait Device<'m> {
+    /// Pops one chain and completes it in full; false if none was available.
+    fn pop_complete(&mut self, segs: &mut Segments<'m, 16>) -> bool;
+    /// Makes the completions visible to the driver.
+    fn publish(&mut self);
     /// Pops one chain, completes it in full and publishes; false if none was available.
     fn round(&mut self, segs: &mut Segments<'m, 16>) -> bool;
 }
@@ -15,6 +19,23 @@ pub trait Device<'m> {
 macro_rules! device_round {
     ($t:ty) => {
         impl<'m> Device<'m> for $t {
+            #[inline(always)]
+            fn pop_complete(&mut self, segs: &mut Segments<'m, 16>) -> bool {
+                match self.pop(segs) {
+                    Ok(Some(chain)) => {
+                        let written = chain.writable_len();
+                        self.complete(chain, written);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            #[inline(always)]
+            fn publish(&mut self) {
+                self.publish_used();
+            }
+            // Inlined into the round trip, as a device's loop would be; the baseline pair's
+            // device half stays `#[inline]`, which gives it its lower count.
             #[inline(always)]
             fn round(&mut self, segs: &mut Segments<'m, 16>) -> bool {
                 match self.pop(segs) {

@@ -80,7 +80,7 @@ impl RingLayout for AnyLayout {
         dispatch!(self, l => l.addresses())
     }
 
-    #[inline]
+    #[inline(always)]
     fn add<T, D: Dma, N: Notify>(
         &mut self,
         core: &mut DriverCore<T, D, N>,
@@ -92,6 +92,7 @@ impl RingLayout for AnyLayout {
         dispatch!(self, l => l.add(core, buf, token, ctx, premapped))
     }
 
+    #[inline]
     fn kick_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
         dispatch!(self, l => l.kick_prepare(core))
     }
@@ -100,7 +101,7 @@ impl RingLayout for AnyLayout {
         dispatch!(self, l => l.next_avail())
     }
 
-    #[inline]
+    #[inline(always)]
     fn get_buf<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<(T, u32, Option<usize>)> {
         dispatch!(self, l => l.get_buf(core))
     }

@@ -206,6 +206,7 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
     /// last call; deliver it with [`Self::notify`] or [`QueueHandle::notify`] (Linux:
     /// `if (virtqueue_kick_prepare(vq)) virtqueue_notify(vq);`).
     #[doc(alias = "virtqueue_kick_prepare")]
+    #[inline]
     pub fn kick_prepare(&mut self) -> Option<Kick> {
         self.layout.kick_prepare(&mut self.core).then(|| Kick { data: self.notify_data() })
     }

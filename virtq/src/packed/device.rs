@@ -8,7 +8,9 @@ use super::{
     is_avail, used_bits, PackedRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, EVENT_FLAGS_DESC, EVENT_FLAGS_DISABLE,
     EVENT_FLAGS_ENABLE, WRAP_BIT,
 };
-use crate::device::{push_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, SegmentSink};
+use crate::device::{
+    push_segment, single_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, SegmentSink,
+};
 use crate::event::need_event;
 use crate::memory::GuestMemory;
 use crate::shared::{DescWords, RawDesc};
@@ -122,6 +124,16 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
     fn walk<S: SegmentSink<'m>>(&self, head_flags: u16, segs: &mut S) -> Result<(Chain, u16, bool), DeviceError> {
         let size = self.ring.size();
         let (mut pos, mut wrap) = (self.avail_pos, self.avail_wrap);
+        if head_flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 {
+            let d = self.ring.desc(pos).read();
+            let chain = single_segment(self.mem, d.lo16, d.addr, d.len, head_flags & DESC_F_WRITE != 0, segs)?;
+            pos += 1;
+            if pos == size {
+                pos = 0;
+                wrap = !wrap;
+            }
+            return Ok((chain, pos, wrap));
+        }
         let mut chain = Chain::new(0);
         loop {
             let d = self.ring.desc(pos).read();

@@ -6,7 +6,9 @@
 //! memory, loop, or panic.
 
 use super::{SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY};
-use crate::device::{push_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, SegmentSink};
+use crate::device::{
+    push_segment, single_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, SegmentSink,
+};
 use crate::event::need_event;
 use crate::memory::GuestMemory;
 use crate::shared::{DescWords, RawDesc};
@@ -126,10 +128,15 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
 
     #[inline(always)]
     fn walk<S: SegmentSink<'m>>(&self, head: u16, segs: &mut S) -> Result<Chain, DeviceError> {
+        let mut d = self.ring.desc(head).read();
+        if d.lo16 & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 {
+            return single_segment(self.mem, head, d.addr, d.len, d.lo16 & DESC_F_WRITE != 0, segs);
+        }
         let mut chain = Chain::new(head);
-        let mut i = head;
         for n in 0..self.size {
-            let d = self.ring.desc(i).read();
+            if n > 0 {
+                d = self.ring.desc(d.hi16).read();
+            }
             let flags = d.lo16;
             if flags & DESC_F_INDIRECT != 0 {
                 if n != 0 || flags & DESC_F_NEXT != 0 {
@@ -145,8 +152,8 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             if d.hi16 >= self.size {
                 return Err(DeviceError::IndexOutOfRange { index: d.hi16 as u32 });
             }
-            i = d.hi16;
         }
+        // A ring of `size` descriptors holds chains of at most `size`.
         Err(DeviceError::ChainTooLong)
     }
 
