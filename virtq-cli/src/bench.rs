@@ -148,6 +148,9 @@ pub fn run(settings: &Settings) -> Result<Report, String> {
             Workload::Latency => {
                 let mut l = Latency::new(layout, mode, d, cell.preemptions);
                 eprint!("p50 {} ns, p99 {} ns", l.p50_ns, l.p99_ns);
+                if let Some(rt) = l.round_trip_ns {
+                    eprint!(", RT {rt:.0} ns");
+                }
                 if mode == Mode::Poll {
                     let rtt_after = measure_rtt(cpus, settings.pingpong, &mut rtts, ("; after: ", ""));
                     l.compare_with_cacheline(rtt_before, rtt_after);

@@ -63,6 +63,9 @@ fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, mode: Mode) -> Re
                 ));
             }
             device.complete(chain, 0);
+            if n == 0 {
+                device.publish_used();
+            }
             n += 1;
         }
         if n > 0 {

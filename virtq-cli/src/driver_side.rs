@@ -75,7 +75,13 @@ pub struct DriverOutcome {
     pub window: (Snapshot, Snapshot),
     /// Round-trip times in ns, for the latency workload (empty for streaming).
     pub samples: Vec<u32>,
+    /// Latency workload: the mean round trip of each block of [`LATENCY_BLOCK`] requests
+    /// timed together, in ns.
+    pub block_means: Vec<f32>,
 }
+
+/// Requests per latency block (see `Driver::latency`).
+pub const LATENCY_BLOCK: usize = 64;
 
 /// The driver queue of layout `L`, with the layout fixed at compile time.
 pub type Queue<'a, L> = DriverQueue<u64, &'a TestMemory, Kicker<'a>, L>;
@@ -250,43 +256,76 @@ impl<L: BenchLayout> Driver<'_, L> {
             }
         }
         let window = window.expect("the loop ends only after the window closed");
-        Ok(DriverOutcome { added: self.added, returned: self.returned, window, samples: Vec::new() })
+        Ok(DriverOutcome {
+            added: self.added,
+            returned: self.returned,
+            window,
+            samples: Vec::new(),
+            block_means: Vec::new(),
+        })
     }
 
-    /// Request/response: one buffer outstanding; each sample is the time from adding it to
-    /// getting it back.
+    /// Request/response: one buffer outstanding. Blocks of [`LATENCY_BLOCK`] requests take
+    /// turns: in one, each request is timed on its own (one clock read per request, chained:
+    /// a request's end is the next one's start), for the distribution; in the next, the
+    /// block is timed as a whole and gives one mean, the way the cache-line round trip is
+    /// measured, so that the two compare without the clock's cost.
     fn latency(mut self, timing: Timing) -> Result<DriverOutcome, String> {
         // Preallocate, and write every element now: an untouched page would cost a page
         // fault inside the timed loop. (Not zeroes: a zeroed allocation gets lazily mapped
         // zero pages from the OS, which is exactly the fault we want out of the loop.)
         let mut samples = vec![u32::MAX; timing.max_samples];
-        let mut n = 0;
+        let mut block_means = vec![f32::MAX; timing.max_samples / LATENCY_BLOCK + 1];
+        let (mut n, mut blocks) = (0, 0);
         let start = Instant::now();
         let measure_from = start + timing.warmup;
         let measure_until = measure_from + timing.duration;
         let mut first: Option<Snapshot> = None;
         let last = loop {
             let t0 = Instant::now();
-            if t0 >= measure_until || n == samples.len() {
+            if t0 >= measure_until || n + LATENCY_BLOCK > samples.len() {
                 break self.snapshot(t0);
             }
-            if first.is_none() && t0 >= measure_from {
+            let measuring = t0 >= measure_from;
+            if measuring && first.is_none() {
                 first = Some(self.snapshot(t0));
             }
-            self.add_batch(1)?;
-            while self.reap()? == 0 {
-                self.wait_for_used()?;
+            // Timed one by one.
+            let mut previous = t0;
+            for _ in 0..LATENCY_BLOCK {
+                self.request()?;
+                let now = Instant::now();
+                if measuring {
+                    samples[n] = u32::try_from((now - previous).as_nanos()).unwrap_or(u32::MAX);
+                    n += 1;
+                }
+                previous = now;
             }
-            let ns = t0.elapsed().as_nanos();
-            if first.is_some() {
-                samples[n] = u32::try_from(ns).unwrap_or(u32::MAX);
-                n += 1;
+            // Timed together.
+            let t1 = Instant::now();
+            for _ in 0..LATENCY_BLOCK {
+                self.request()?;
+            }
+            if measuring {
+                block_means[blocks] = t1.elapsed().as_nanos() as f32 / LATENCY_BLOCK as f32;
+                blocks += 1;
             }
         };
         samples.truncate(n);
+        block_means.truncate(blocks);
         // With a tiny sample budget the window may close before it opened: then it is empty.
         let first = first.unwrap_or(last);
-        Ok(DriverOutcome { added: self.added, returned: self.returned, window: (first, last), samples })
+        Ok(DriverOutcome { added: self.added, returned: self.returned, window: (first, last), samples, block_means })
+    }
+
+    /// One request: add a buffer, kick, wait for it to come back.
+    #[inline(always)]
+    fn request(&mut self) -> Result<(), String> {
+        self.add_batch(1)?;
+        while self.reap()? == 0 {
+            self.wait_for_used()?;
+        }
+        Ok(())
     }
 }
 

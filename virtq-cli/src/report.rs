@@ -5,10 +5,10 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use crate::bench::Mode;
-use crate::driver_side::DriverOutcome;
+use crate::driver_side::{DriverOutcome, LATENCY_BLOCK};
 use crate::layout::Layout;
 use crate::pingpong::CachelineRtt;
-use crate::stats::{percentile, ratio};
+use crate::stats::{median, percentile, ratio};
 
 /// Everything one `virtq bench` run measured (the `--json` output).
 #[derive(Debug, Serialize)]
@@ -118,8 +118,13 @@ impl Throughput {
 pub struct Latency {
     pub layout: Layout,
     pub mode: Mode,
-    /// Round trips measured.
+    /// Requests timed one by one (each time includes one clock read).
     pub samples: usize,
+    /// Median over blocks of requests timed together of the block's mean round trip: the
+    /// figure that compares with the cache-line round trip, measured the same way.
+    pub round_trip_ns: Option<f64>,
+    /// Blocks timed together.
+    pub blocks: usize,
     pub p50_ns: u32,
     pub p99_ns: u32,
     pub min_ns: u32,
@@ -137,6 +142,8 @@ pub struct Latency {
     pub placement_stable: Option<bool>,
     /// `p50_ns` in cache-line round trips.
     pub p50_over_cacheline: Option<f64>,
+    /// `round_trip_ns` in cache-line round trips.
+    pub round_trip_over_cacheline: Option<f64>,
     /// Requests checked to have come back exactly once (warm-up included).
     pub checked_buffers: u64,
     /// Involuntary context switches of the two threads in the cell: a busy machine.
@@ -157,6 +164,8 @@ impl Latency {
             layout,
             mode,
             samples: samples.len(),
+            round_trip_ns: median(&d.block_means.iter().map(|&ns| f64::from(ns)).collect::<Vec<_>>()),
+            blocks: d.block_means.len(),
             p50_ns: percentile(&samples, 50),
             p99_ns: percentile(&samples, 99),
             min_ns: samples.first().copied().unwrap_or(0),
@@ -168,6 +177,7 @@ impl Latency {
             cacheline_rtt_ns: None,
             placement_stable: None,
             p50_over_cacheline: None,
+            round_trip_over_cacheline: None,
             checked_buffers: d.returned.count,
             preemptions,
         }
@@ -177,7 +187,8 @@ impl Latency {
     pub fn compare_with_cacheline(&mut self, before: Option<CachelineRtt>, after: Option<CachelineRtt>) {
         self.cacheline_rtt_before = before;
         self.cacheline_rtt_after = after;
-        (self.cacheline_rtt_ns, self.placement_stable, self.p50_over_cacheline) = (None, None, None);
+        (self.cacheline_rtt_ns, self.placement_stable) = (None, None);
+        (self.p50_over_cacheline, self.round_trip_over_cacheline) = (None, None);
         let rtts: Vec<f64> = [before, after].iter().flatten().map(|r| r.median_ns).filter(|&ns| ns > 0.0).collect();
         if rtts.is_empty() {
             return;
@@ -188,6 +199,7 @@ impl Latency {
             self.placement_stable = Some(x.max(y) / x.min(y) <= STABLE_PLACEMENT);
         }
         self.p50_over_cacheline = Some(f64::from(self.p50_ns) / mean);
+        self.round_trip_over_cacheline = self.round_trip_ns.map(|rt| rt / mean);
     }
 }
 
@@ -262,22 +274,27 @@ impl Report {
             writeln!(out)?;
             writeln!(
                 out,
-                "latency: one request outstanding, add+kick to get_buf (each sample includes one clock read);"
+                "latency: one request outstanding, add+kick to get_buf; p50/p99: each request timed on its own"
             )?;
             writeln!(
                 out,
-                "RTT: one cache line ping-ponged between the same two CPUs just before/after the cell (p50/RTT: \
-                 against their mean)"
+                "(one clock read included); RT: median over blocks of {LATENCY_BLOCK} requests timed together of their mean;"
             )?;
             writeln!(
                 out,
-                "{:<5}  {:<15} {:>8} {:>9} {:>9} {:>8} {:>10} {:>9} {:>9} {:>8}",
+                "RTT: one cache line ping-ponged between the same two CPUs just before/after the cell, timed the \
+                 same way as RT (RT/RTT: against their mean)"
+            )?;
+            writeln!(
+                out,
+                "{:<5}  {:<15} {:>7} {:>7} {:>7} {:>9} {:>7} {:>10} {:>9} {:>9} {:>8}",
                 "mode",
                 "layout",
                 "p50 ns",
                 "p99 ns",
+                "RT ns",
                 "RTT ns",
-                "p50/RTT",
+                "RT/RTT",
                 "kicks/req",
                 "irqs/req",
                 "samples",
@@ -289,18 +306,19 @@ impl Report {
                     (Some(r), None) | (None, Some(r)) => format!("{:.0}", r.median_ns),
                     (None, None) => "-".to_string(),
                 };
-                let x = match (l.p50_over_cacheline, l.placement_stable) {
+                let x = match (l.round_trip_over_cacheline, l.placement_stable) {
                     (Some(x), Some(false)) => format!("{x:.2}x?"),
                     (Some(x), _) => format!("{x:.2}x"),
                     (None, _) => "-".to_string(),
                 };
                 writeln!(
                     out,
-                    "{:<5}  {:<15} {:>8} {:>9} {:>9} {:>8} {:>10.4} {:>9.4} {:>9} {:>8}",
+                    "{:<5}  {:<15} {:>7} {:>7} {:>7} {:>9} {:>7} {:>10.4} {:>9.4} {:>9} {:>8}",
                     l.mode,
                     l.layout,
                     l.p50_ns,
                     l.p99_ns,
+                    l.round_trip_ns.map_or_else(|| "-".to_string(), |ns| format!("{ns:.0}")),
                     rtt,
                     x,
                     l.kicks_per_request,
@@ -334,10 +352,10 @@ mod tests {
     use super::*;
     use crate::driver_side::{Snapshot, TokenCheck};
 
-    fn latency_cell(samples: Vec<u32>) -> Latency {
+    fn latency_cell(samples: Vec<u32>, block_means: Vec<f32>) -> Latency {
         let at = Instant::now();
         let snap = Snapshot { at, buffers: 0, kicks: 0, interrupts: 0 };
-        let d = DriverOutcome { added: 0, returned: TokenCheck::default(), window: (snap, snap), samples };
+        let d = DriverOutcome { added: 0, returned: TokenCheck::default(), window: (snap, snap), samples, block_means };
         Latency::new(Layout::Packed, Mode::Poll, &d, Some(3))
     }
 
@@ -347,14 +365,16 @@ mod tests {
 
     #[test]
     fn p50_against_the_mean_round_trip_and_placement_check() {
-        let mut l = latency_cell(vec![300, 100, 200]);
+        let mut l = latency_cell(vec![300, 100, 200], vec![140.0, 105.0, 120.0]);
         assert_eq!((l.p50_ns, l.p99_ns, l.min_ns, l.max_ns), (200, 300, 100, 300));
-        assert_eq!(l.p50_over_cacheline, None);
+        assert_eq!((l.round_trip_ns, l.blocks), (Some(120.0), 3));
+        assert_eq!((l.p50_over_cacheline, l.round_trip_over_cacheline), (None, None));
 
         l.compare_with_cacheline(rtt(60.0), rtt(80.0));
         assert_eq!(l.cacheline_rtt_ns, Some(70.0));
         assert_eq!(l.placement_stable, Some(true));
         assert!((l.p50_over_cacheline.unwrap() - 200.0 / 70.0).abs() < 1e-9);
+        assert!((l.round_trip_over_cacheline.unwrap() - 120.0 / 70.0).abs() < 1e-9);
 
         // The host moved a virtual CPU: 65 ns before, 300 ns after.
         l.compare_with_cacheline(rtt(65.0), rtt(300.0));
@@ -363,5 +383,13 @@ mod tests {
         // Only one measurement: no verdict on placement, ratio against that one.
         l.compare_with_cacheline(None, rtt(100.0));
         assert_eq!((l.placement_stable, l.p50_over_cacheline), (None, Some(2.0)));
+    }
+
+    #[test]
+    fn no_block_timed_together_means_no_round_trip() {
+        let mut l = latency_cell(vec![100], Vec::new());
+        l.compare_with_cacheline(rtt(50.0), rtt(50.0));
+        assert_eq!((l.round_trip_ns, l.round_trip_over_cacheline), (None, None));
+        assert_eq!(l.p50_over_cacheline, Some(2.0));
     }
 }
