@@ -46,6 +46,9 @@ fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, mode: Mode) -> Re
         // Packed: writes DISABLE into the device event area once.
         device.disable_notifications();
     }
+    // Whether the last look found the ring empty: the next chain then is likely a lone
+    // request, and publishing it before looking for more saves its response that look.
+    let mut idle = false;
     loop {
         let mut n = 0;
         while n < max_batch {
@@ -63,7 +66,7 @@ fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, mode: Mode) -> Re
                 ));
             }
             device.complete(chain, 0);
-            if n == 0 {
+            if std::mem::take(&mut idle) {
                 device.publish_used();
             }
             n += 1;
@@ -80,6 +83,7 @@ fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, mode: Mode) -> Re
         }
         // Idle. The driver stops the run only once every buffer is back, so there is
         // nothing left to serve.
+        idle = true;
         if ctl.stopped() {
             return Ok(popped);
         }
