@@ -49,11 +49,14 @@ pub(crate) struct HeadState<T> {
     pub tail: u16,
     /// Entries of its indirect table, 0 for a direct chain.
     pub indirect_entries: u16,
+    /// Whether the driver mapped its segments (a mapping DMA, not premapped): only then
+    /// are there private copies to walk and mappings to undo when it comes back.
+    pub mapped: bool,
 }
 
 impl<T> Default for HeadState<T> {
     fn default() -> Self {
-        Self { token: None, ctx: None, writable: 0, descs: 0, tail: 0, indirect_entries: 0 }
+        Self { token: None, ctx: None, writable: 0, descs: 0, tail: 0, indirect_entries: 0, mapped: false }
     }
 }
 
@@ -255,10 +258,10 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
     }
 
     /// Records the private copy of a descriptor about to be written at `extra[i]`: what
-    /// `unmap` needs, so nothing at all without a mapping DMA.
+    /// `unmap` needs, so nothing at all without a mapping DMA or for a premapped segment.
     #[inline(always)]
     pub fn record(&mut self, i: u16, addr: u64, len: u32, flags: u16) {
-        if D::MAPS {
+        if D::MAPS && flags & PRIV_PREMAPPED == 0 {
             self.extra[i as usize] = DescExtra { addr, len, flags, next: self.extra[i as usize].next };
         }
     }
@@ -308,7 +311,7 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
             if is_in {
                 writable = writable.saturating_add(sg.len);
             }
-            if D::MAPS {
+            if D::MAPS && !premapped {
                 self.indirect_extra[first + n] = DescExtra { addr, len: sg.len, flags: flags | priv_flags, next: 0 };
             }
             let next = if split_links { n as u16 + 1 } else { 0 };
@@ -320,9 +323,20 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
     }
 
     /// Records a new buffer in flight at `head`.
-    #[inline]
-    pub fn start(&mut self, head: u16, token: T, ctx: Option<usize>, plan: &AddPlan, writable: u32, tail: u16) {
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        &mut self,
+        head: u16,
+        token: T,
+        ctx: Option<usize>,
+        plan: &AddPlan,
+        writable: u32,
+        tail: u16,
+        premapped: bool,
+    ) {
         let state = &mut self.heads[head as usize];
+        state.mapped = D::MAPS && !premapped;
         state.token = Some(token);
         state.ctx = ctx;
         state.writable = writable;
@@ -342,16 +356,16 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         let state = self.heads.get_mut(head as usize)?;
         let token = state.token.take()?;
         let ctx = state.ctx.take();
-        let chain = (state.descs, state.tail, state.indirect_entries);
+        let chain = (state.descs, state.tail, state.indirect_entries, state.mapped);
         Some((token, ctx, self.free_chain(head, chain, free_head, relink)))
     }
 
     /// The second half of [`Self::release`], once the token is out of `heads[head]`:
-    /// `chain` is that state's `(descs, tail, indirect_entries)`. Returns `descs`.
+    /// `chain` is that state's `(descs, tail, indirect_entries, mapped)`. Returns `descs`.
     #[inline(always)]
-    fn free_chain(&mut self, head: u16, chain: (u16, u16, u16), free_head: &mut u16, relink: bool) -> u16 {
-        let (descs, tail, indirect_entries) = chain;
-        if D::MAPS {
+    fn free_chain(&mut self, head: u16, chain: (u16, u16, u16, bool), free_head: &mut u16, relink: bool) -> u16 {
+        let (descs, tail, indirect_entries, mapped) = chain;
+        if D::MAPS && mapped {
             if indirect_entries > 0 {
                 let first = head as usize * self.indirect_max as usize;
                 for e in &self.indirect_extra[first..first + indirect_entries as usize] {
@@ -392,7 +406,7 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
             Some(h) => match h.token.take() {
                 Some(token) => {
                     let ctx = h.ctx.take();
-                    let chain = (h.descs, h.tail, h.indirect_entries);
+                    let chain = (h.descs, h.tail, h.indirect_entries, h.mapped);
                     return Some((token, ctx, self.free_chain(id as u16, chain, free_head, true)));
                 }
                 None => Fault::UsedIdNotInFlight { id },

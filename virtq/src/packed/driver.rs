@@ -120,9 +120,9 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
     }
 
     /// Reads the used descriptor at the driver's position, if there is one: `(id, len)`,
-    /// validated.
+    /// not yet validated.
     #[inline(always)]
-    fn read_used<T, D: Dma, N: Notify>(&self, core: &mut DriverCore<T, D, N>) -> Option<(u16, u32)> {
+    fn read_used<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>) -> Option<(u16, u32)> {
         let pos = self.last_used_idx;
         let flags = self.ring.flags(pos).load();
         if !is_used(flags, self.used_wrap) {
@@ -136,7 +136,7 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
         // "Element Length is reserved for used descriptors without the VIRTQ_DESC_F_WRITE
         // flag, and is ignored by drivers" (VIRTIO 1.3, 2.8.4): nothing was written.
         let len = if flags & DESC_F_WRITE != 0 { desc.len().load() } else { 0 };
-        core.check_used(id as u32, len).then_some((id, len))
+        Some((id, len))
     }
 
     fn enable_events<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>) {
@@ -288,7 +288,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             })
             .expect("mapping already succeeded");
         }
-        core.start(id, token, ctx, &plan, writable, tail);
+        core.start(id, token, ctx, &plan, writable, tail, premapped);
         if !IN_ORDER {
             self.free_head = curr;
         }
@@ -338,13 +338,19 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
     fn get_buf<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<(T, u32, Option<usize>)> {
         if !IN_ORDER {
             let (id, len) = self.read_used(core)?;
-            let (token, ctx, descs) = core.release(id, &mut self.free_head, true)?;
+            let (token, ctx, descs) = core.take_used(id as u32, len, &mut self.free_head)?;
             self.after_used(core, descs);
             return Some((token, len, ctx));
         }
         let (batch_id, batch_len) = match self.batch_last {
             Some(batch) => batch,
-            None => *self.batch_last.insert(self.read_used(core)?),
+            None => {
+                let (id, len) = self.read_used(core)?;
+                if !core.check_used(id as u32, len) {
+                    return None;
+                }
+                *self.batch_last.insert((id, len))
+            }
         };
         let head = self.last_used_idx;
         let (token, ctx, descs, writable) = core.take_in_order(head, &mut self.free_head)?;

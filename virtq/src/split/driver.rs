@@ -265,7 +265,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         let Ok((writable, tail, next_free)) = written else {
             return Err(AddError { kind: AddErrorKind::NoMemory, token });
         };
-        core.start(head, token, ctx, &plan, writable, tail);
+        core.start(head, token, ctx, &plan, writable, tail, premapped);
         // In order, the private links stay sequential, so this is `head + descs`.
         self.free_head = next_free;
 
