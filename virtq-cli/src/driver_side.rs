@@ -162,20 +162,26 @@ impl<L: BenchLayout> Driver<'_, L> {
     /// Takes back every buffer the device has published; returns how many.
     fn reap(&mut self) -> Result<u64, String> {
         let before = self.returned.count;
-        while let Some(used) = self.queue.get_buf() {
-            if used.token >= self.added {
-                return Err(format!("driver: got back token {} that was never added", used.token));
-            }
-            if used.len != 0 {
-                return Err(format!("driver: device claims {} bytes written into a read-only buffer", used.len));
-            }
-            self.returned.record(used.token);
-        }
+        while self.reap_one()? {}
         let reaped = self.returned.count - before;
         if reaped > 0 {
             self.ctl.driver_progress.store(self.returned.count, Ordering::Relaxed);
         }
         Ok(reaped)
+    }
+
+    /// Takes back one used buffer, if there is one, and checks it.
+    #[inline(always)]
+    fn reap_one(&mut self) -> Result<bool, String> {
+        let Some(used) = self.queue.get_buf() else { return Ok(false) };
+        if used.token >= self.added {
+            return Err(format!("driver: got back token {} that was never added", used.token));
+        }
+        if used.len != 0 {
+            return Err(format!("driver: device claims {} bytes written into a read-only buffer", used.len));
+        }
+        self.returned.record(used.token);
+        Ok(true)
     }
 
     /// Called when there is nothing to do but wait for the device: in poll mode, one spin;
@@ -318,13 +324,16 @@ impl<L: BenchLayout> Driver<'_, L> {
         Ok(DriverOutcome { added: self.added, returned: self.returned, window: (first, last), samples, block_means })
     }
 
-    /// One request: add a buffer, kick, wait for it to come back.
+    /// One request: add a buffer, kick, wait for it to come back. Its response is the only
+    /// buffer in flight, so it takes that one and does not look for more.
     #[inline(always)]
     fn request(&mut self) -> Result<(), String> {
         self.add_batch(1)?;
-        while self.reap()? == 0 {
+        while !self.reap_one()? {
             self.wait_for_used()?;
         }
+        // The watchdog's view, on a line of its own.
+        self.ctl.driver_progress.store(self.returned.count, Ordering::Relaxed);
         Ok(())
     }
 }
