@@ -5,8 +5,8 @@
 //! ring. A malformed ring gives a [`DeviceError`] and latches the queue broken.
 
 use super::{
-    is_avail, used_bits, PackedRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, EVENT_FLAGS_DESC, EVENT_FLAGS_DISABLE,
-    EVENT_FLAGS_ENABLE, WRAP_BIT,
+    is_avail, used_bits, Cursor, PackedRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, EVENT_FLAGS_DESC,
+    EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE, WRAP_BIT,
 };
 use crate::device::{
     push_segment, single_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, SegmentSink,
@@ -25,11 +25,9 @@ pub struct PackedDevice<'m, M: GuestMemory + ?Sized> {
     in_order: bool,
     barriers: Barriers,
     /// Where the next available descriptor is expected, and the driver's wrap counter there.
-    avail_pos: u16,
-    avail_wrap: bool,
+    avail: Cursor,
     /// Where the next used descriptor goes, and the device's wrap counter there.
-    used_pos: u16,
-    used_wrap: bool,
+    used: Cursor,
     /// Positions the used cursor moved since the last interrupt decision.
     unsignalled: u32,
     event_flags_shadow: u16,
@@ -50,11 +48,11 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
     /// checked once.
     pub fn new(mem: &'m M, config: DeviceConfig) -> Result<Self, DeviceError> {
         let size = config.size;
-        let (avail_pos, used_pos) = (config.avail_base & !WRAP_BIT, config.used_base & !WRAP_BIT);
+        let (avail, used) = (Cursor::from_base(config.avail_base), Cursor::from_base(config.used_base));
         if !super::valid_size(size)
             || !config.features.contains(Features::RING_PACKED)
-            || avail_pos >= size
-            || used_pos >= size
+            || avail.pos() >= size
+            || used.pos() >= size
         {
             return Err(DeviceError::InvalidSize);
         }
@@ -73,10 +71,8 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
             } else {
                 Barriers::Weak
             },
-            avail_pos,
-            avail_wrap: config.avail_base & WRAP_BIT != 0,
-            used_pos,
-            used_wrap: config.used_base & WRAP_BIT != 0,
+            avail,
+            used,
             unsignalled: 0,
             event_flags_shadow: ring.device_flags().load(),
             run: None,
@@ -101,8 +97,8 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
         if self.fault.is_some() {
             return Err(DeviceError::Broken);
         }
-        let head_flags = self.ring.flags(self.avail_pos).load();
-        if !is_avail(head_flags, self.avail_wrap) {
+        let head_flags = self.ring.flags(self.avail.pos()).load();
+        if !is_avail(head_flags, self.avail.wrap()) {
             return Ok(None);
         }
         // The rest of the chain only after the head's flags that published it; pairs with
@@ -110,9 +106,8 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
         self.barriers.rmb();
         segs.clear();
         match self.walk(head_flags, segs) {
-            Ok((chain, pos, wrap)) => {
-                self.avail_pos = pos;
-                self.avail_wrap = wrap;
+            Ok((chain, next)) => {
+                self.avail = next;
                 Ok(Some(chain))
             }
             Err(e) => Err(self.fail(e)),
@@ -121,19 +116,14 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
 
     /// Walks the chain at the available position; returns it and the position after it.
     #[inline(always)]
-    fn walk<S: SegmentSink<'m>>(&self, head_flags: u16, segs: &mut S) -> Result<(Chain, u16, bool), DeviceError> {
+    fn walk<S: SegmentSink<'m>>(&self, head_flags: u16, segs: &mut S) -> Result<(Chain, Cursor), DeviceError> {
         let size = self.ring.size();
-        let (mut pos, mut wrap) = (self.avail_pos, self.avail_wrap);
         if head_flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 {
-            let d = self.ring.desc(pos).read();
+            let d = self.ring.desc(self.avail.pos()).read();
             let chain = single_segment(self.mem, d.lo16, d.addr, d.len, head_flags & DESC_F_WRITE != 0, segs)?;
-            pos += 1;
-            if pos == size {
-                pos = 0;
-                wrap = !wrap;
-            }
-            return Ok((chain, pos, wrap));
+            return Ok((chain, self.avail.advance(1, size)));
         }
+        let (mut pos, mut wrap) = (self.avail.pos(), self.avail.wrap());
         let mut chain = Chain::new(0);
         loop {
             let d = self.ring.desc(pos).read();
@@ -156,11 +146,11 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
                     return Err(DeviceError::MisplacedIndirect);
                 }
                 self.walk_indirect(d, &mut chain, segs)?;
-                return Ok((chain, pos, wrap));
+                return Ok((chain, Cursor::new(pos, wrap)));
             }
             push_segment(self.mem, d.addr, d.len, flags & DESC_F_WRITE != 0, &mut chain, segs)?;
             if flags & DESC_F_NEXT == 0 {
-                return Ok((chain, pos, wrap));
+                return Ok((chain, Cursor::new(pos, wrap)));
             }
             if chain.descs == size {
                 return Err(DeviceError::ChainTooLong);
@@ -209,8 +199,8 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
                 run.last_len = written;
             } else {
                 self.run = Some(InOrderRun {
-                    first: self.used_pos,
-                    first_wrap: self.used_wrap,
+                    first: self.used.pos(),
+                    first_wrap: self.used.wrap(),
                     last_id: chain.id,
                     last_len: written,
                 });
@@ -220,15 +210,15 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
                 self.flush_run();
             }
         } else {
-            let pos = self.used_pos;
+            let pos = self.used.pos();
             let desc = self.ring.desc(pos);
             desc.lo16().store(chain.id);
             desc.len().store(written);
-            let flags = used_bits(self.used_wrap) | if written > 0 { DESC_F_WRITE } else { 0 };
+            let flags = used_bits(self.used.wrap()) | if written > 0 { DESC_F_WRITE } else { 0 };
             self.pending[self.pending_len] = (pos, flags);
             self.pending_len += 1;
             self.advance_used(chain.descs);
-            if self.pending_len == USED_LINE || (self.used_pos as usize).is_multiple_of(USED_LINE) {
+            if self.pending_len == USED_LINE || (self.used.pos() as usize).is_multiple_of(USED_LINE) {
                 self.flush_pending();
             }
         }
@@ -250,12 +240,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
     }
 
     fn advance_used(&mut self, descs: u16) {
-        let size = self.ring.size();
-        self.used_pos += descs;
-        if self.used_pos >= size {
-            self.used_pos -= size;
-            self.used_wrap = !self.used_wrap;
-        }
+        self.used = self.used.advance(descs, self.ring.size());
         self.unsignalled += descs as u32;
     }
 
@@ -305,10 +290,10 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
             // event cannot be placed, so interrupt rather than risk losing one.
             return true;
         }
-        if (off_wrap & WRAP_BIT != 0) != self.used_wrap {
+        if (off_wrap & WRAP_BIT != 0) != self.used.wrap() {
             event = event.wrapping_sub(size);
         }
-        let new = self.used_pos;
+        let new = self.used.pos();
         need_event(event, new, new.wrapping_sub(moved as u16))
     }
 
@@ -318,7 +303,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
         // A device about to sleep must not keep completions back.
         self.publish_used();
         let flags = if self.event_idx {
-            self.ring.device_off_wrap().store(self.avail_pos | if self.avail_wrap { WRAP_BIT } else { 0 });
+            self.ring.device_off_wrap().store(self.avail.base());
             // The offset before the flags: the driver reads both in one load.
             self.barriers.wmb();
             EVENT_FLAGS_DESC
@@ -332,7 +317,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
         // The event before re-checking the ring; pairs with the driver's mb between
         // publishing a head and reading the device area (`PackedLayout::kick_prepare`).
         self.barriers.mb();
-        self.fault.is_some() || is_avail(self.ring.flags(self.avail_pos).load(), self.avail_wrap)
+        self.fault.is_some() || is_avail(self.ring.flags(self.avail.pos()).load(), self.avail.wrap())
     }
 
     /// Asks the driver not to kick (a hint).
@@ -351,12 +336,12 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
     /// Where popping resumes: position with the wrap counter in bit 15 (vhost-user
     /// `GET_VRING_BASE`).
     pub fn avail_base(&self) -> u16 {
-        self.avail_pos | if self.avail_wrap { WRAP_BIT } else { 0 }
+        self.avail.base()
     }
 
     /// Where the next used descriptor goes, with the wrap counter in bit 15.
     pub fn used_base(&self) -> u16 {
-        self.used_pos | if self.used_wrap { WRAP_BIT } else { 0 }
+        self.used.base()
     }
 
     /// The driver error that broke the queue, if any.

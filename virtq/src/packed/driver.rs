@@ -12,7 +12,7 @@
 use core::sync::atomic::{AtomicU16, Ordering::Relaxed};
 
 use super::{
-    avail_bits, is_used, ContiguousLayout, PackedRing, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED,
+    avail_bits, is_used, ContiguousLayout, Cursor, PackedRing, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED,
     DESC_F_WRITE, EVENT_FLAGS_DESC, EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE, WRAP_BIT,
 };
 use crate::driver::core::{Buffer, DriverCore, PRIV_PREMAPPED, PRIV_TABLE};
@@ -28,15 +28,12 @@ pub struct PackedLayout<const IN_ORDER: bool> {
     ring: PackedRing,
     region: Option<DmaRegion>,
     addrs: [u64; 3],
-    /// Next position to fill.
-    next_avail_idx: u16,
-    /// AVAIL/USED bits of the current lap (AVAIL set: the driver's wrap counter is 1).
-    avail_used_flags: u16,
+    /// Next position to fill, and the driver's wrap counter there.
+    avail: Cursor,
     /// Head of the id free list (not in order).
     free_head: u16,
     /// Next position the device will mark used, and the wrap counter it will use.
-    last_used_idx: u16,
-    used_wrap: bool,
+    used: Cursor,
     /// In order: a used descriptor covering buffers up to id `.0`, which gets length `.1`.
     batch_last: Option<(u16, u32)>,
     /// What the driver area's `flags` hold. Atomic because `disable_cb` takes `&self`.
@@ -78,11 +75,9 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
             ring,
             region,
             addrs: [d, d + layout.driver_offset as u64, d + layout.device_offset as u64],
-            next_avail_idx: 0,
-            avail_used_flags: DESC_F_AVAIL,
+            avail: Cursor::new(0, true),
             free_head: 0,
-            last_used_idx: 0,
-            used_wrap: true,
+            used: Cursor::new(0, true),
             batch_last: None,
             event_flags_shadow: AtomicU16::new(EVENT_FLAGS_ENABLE),
         }
@@ -90,26 +85,20 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
 
     #[inline(always)]
     fn avail_wrap(&self) -> bool {
-        self.avail_used_flags & DESC_F_AVAIL != 0
+        self.avail.wrap()
     }
 
     /// The driver's used position and wrap counter as `off_wrap` / snapshot encoding.
     #[inline(always)]
     fn used_off_wrap(&self) -> u16 {
-        self.last_used_idx | if self.used_wrap { WRAP_BIT } else { 0 }
+        self.used.base()
     }
 
     /// Advances the used position past a buffer of `descs` descriptors, and tells the
     /// device where the next interrupt is wanted if the driver asked for one there.
     #[inline(always)]
     fn after_used<T, D: Dma, N: Notify>(&mut self, core: &DriverCore<T, D, N>, descs: u16) {
-        let size = self.ring.size();
-        let mut pos = self.last_used_idx + descs;
-        if pos >= size {
-            pos -= size;
-            self.used_wrap = !self.used_wrap;
-        }
-        self.last_used_idx = pos;
+        self.used = self.used.advance(descs, self.ring.size());
         if self.event_flags_shadow.load(Relaxed) == EVENT_FLAGS_DESC {
             // Make the new event visible before the next check for used descriptors;
             // pairs with the device's mb before it reads the driver area
@@ -123,9 +112,9 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
     /// not yet validated.
     #[inline(always)]
     fn read_used<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>) -> Option<(u16, u32)> {
-        let pos = self.last_used_idx;
+        let pos = self.used.pos();
         let flags = self.ring.flags(pos).load();
-        if !is_used(flags, self.used_wrap) {
+        if !is_used(flags, self.used.wrap()) {
             return None;
         }
         // The id and length only after the flags that published them; pairs with the
@@ -206,9 +195,9 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             return Err(AddError { kind: AddErrorKind::NoSpace, token });
         }
         let size = self.ring.size();
-        let head = self.next_avail_idx;
+        let head = self.avail.pos();
         let id = if IN_ORDER { head } else { self.free_head };
-        let lap_flags = self.avail_used_flags;
+        let lap_flags = avail_bits(self.avail.wrap());
         let mut pos = head;
         let mut flags_now = lap_flags;
         let mut head_flags = 0;
@@ -292,8 +281,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         if !IN_ORDER {
             self.free_head = curr;
         }
-        self.next_avail_idx = pos;
-        self.avail_used_flags = flags_now;
+        self.avail = Cursor::new(pos, flags_now & DESC_F_AVAIL != 0);
         // "A driver MUST NOT make the first descriptor in the list available before all
         // subsequent descriptors comprising the list are made available" (2.8.21.1.1):
         // pairs with the device's rmb after it sees the head's flags (`PackedDevice::pop`).
@@ -309,7 +297,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         // (`PackedDevice::enable_notifications`).
         core.barriers.mb();
         let size = self.ring.size();
-        let new = self.next_avail_idx;
+        let new = self.avail.pos();
         let added = core.num_added;
         let old = new.wrapping_sub(added);
         core.num_added = 0;
@@ -331,7 +319,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
     }
 
     fn next_avail(&self) -> u16 {
-        self.next_avail_idx | if self.avail_wrap() { WRAP_BIT } else { 0 }
+        self.avail.base()
     }
 
     #[inline(always)]
@@ -352,7 +340,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
                 *self.batch_last.insert((id, len))
             }
         };
-        let head = self.last_used_idx;
+        let head = self.used.pos();
         let (token, ctx, descs, writable) = core.take_in_order(head, &mut self.free_head)?;
         let len = if head == batch_id {
             self.batch_last = None;
@@ -400,8 +388,8 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         if core.event_idx {
             let size = self.ring.size();
             let bufs = ((size - core.num_free) as u32 * 3 / 4) as u16;
-            let mut pos = self.last_used_idx + bufs;
-            let mut wrap = self.used_wrap;
+            let mut pos = self.used.pos() + bufs;
+            let mut wrap = self.used.wrap();
             if pos >= size {
                 pos -= size;
                 wrap = !wrap;
@@ -414,11 +402,11 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         // The event before re-checking for used descriptors; pairs with the device's mb
         // before it reads the driver area.
         core.barriers.mb();
-        self.batch_last.is_none() && !is_used(self.ring.flags(self.last_used_idx).load(), self.used_wrap)
+        self.batch_last.is_none() && !is_used(self.ring.flags(self.used.pos()).load(), self.used.wrap())
     }
 
     fn has_used(&self) -> bool {
-        self.batch_last.is_some() || is_used(self.ring.flags(self.last_used_idx).load(), self.used_wrap)
+        self.batch_last.is_some() || is_used(self.ring.flags(self.used.pos()).load(), self.used.wrap())
     }
 
     fn detach_unused<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<T> {
@@ -431,11 +419,9 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         for i in 0..self.ring.size() {
             self.ring.desc(i).write(DescWords::default());
         }
-        self.next_avail_idx = 0;
-        self.avail_used_flags = avail_bits(true);
+        self.avail = Cursor::new(0, true);
         self.free_head = 0;
-        self.last_used_idx = 0;
-        self.used_wrap = true;
+        self.used = Cursor::new(0, true);
         self.batch_last = None;
         let flags = if core.callbacks { EVENT_FLAGS_ENABLE } else { EVENT_FLAGS_DISABLE };
         self.event_flags_shadow.store(flags, Relaxed);

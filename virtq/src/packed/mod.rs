@@ -99,6 +99,54 @@ pub const fn used_bits(wrap: bool) -> u16 {
     }
 }
 
+/// A position in the ring with its wrap counter, kept in one 32-bit word. One load and
+/// one store move both, so reading it right after an update is forwarded from the store;
+/// a 16-bit field stored alone and then read by a widened 32-bit load (as the compiler
+/// emits) stalls the pipeline on every operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Cursor(u32);
+
+impl Cursor {
+    #[inline(always)]
+    pub(crate) const fn new(pos: u16, wrap: bool) -> Self {
+        Self(pos as u32 | (wrap as u32) << 16)
+    }
+
+    /// From a vhost-user style base: the position with the wrap counter in bit 15.
+    #[inline(always)]
+    pub(crate) const fn from_base(base: u16) -> Self {
+        Self::new(base & !WRAP_BIT, base & WRAP_BIT != 0)
+    }
+
+    #[inline(always)]
+    pub(crate) const fn pos(self) -> u16 {
+        self.0 as u16
+    }
+
+    #[inline(always)]
+    pub(crate) const fn wrap(self) -> bool {
+        self.0 >> 16 != 0
+    }
+
+    /// The position with the wrap counter in bit 15.
+    #[inline(always)]
+    pub(crate) const fn base(self) -> u16 {
+        self.pos() | if self.wrap() { WRAP_BIT } else { 0 }
+    }
+
+    /// `n` positions on, for `n <= size`, flipping the wrap counter past the end.
+    #[inline(always)]
+    pub(crate) fn advance(self, n: u16, size: u16) -> Self {
+        // No overflow: pos < size <= 2^15 and n <= size.
+        let pos = self.pos() + n;
+        if pos >= size {
+            Self::new(pos - size, !self.wrap())
+        } else {
+            Self::new(pos, self.wrap())
+        }
+    }
+}
+
 /// Where the three areas sit in one allocation made by the driver: descriptors, then the
 /// driver area and the device area on cache lines of their own (the two sides write them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
