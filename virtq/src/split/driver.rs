@@ -30,7 +30,7 @@ pub struct SplitLayout<const IN_ORDER: bool> {
     addrs: [u64; 3],
     free_head: u16,
     avail_idx_shadow: u16,
-    last_used_idx: u16,
+    last_used_idx: Index,
     /// The last `used.idx` read; entries before it were validated and fenced already.
     used_idx_cache: u16,
     /// In-order: head of the oldest buffer in flight.
@@ -40,6 +40,30 @@ pub struct SplitLayout<const IN_ORDER: bool> {
     /// Mirrors `NO_INTERRUPT` as the driver wants it, with or without event idx. Atomic
     /// because `disable_cb` takes `&self`.
     avail_flags_shadow: AtomicU16,
+}
+
+/// A 16-bit ring index kept in 32 bits. The compiler reads a `u16` field that it then
+/// increments with a 32-bit load; right after the 16-bit store of the previous increment,
+/// that load cannot be forwarded from the store and stalls (on every `get_buf`, for the
+/// used index). Stored and loaded as 32 bits, it always forwards.
+#[derive(Clone, Copy)]
+struct Index(u32);
+
+impl Index {
+    #[inline(always)]
+    const fn new(i: u16) -> Self {
+        Self(i as u32)
+    }
+
+    #[inline(always)]
+    const fn get(self) -> u16 {
+        self.0 as u16
+    }
+
+    #[inline(always)]
+    fn set(&mut self, i: u16) {
+        self.0 = i as u32;
+    }
 }
 
 /// A driver queue on a split ring.
@@ -85,7 +109,7 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
             addrs,
             free_head: 0,
             avail_idx_shadow: 0,
-            last_used_idx: 0,
+            last_used_idx: Index::new(0),
             used_idx_cache: 0,
             last_used: 0,
             batch_last: None,
@@ -134,16 +158,16 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
     /// one is exhausted, validates it and fences.
     #[inline(always)]
     fn used_ready<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
-        if self.last_used_idx != self.used_idx_cache {
+        if self.last_used_idx.get() != self.used_idx_cache {
             return true;
         }
         let used_idx = self.ring.used_idx().load();
-        if used_idx == self.last_used_idx {
+        if used_idx == self.last_used_idx.get() {
             return false;
         }
-        let in_flight = self.avail_idx_shadow.wrapping_sub(self.last_used_idx);
-        if used_idx.wrapping_sub(self.last_used_idx) > in_flight {
-            core.fail(Fault::UsedIndexRanAhead { used_idx, last_used_idx: self.last_used_idx });
+        let in_flight = self.avail_idx_shadow.wrapping_sub(self.last_used_idx.get());
+        if used_idx.wrapping_sub(self.last_used_idx.get()) > in_flight {
+            core.fail(Fault::UsedIndexRanAhead { used_idx, last_used_idx: self.last_used_idx.get() });
             return false;
         }
         self.used_idx_cache = used_idx;
@@ -158,9 +182,9 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
     /// device's mb before it reads `used_event` (`SplitDevice::needs_notification`).
     #[inline(always)]
     fn after_used<T, D: Dma, N: Notify>(&mut self, core: &DriverCore<T, D, N>) {
-        self.last_used_idx = self.last_used_idx.wrapping_add(1);
+        self.last_used_idx.set(self.last_used_idx.get().wrapping_add(1));
         if core.event_idx && self.avail_flags_shadow.load(Relaxed) & AVAIL_F_NO_INTERRUPT == 0 {
-            self.ring.used_event().store(self.last_used_idx);
+            self.ring.used_event().store(self.last_used_idx.get());
             core.barriers.mb();
         }
     }
@@ -318,7 +342,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             if !self.used_ready(core) {
                 return None;
             }
-            let (id_field, len_field) = self.ring.used_elem(self.last_used_idx);
+            let (id_field, len_field) = self.ring.used_elem(self.last_used_idx.get());
             let (id, len) = (id_field.load(), len_field.load());
             let (token, ctx, _) = core.take_used(id, len, &mut self.free_head)?;
             self.after_used(core);
@@ -332,7 +356,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         let (batch_id, batch_len) = match self.batch_last {
             Some(batch) => batch,
             None => {
-                let (id_field, len_field) = self.ring.used_elem(self.last_used_idx);
+                let (id_field, len_field) = self.ring.used_elem(self.last_used_idx.get());
                 let (id, len) = (id_field.load(), len_field.load());
                 if !core.check_used(id, len) {
                     return None;
@@ -374,8 +398,8 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
 
     fn enable_cb_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> u16 {
         self.enable_interrupts(core);
-        self.ring.used_event().store(self.last_used_idx);
-        self.last_used_idx
+        self.ring.used_event().store(self.last_used_idx.get());
+        self.last_used_idx.get()
     }
 
     fn poll(&self, snapshot: u16) -> bool {
@@ -384,16 +408,16 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
 
     fn enable_cb_delayed<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
         self.enable_interrupts(core);
-        let in_flight = self.avail_idx_shadow.wrapping_sub(self.last_used_idx);
+        let in_flight = self.avail_idx_shadow.wrapping_sub(self.last_used_idx.get());
         let bufs = (in_flight as u32 * 3 / 4) as u16;
-        self.ring.used_event().store(self.last_used_idx.wrapping_add(bufs));
+        self.ring.used_event().store(self.last_used_idx.get().wrapping_add(bufs));
         // The event store before re-reading `used.idx`, as in `poll`.
         core.barriers.mb();
-        self.ring.used_idx().load().wrapping_sub(self.last_used_idx) <= bufs
+        self.ring.used_idx().load().wrapping_sub(self.last_used_idx.get()) <= bufs
     }
 
     fn has_used(&self) -> bool {
-        self.batch_last.is_some() || self.ring.used_idx().load() != self.last_used_idx
+        self.batch_last.is_some() || self.ring.used_idx().load() != self.last_used_idx.get()
     }
 
     fn detach_unused<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<T> {
@@ -401,7 +425,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         let (token, _, _) = core.release(head, &mut self.free_head, !IN_ORDER)?;
         self.avail_idx_shadow = self.avail_idx_shadow.wrapping_sub(1);
         self.ring.avail_idx().store(self.avail_idx_shadow);
-        self.used_idx_cache = self.last_used_idx;
+        self.used_idx_cache = self.last_used_idx.get();
         self.batch_last = None;
         Some(token)
     }
@@ -421,7 +445,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         self.ring.avail_event().store(0);
         self.free_head = 0;
         self.avail_idx_shadow = 0;
-        self.last_used_idx = 0;
+        self.last_used_idx.set(0);
         self.used_idx_cache = 0;
         self.last_used = 0;
         self.batch_last = None;
@@ -432,7 +456,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
 
     fn start_at(&mut self, index: u16) {
         self.avail_idx_shadow = index;
-        self.last_used_idx = index;
+        self.last_used_idx.set(index);
         self.used_idx_cache = index;
         self.ring.avail_idx().store(index);
         self.ring.used_idx().store(index);
