@@ -115,13 +115,17 @@ pub(crate) fn single_segment<'m, M: GuestMemory + ?Sized, S: SegmentSink<'m>>(
 
 /// In-order completions not yet written: consecutive buffers the device finished, to be
 /// returned with one used entry that names the last (VIRTIO 1.3, 2.7.9 and 2.8.21).
+///
+/// Every field is 32 bits wide. `complete` updates them one at a time and `publish` reads
+/// them right after; the compiler may read a 16-bit field with a 32-bit load, which cannot
+/// be forwarded from the 16-bit store before it and stalls.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct InOrderRun {
-    /// Split: used index of the run's first buffer. Packed: its position.
-    pub first: u16,
-    /// Packed: the used wrap counter at `first`.
-    pub first_wrap: bool,
-    pub last_id: u16,
+    /// Split: used index of the run's first buffer. Packed: its position and wrap counter
+    /// (a packed `Cursor`'s bits).
+    pub first: u32,
+    /// The last buffer's id (16 bits).
+    pub last_id: u32,
     pub last_len: u32,
 }
 

@@ -128,6 +128,17 @@ impl Cursor {
         self.0 >> 16 != 0
     }
 
+    /// The word itself, to keep in another 32-bit field.
+    #[inline(always)]
+    pub(crate) const fn bits(self) -> u32 {
+        self.0
+    }
+
+    #[inline(always)]
+    pub(crate) const fn from_bits(bits: u32) -> Self {
+        Self(bits)
+    }
+
     /// The position with the wrap counter in bit 15.
     #[inline(always)]
     pub(crate) const fn base(self) -> u16 {

@@ -201,11 +201,11 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         let written = written.min(chain.writable_len());
         if self.in_order {
             if let Some(run) = &mut self.run {
-                run.last_id = chain.id;
+                run.last_id = chain.id as u32;
                 run.last_len = written;
             } else {
                 self.run =
-                    Some(InOrderRun { first: self.used_idx, first_wrap: false, last_id: chain.id, last_len: written });
+                    Some(InOrderRun { first: self.used_idx as u32, last_id: chain.id as u32, last_len: written });
             }
             if written != chain.writable_len() {
                 // The driver gives earlier buffers of a batch their full length; a short
@@ -231,7 +231,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         // Test before taking: `take` would store `None` on every publish.
         if self.run.is_some() {
             if let Some(run) = self.run.take() {
-                self.write_used(run.first, run.last_id, run.last_len);
+                self.write_used(run.first as u16, run.last_id as u16, run.last_len);
             }
         }
     }
