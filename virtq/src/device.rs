@@ -127,6 +127,8 @@ pub(crate) struct InOrderRun {
     /// The last buffer's id (16 bits).
     pub last_id: u32,
     pub last_len: u32,
+    /// Buffers in the run.
+    pub count: u32,
 }
 
 /// One segment of a popped chain, translated to host memory and bounds-checked once.

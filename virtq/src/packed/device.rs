@@ -45,6 +45,11 @@ pub struct PackedDevice<'m, M: GuestMemory + ?Sized> {
 /// Descriptors per 64-byte cache line.
 const USED_LINE: usize = 4;
 
+/// Most buffers an in-order used descriptor covers before `complete` publishes it. Against
+/// holding a whole drain back, 8 gave streaming at batch 32 about 10% more (`virtq bench`,
+/// alternating runs).
+const IN_ORDER_RUN_MAX: u32 = 8;
+
 impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
     /// Attaches to a packed ring the driver set up; the three areas are translated and
     /// checked once.
@@ -186,24 +191,31 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
 
     /// Returns a chain to the driver with the number of bytes written (clamped to its
     /// writable part): one used descriptor at the used position, which then skips the
-    /// chain's descriptors. With `IN_ORDER`, consecutive full completions share one used
-    /// descriptor (VIRTIO 1.3, 2.8.21).
+    /// chain's descriptors. With `IN_ORDER`, up to 8 consecutive full completions share one
+    /// used descriptor (VIRTIO 1.3, 2.8.21).
     ///
     /// The driver sees completions once [`Self::publish_used`] (or `needs_notification`,
     /// or `enable_notifications`) runs, and in any case each time a cache line of used
-    /// descriptors is complete.
+    /// descriptors (or, in order, a run of 8) is complete.
     #[inline(always)]
     pub fn complete(&mut self, chain: Chain, written: u32) {
         let written = written.min(chain.writable_len());
         if self.in_order {
-            if let Some(run) = &mut self.run {
+            let count = if let Some(run) = &mut self.run {
                 run.last_id = chain.id as u32;
                 run.last_len = written;
+                run.count += 1;
+                run.count
             } else {
-                self.run = Some(InOrderRun { first: self.used.bits(), last_id: chain.id as u32, last_len: written });
-            }
+                self.run =
+                    Some(InOrderRun { first: self.used.bits(), last_id: chain.id as u32, last_len: written, count: 1 });
+                1
+            };
             self.advance_used(chain.descs);
-            if written != chain.writable_len() {
+            // The driver gives earlier buffers of a batch their full length, so a short one
+            // ends its batch. A long run is published along the way, so that the driver can
+            // reuse those descriptors while the device is still draining.
+            if written != chain.writable_len() || count == IN_ORDER_RUN_MAX {
                 self.flush_run();
             }
         } else {

@@ -203,9 +203,14 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             if let Some(run) = &mut self.run {
                 run.last_id = chain.id as u32;
                 run.last_len = written;
+                run.count += 1;
             } else {
-                self.run =
-                    Some(InOrderRun { first: self.used_idx as u32, last_id: chain.id as u32, last_len: written });
+                self.run = Some(InOrderRun {
+                    first: self.used_idx as u32,
+                    last_id: chain.id as u32,
+                    last_len: written,
+                    count: 1,
+                });
             }
             if written != chain.writable_len() {
                 // The driver gives earlier buffers of a batch their full length; a short
