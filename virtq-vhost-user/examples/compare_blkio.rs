@@ -22,13 +22,11 @@
 //! per request and the daemon about 160 more (callgrind, `--ops`). `INDIRECT=1` makes virtq
 //! negotiate `INDIRECT_DESC`, as the driver does by default.
 //!
-//! On the project machine (2 shared vCPUs, qemu-storage-daemon 10.0.2, load average 4 to 6
-//! from other work), ratios of medians virtq / virtio-driver over three runs of 5 to 9
-//! rounds: QD1 p50 latency 1.02 to 1.21 (both about 8 us, or both about 3 us when the
-//! daemon picks requests up while still polling), QD32 IOPS 0.79 to 1.14. The two are on
-//! par within this machine's noise; a single run's ratio says little. (Those runs predate
-//! direct descriptors for virtq here and the clock-free completion spin of virtio-driver's
-//! loop, which had read the clock on every empty poll.)
+//! On the project machine (2 shared vCPUs, qemu-storage-daemon 10.0.2, quiet), ratios of
+//! medians virtq / virtio-driver over five runs of 3 to 5 rounds with direct descriptors:
+//! QD1 p50 latency 0.99 to 1.04 (both about 3 us), QD1 IOPS 0.97 to 1.01, QD32 IOPS 0.93 to
+//! 1.00. The daemon's own speed moved by 30% between runs with the host's placement of the
+//! vCPUs, so a single run's ratio says little. The two are level.
 //!
 //! Per request, counted with `--ops` (deterministic, unlike the timings): both make one
 //! eventfd write (kick) at QD1 and almost none at QD32, no other syscall, and no heap
