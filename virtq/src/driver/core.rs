@@ -36,6 +36,26 @@ pub(crate) struct DescExtra {
     pub next: u16,
 }
 
+/// The free list through [`DescExtra::next`]: split descriptors, or packed buffer ids (one
+/// per descriptor of a chain). `add` takes from the front and a freed chain goes to the
+/// back, so an entry freed just now is reused last. Reusing it at once (a stack, as Linux
+/// does) runs the same instructions but made a polling round trip with one buffer
+/// outstanding on a packed ring 113 ns instead of 85 (`virtq bench`, 64 ns cache-line
+/// round trip).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FreeList {
+    pub head: u16,
+    /// The last entry; meaningless while nothing is free.
+    pub tail: u16,
+}
+
+impl FreeList {
+    /// All of `0..size`, linked in order (as [`DriverCore::resize_state`] links them).
+    pub(crate) const fn full(size: u16) -> Self {
+        Self { head: 0, tail: size - 1 }
+    }
+}
+
 /// State of a buffer in flight, indexed by its head (split) or buffer id (packed).
 pub(crate) struct HeadState<T> {
     /// `Some` exactly while the buffer is in flight: the check behind every used id.
@@ -348,22 +368,22 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
 
     /// Frees the buffer at `head`, which the caller found in flight: unmaps its segments,
     /// returns its descriptors, and hands back the token, the context and how many ring
-    /// descriptors it had. With `relink` its descriptors go back on the free list
-    /// (`free_head` is updated); in-order layouts keep their sequential links instead.
+    /// descriptors it had. With `relink` its descriptors go to the back of the free list;
+    /// in-order layouts keep their sequential links instead.
     /// `None` (and nothing changed) if no buffer is in flight there.
     #[inline(always)]
-    pub fn release(&mut self, head: u16, free_head: &mut u16, relink: bool) -> Option<(T, Option<usize>, u16)> {
+    pub fn release(&mut self, head: u16, free: &mut FreeList, relink: bool) -> Option<(T, Option<usize>, u16)> {
         let state = self.heads.get_mut(head as usize)?;
         let token = state.token.take()?;
         let ctx = state.ctx.take();
         let chain = (state.descs, state.tail, state.indirect_entries, state.mapped);
-        Some((token, ctx, self.free_chain(head, chain, free_head, relink)))
+        Some((token, ctx, self.free_chain(head, chain, free, relink)))
     }
 
     /// The second half of [`Self::release`], once the token is out of `heads[head]`:
     /// `chain` is that state's `(descs, tail, indirect_entries, mapped)`. Returns `descs`.
     #[inline(always)]
-    fn free_chain(&mut self, head: u16, chain: (u16, u16, u16, bool), free_head: &mut u16, relink: bool) -> u16 {
+    fn free_chain(&mut self, head: u16, chain: (u16, u16, u16, bool), free: &mut FreeList, relink: bool) -> u16 {
         let (descs, tail, indirect_entries, mapped) = chain;
         if D::MAPS && mapped {
             if indirect_entries > 0 {
@@ -375,8 +395,12 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
             self.unmap_chain(head, descs as usize);
         }
         if relink {
-            self.extra[tail as usize].next = *free_head;
-            *free_head = head;
+            if self.num_free == 0 {
+                free.head = head;
+            } else {
+                self.extra[free.tail as usize].next = head;
+            }
+            free.tail = tail;
         }
         self.num_free += descs;
         descs
@@ -399,7 +423,7 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
     /// [`Self::check_used`] then [`Self::release`] with one look-up: the used entry's
     /// buffer, taken back, or `None` with the fault latched.
     #[inline(always)]
-    pub fn take_used(&mut self, id: u32, len: u32, free_head: &mut u16) -> Option<(T, Option<usize>, u16)> {
+    pub fn take_used(&mut self, id: u32, len: u32, free: &mut FreeList) -> Option<(T, Option<usize>, u16)> {
         let fault = match self.heads.get_mut(id as usize) {
             None => Fault::UsedIdOutOfRange { id },
             Some(h) if len > h.writable && h.token.is_some() => Fault::UsedLenTooLong { id, len, writable: h.writable },
@@ -407,7 +431,7 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
                 Some(token) => {
                     let ctx = h.ctx.take();
                     let chain = (h.descs, h.tail, h.indirect_entries, h.mapped);
-                    return Some((token, ctx, self.free_chain(id as u16, chain, free_head, true)));
+                    return Some((token, ctx, self.free_chain(id as u16, chain, free, true)));
                 }
                 None => Fault::UsedIdNotInFlight { id },
             },
@@ -420,9 +444,9 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
     /// length. A buffer missing there (only `detach_unused_buf` on a live queue can do
     /// that) latches the queue broken.
     #[inline(always)]
-    pub fn take_in_order(&mut self, head: u16, free_head: &mut u16) -> Option<(T, Option<usize>, u16, u32)> {
+    pub fn take_in_order(&mut self, head: u16, free: &mut FreeList) -> Option<(T, Option<usize>, u16, u32)> {
         let writable = self.heads.get(head as usize).map_or(0, |h| h.writable);
-        match self.release(head, free_head, false) {
+        match self.release(head, free, false) {
             Some((token, ctx, descs)) => Some((token, ctx, descs, writable)),
             None => {
                 self.fail(Fault::UsedIdNotInFlight { id: head as u32 });

@@ -15,7 +15,7 @@ use super::{
     avail_bits, is_used, ContiguousLayout, Cursor, PackedRing, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED,
     DESC_F_WRITE, EVENT_FLAGS_DESC, EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE, WRAP_BIT,
 };
-use crate::driver::core::{Buffer, DriverCore, PRIV_PREMAPPED, PRIV_TABLE};
+use crate::driver::core::{Buffer, DriverCore, FreeList, PRIV_PREMAPPED, PRIV_TABLE};
 use crate::driver::queue::{LayoutKind, RingLayout, Sealed};
 use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Notify, QueueConfig};
 use crate::event::need_event;
@@ -30,8 +30,8 @@ pub struct PackedLayout<const IN_ORDER: bool> {
     addrs: [u64; 3],
     /// Next position to fill, and the driver's wrap counter there.
     avail: Cursor,
-    /// Head of the id free list (not in order).
-    free_head: u16,
+    /// The id free list (not in order).
+    free: FreeList,
     /// Next position the device will mark used, and the wrap counter it will use.
     used: Cursor,
     /// In order: a used descriptor covering buffers up to id `.0`, which gets length `.1`.
@@ -76,7 +76,7 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
             region,
             addrs: [d, d + layout.driver_offset as u64, d + layout.device_offset as u64],
             avail: Cursor::new(0, true),
-            free_head: 0,
+            free: FreeList::full(size),
             used: Cursor::new(0, true),
             batch_last: None,
             event_flags_shadow: AtomicU16::new(EVENT_FLAGS_ENABLE),
@@ -196,7 +196,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         }
         let size = self.ring.size();
         let head = self.avail.pos();
-        let id = if IN_ORDER { head } else { self.free_head };
+        let id = if IN_ORDER { head } else { self.free.head };
         let lap_flags = avail_bits(self.avail.wrap());
         let mut pos = head;
         let mut flags_now = lap_flags;
@@ -279,7 +279,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         }
         core.start(id, token, ctx, &plan, writable, tail, premapped);
         if !IN_ORDER {
-            self.free_head = curr;
+            self.free.head = curr;
         }
         self.avail = Cursor::new(pos, flags_now & DESC_F_AVAIL != 0);
         // "A driver MUST NOT make the first descriptor in the list available before all
@@ -326,7 +326,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
     fn get_buf<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<(T, u32, Option<usize>)> {
         if !IN_ORDER {
             let (id, len) = self.read_used(core)?;
-            let (token, ctx, descs) = core.take_used(id as u32, len, &mut self.free_head)?;
+            let (token, ctx, descs) = core.take_used(id as u32, len, &mut self.free)?;
             self.after_used(core, descs);
             return Some((token, len, ctx));
         }
@@ -341,7 +341,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             }
         };
         let head = self.used.pos();
-        let (token, ctx, descs, writable) = core.take_in_order(head, &mut self.free_head)?;
+        let (token, ctx, descs, writable) = core.take_in_order(head, &mut self.free)?;
         let len = if head == batch_id {
             self.batch_last = None;
             batch_len
@@ -412,7 +412,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
     fn detach_unused<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<T> {
         let id = core.first_in_flight()?;
         self.batch_last = None;
-        core.release(id, &mut self.free_head, !IN_ORDER).map(|(token, _, _)| token)
+        core.release(id, &mut self.free, !IN_ORDER).map(|(token, _, _)| token)
     }
 
     fn reset<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) {
@@ -420,7 +420,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             self.ring.desc(i).write(DescWords::default());
         }
         self.avail = Cursor::new(0, true);
-        self.free_head = 0;
+        self.free = FreeList::full(self.ring.size());
         self.used = Cursor::new(0, true);
         self.batch_last = None;
         let flags = if core.callbacks { EVENT_FLAGS_ENABLE } else { EVENT_FLAGS_DISABLE };

@@ -14,7 +14,7 @@ use core::sync::atomic::{AtomicU16, Ordering::Relaxed};
 use super::{
     ContiguousLayout, SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY,
 };
-use crate::driver::core::{AddPlan, Buffer, DriverCore, PRIV_TABLE};
+use crate::driver::core::{AddPlan, Buffer, DriverCore, FreeList, PRIV_TABLE};
 use crate::driver::queue::{LayoutKind, RingLayout, Sealed};
 use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Fault, Notify, NotifyData, QueueConfig};
 use crate::event::need_event;
@@ -28,7 +28,8 @@ pub struct SplitLayout<const IN_ORDER: bool> {
     /// The ring memory, when the queue allocated it (not for `new_in`).
     region: Option<DmaRegion>,
     addrs: [u64; 3],
-    free_head: u16,
+    /// Free descriptors; unused in order, where the links stay sequential.
+    free: FreeList,
     avail_idx_shadow: u16,
     last_used_idx: Index,
     /// The last `used.idx` read; entries before it were validated and fenced already.
@@ -104,10 +105,10 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
 
     fn with_ring(ring: SplitRing, region: Option<DmaRegion>, addrs: [u64; 3]) -> Self {
         Self {
+            free: FreeList::full(ring.size()),
             ring,
             region,
             addrs,
-            free_head: 0,
             avail_idx_shadow: 0,
             last_used_idx: Index::new(0),
             used_idx_cache: 0,
@@ -274,7 +275,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             }
             return Err(AddError { kind: AddErrorKind::NoSpace, token });
         }
-        let head = self.free_head;
+        let head = self.free.head;
         let written = if plan.indirect {
             core.write_table(head, buf, plan.total, premapped, true).map(|(table, writable)| {
                 let len = 16 * plan.total as u32;
@@ -291,7 +292,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         };
         core.start(head, token, ctx, &plan, writable, tail, premapped);
         // In order, the private links stay sequential, so this is `head + descs`.
-        self.free_head = next_free;
+        self.free.head = next_free;
 
         let avail_idx = self.avail_idx_shadow;
         let slot = self.ring.avail_ring(avail_idx);
@@ -344,7 +345,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             }
             let (id_field, len_field) = self.ring.used_elem(self.last_used_idx.get());
             let (id, len) = (id_field.load(), len_field.load());
-            let (token, ctx, _) = core.take_used(id, len, &mut self.free_head)?;
+            let (token, ctx, _) = core.take_used(id, len, &mut self.free)?;
             self.after_used(core);
             return Some((token, len, ctx));
         }
@@ -365,7 +366,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             }
         };
         let head = self.last_used;
-        let (token, ctx, descs, writable) = core.take_in_order(head, &mut self.free_head)?;
+        let (token, ctx, descs, writable) = core.take_in_order(head, &mut self.free)?;
         let len = if head == batch_id {
             self.batch_last = None;
             batch_len
@@ -422,7 +423,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
 
     fn detach_unused<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<T> {
         let head = core.first_in_flight()?;
-        let (token, _, _) = core.release(head, &mut self.free_head, !IN_ORDER)?;
+        let (token, _, _) = core.release(head, &mut self.free, !IN_ORDER)?;
         self.avail_idx_shadow = self.avail_idx_shadow.wrapping_sub(1);
         self.ring.avail_idx().store(self.avail_idx_shadow);
         self.used_idx_cache = self.last_used_idx.get();
@@ -443,7 +444,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             field.store(0);
         }
         self.ring.avail_event().store(0);
-        self.free_head = 0;
+        self.free = FreeList::full(size);
         self.avail_idx_shadow = 0;
         self.last_used_idx.set(0);
         self.used_idx_cache = 0;
