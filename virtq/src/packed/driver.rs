@@ -196,7 +196,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         }
         let size = self.ring.size();
         let head = self.avail.pos();
-        let id = if IN_ORDER { head } else { self.free.head };
+        let id = if IN_ORDER { head } else { self.free.head() };
         let lap_flags = avail_bits(self.avail.wrap());
         let mut pos = head;
         let mut flags_now = lap_flags;
@@ -279,7 +279,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         }
         core.start(id, token, ctx, &plan, writable, tail, premapped);
         if !IN_ORDER {
-            self.free.head = curr;
+            self.free.set_head(curr);
         }
         self.avail = Cursor::new(pos, flags_now & DESC_F_AVAIL != 0);
         // "A driver MUST NOT make the first descriptor in the list available before all

@@ -30,12 +30,12 @@ pub struct SplitLayout<const IN_ORDER: bool> {
     addrs: [u64; 3],
     /// Free descriptors; unused in order, where the links stay sequential.
     free: FreeList,
-    avail_idx_shadow: u16,
+    avail_idx_shadow: Index,
     last_used_idx: Index,
     /// The last `used.idx` read; entries before it were validated and fenced already.
-    used_idx_cache: u16,
+    used_idx_cache: Index,
     /// In-order: head of the oldest buffer in flight.
-    last_used: u16,
+    last_used: Index,
     /// In-order: a used entry covering buffers up to head `.0`, which gets length `.1`.
     batch_last: Option<(u16, u32)>,
     /// Mirrors `NO_INTERRUPT` as the driver wants it, with or without event idx. Atomic
@@ -109,10 +109,10 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
             ring,
             region,
             addrs,
-            avail_idx_shadow: 0,
+            avail_idx_shadow: Index::new(0),
             last_used_idx: Index::new(0),
-            used_idx_cache: 0,
-            last_used: 0,
+            used_idx_cache: Index::new(0),
+            last_used: Index::new(0),
             batch_last: None,
             avail_flags_shadow: AtomicU16::new(0),
         }
@@ -159,19 +159,19 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
     /// one is exhausted, validates it and fences.
     #[inline(always)]
     fn used_ready<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
-        if self.last_used_idx.get() != self.used_idx_cache {
+        if self.last_used_idx.get() != self.used_idx_cache.get() {
             return true;
         }
         let used_idx = self.ring.used_idx().load();
         if used_idx == self.last_used_idx.get() {
             return false;
         }
-        let in_flight = self.avail_idx_shadow.wrapping_sub(self.last_used_idx.get());
+        let in_flight = self.avail_idx_shadow.get().wrapping_sub(self.last_used_idx.get());
         if used_idx.wrapping_sub(self.last_used_idx.get()) > in_flight {
             core.fail(Fault::UsedIndexRanAhead { used_idx, last_used_idx: self.last_used_idx.get() });
             return false;
         }
-        self.used_idx_cache = used_idx;
+        self.used_idx_cache.set(used_idx);
         // Read the used entries only after the index that published them; pairs with the
         // device's wmb before it stores `used.idx` (`SplitDevice::publish_used`).
         core.barriers.rmb();
@@ -271,11 +271,11 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             // Linux forces a notify here "for historical reasons" when the buffer has
             // readable parts, so that a device slow to look is prodded.
             if buf.has_readable() {
-                core.shared.notifier.notify(NotifyData { queue_index: core.index, next: self.avail_idx_shadow });
+                core.shared.notifier.notify(NotifyData { queue_index: core.index, next: self.avail_idx_shadow.get() });
             }
             return Err(AddError { kind: AddErrorKind::NoSpace, token });
         }
-        let head = self.free.head;
+        let head = self.free.head();
         let written = if plan.indirect {
             core.write_table(head, buf, plan.total, premapped, true).map(|(table, writable)| {
                 let len = 16 * plan.total as u32;
@@ -292,9 +292,9 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         };
         core.start(head, token, ctx, &plan, writable, tail, premapped);
         // In order, the private links stay sequential, so this is `head + descs`.
-        self.free.head = next_free;
+        self.free.set_head(next_free);
 
-        let avail_idx = self.avail_idx_shadow;
+        let avail_idx = self.avail_idx_shadow.get();
         let slot = self.ring.avail_ring(avail_idx);
         // In order with one descriptor per buffer, the slot already holds this head from
         // the previous lap: skip the store that would steal the cache line from the device.
@@ -305,14 +305,14 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         // the device's rmb after it reads `avail.idx` (`SplitDevice::pop`).
         core.barriers.wmb();
         let avail_idx = avail_idx.wrapping_add(1);
-        self.avail_idx_shadow = avail_idx;
+        self.avail_idx_shadow.set(avail_idx);
         self.ring.avail_idx().store(avail_idx);
         core.num_added = core.num_added.wrapping_add(1);
         if core.num_added == u16::MAX {
             // The kick window `[shadow - num_added, shadow)` would alias at 2^16 unkicked
             // adds; Linux kicks here "just in case".
             if self.kick_prepare(core) {
-                core.shared.notify(NotifyData { queue_index: core.index, next: self.avail_idx_shadow });
+                core.shared.notify(NotifyData { queue_index: core.index, next: self.avail_idx_shadow.get() });
             }
         }
         Ok(())
@@ -323,7 +323,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         // the device's mb between enabling notifications and re-reading `avail.idx`
         // (`SplitDevice::enable_notifications`): one of the two sides sees the other.
         core.barriers.mb();
-        let new = self.avail_idx_shadow;
+        let new = self.avail_idx_shadow.get();
         let old = new.wrapping_sub(core.num_added);
         core.num_added = 0;
         if core.event_idx {
@@ -334,7 +334,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
     }
 
     fn next_avail(&self) -> u16 {
-        self.avail_idx_shadow
+        self.avail_idx_shadow.get()
     }
 
     #[inline(always)]
@@ -365,7 +365,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
                 *self.batch_last.insert((id as u16, len))
             }
         };
-        let head = self.last_used;
+        let head = self.last_used.get();
         let (token, ctx, descs, writable) = core.take_in_order(head, &mut self.free)?;
         let len = if head == batch_id {
             self.batch_last = None;
@@ -373,7 +373,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         } else {
             writable
         };
-        self.last_used = head.wrapping_add(descs) & (self.ring.size() - 1);
+        self.last_used.set(head.wrapping_add(descs) & (self.ring.size() - 1));
         self.after_used(core);
         Some((token, len, ctx))
     }
@@ -409,7 +409,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
 
     fn enable_cb_delayed<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
         self.enable_interrupts(core);
-        let in_flight = self.avail_idx_shadow.wrapping_sub(self.last_used_idx.get());
+        let in_flight = self.avail_idx_shadow.get().wrapping_sub(self.last_used_idx.get());
         let bufs = (in_flight as u32 * 3 / 4) as u16;
         self.ring.used_event().store(self.last_used_idx.get().wrapping_add(bufs));
         // The event store before re-reading `used.idx`, as in `poll`.
@@ -424,9 +424,9 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
     fn detach_unused<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<T> {
         let head = core.first_in_flight()?;
         let (token, _, _) = core.release(head, &mut self.free, !IN_ORDER)?;
-        self.avail_idx_shadow = self.avail_idx_shadow.wrapping_sub(1);
-        self.ring.avail_idx().store(self.avail_idx_shadow);
-        self.used_idx_cache = self.last_used_idx.get();
+        self.avail_idx_shadow.set(self.avail_idx_shadow.get().wrapping_sub(1));
+        self.ring.avail_idx().store(self.avail_idx_shadow.get());
+        self.used_idx_cache.set(self.last_used_idx.get());
         self.batch_last = None;
         Some(token)
     }
@@ -445,10 +445,10 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         }
         self.ring.avail_event().store(0);
         self.free = FreeList::full(size);
-        self.avail_idx_shadow = 0;
+        self.avail_idx_shadow.set(0);
         self.last_used_idx.set(0);
-        self.used_idx_cache = 0;
-        self.last_used = 0;
+        self.used_idx_cache.set(0);
+        self.last_used.set(0);
         self.batch_last = None;
         let flags = if core.callbacks { 0 } else { AVAIL_F_NO_INTERRUPT };
         self.avail_flags_shadow.store(flags, Relaxed);
@@ -456,9 +456,9 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
     }
 
     fn start_at(&mut self, index: u16) {
-        self.avail_idx_shadow = index;
+        self.avail_idx_shadow.set(index);
         self.last_used_idx.set(index);
-        self.used_idx_cache = index;
+        self.used_idx_cache.set(index);
         self.ring.avail_idx().store(index);
         self.ring.used_idx().store(index);
         self.ring.used_event().store(index);
