@@ -296,9 +296,10 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
 
         let avail_idx = self.avail_idx_shadow.get();
         let slot = self.ring.avail_ring(avail_idx);
-        // In order with one descriptor per buffer, the slot already holds this head from
+        // When buffers come back in the order they went out (always in order, and usually
+        // otherwise, as the free list is a queue), the slot already holds this head from
         // the previous lap: skip the store that would steal the cache line from the device.
-        if !IN_ORDER || slot.load() != head {
+        if slot.load() != head {
             slot.store(head);
         }
         // Descriptors and the ring entry before the index that publishes them; pairs with
