@@ -36,38 +36,49 @@ pub(crate) struct DescExtra {
     pub next: u16,
 }
 
+/// A 16-bit ring index kept in 32 bits. The compiler may read a `u16` field (to increment
+/// it, say) with a 32-bit load; right after a 16-bit store to the field, that load cannot
+/// be forwarded from the store and stalls, on every operation. Stored and loaded as 32
+/// bits, it always forwards. Which `u16` field stalls depends on where the compiler puts
+/// it, so the layouts keep every index they update per buffer in one of these.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Index(u32);
+
+impl Index {
+    #[inline(always)]
+    pub(crate) const fn new(i: u16) -> Self {
+        Self(i as u32)
+    }
+
+    #[inline(always)]
+    pub(crate) const fn get(self) -> u16 {
+        self.0 as u16
+    }
+
+    #[inline(always)]
+    pub(crate) fn set(&mut self, i: u16) {
+        self.0 = i as u32;
+    }
+}
+
 /// The free list through [`DescExtra::next`]: split descriptors, or packed buffer ids (one
 /// per descriptor of a chain). `add` takes from the front and a freed chain goes to the
 /// back, so an entry freed just now is reused last. Reusing it at once (a stack, as Linux
 /// does) runs the same instructions but made a polling round trip with one buffer
 /// outstanding on a packed ring 113 ns instead of 85 (`virtq bench`, 64 ns cache-line
 /// round trip).
-///
-/// Both ends are kept in 32 bits: the compiler may read a 16-bit field with a 32-bit load,
-/// which cannot be forwarded from the 16-bit store just before it and stalls (split
-/// streaming lost a third to that when they were `u16`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct FreeList {
-    head: u32,
+    /// The first free entry (when one is free).
+    pub head: Index,
     /// The last entry; meaningless while nothing is free.
-    tail: u32,
+    pub tail: Index,
 }
 
 impl FreeList {
     /// All of `0..size`, linked in order (as [`DriverCore::resize_state`] links them).
     pub(crate) const fn full(size: u16) -> Self {
-        Self { head: 0, tail: size as u32 - 1 }
-    }
-
-    /// The first free entry (when one is free).
-    #[inline(always)]
-    pub(crate) const fn head(&self) -> u16 {
-        self.head as u16
-    }
-
-    #[inline(always)]
-    pub(crate) fn set_head(&mut self, head: u16) {
-        self.head = head as u32;
+        Self { head: Index::new(0), tail: Index::new(size - 1) }
     }
 }
 
@@ -411,11 +422,11 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         }
         if relink {
             if self.num_free == 0 {
-                free.head = head as u32;
+                free.head.set(head);
             } else {
-                self.extra[free.tail as usize].next = head;
+                self.extra[free.tail.get() as usize].next = head;
             }
-            free.tail = tail as u32;
+            free.tail.set(tail);
         }
         self.num_free += descs;
         descs
@@ -427,12 +438,26 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
     pub fn check_used(&mut self, id: u32, len: u32) -> bool {
         let fault = match self.heads.get(id as usize) {
             None => Fault::UsedIdOutOfRange { id },
-            Some(h) if h.token.is_none() => Fault::UsedIdNotInFlight { id },
-            Some(h) if len > h.writable => Fault::UsedLenTooLong { id, len, writable: h.writable },
-            Some(_) => return true,
+            Some(h) => match Self::used_fault(h, id, len) {
+                Some(fault) => fault,
+                None => return true,
+            },
         };
         self.fail(fault);
         false
+    }
+
+    /// What is wrong with a used entry `(id, len)` for the state at `heads[id]`, if
+    /// anything: the buffer is not in flight, or `len` exceeds its writable part.
+    #[inline(always)]
+    fn used_fault(h: &HeadState<T>, id: u32, len: u32) -> Option<Fault> {
+        if h.token.is_none() {
+            Some(Fault::UsedIdNotInFlight { id })
+        } else if len > h.writable {
+            Some(Fault::UsedLenTooLong { id, len, writable: h.writable })
+        } else {
+            None
+        }
     }
 
     /// [`Self::check_used`] then [`Self::release`] with one look-up: the used entry's
@@ -441,14 +466,17 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
     pub fn take_used(&mut self, id: u32, len: u32, free: &mut FreeList) -> Option<(T, Option<usize>, u16)> {
         let fault = match self.heads.get_mut(id as usize) {
             None => Fault::UsedIdOutOfRange { id },
-            Some(h) if len > h.writable && h.token.is_some() => Fault::UsedLenTooLong { id, len, writable: h.writable },
-            Some(h) => match h.token.take() {
-                Some(token) => {
-                    let ctx = h.ctx.take();
-                    let chain = (h.descs, h.tail, h.indirect_entries, h.mapped);
-                    return Some((token, ctx, self.free_chain(id as u16, chain, free, true)));
-                }
-                None => Fault::UsedIdNotInFlight { id },
+            Some(h) => match Self::used_fault(h, id, len) {
+                Some(fault) => fault,
+                // No fault means in flight, so the token is there.
+                None => match h.token.take() {
+                    Some(token) => {
+                        let ctx = h.ctx.take();
+                        let chain = (h.descs, h.tail, h.indirect_entries, h.mapped);
+                        return Some((token, ctx, self.free_chain(id as u16, chain, free, true)));
+                    }
+                    None => Fault::UsedIdNotInFlight { id },
+                },
             },
         };
         self.fail(fault);

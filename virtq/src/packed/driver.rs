@@ -83,17 +83,6 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
         }
     }
 
-    #[inline(always)]
-    fn avail_wrap(&self) -> bool {
-        self.avail.wrap()
-    }
-
-    /// The driver's used position and wrap counter as `off_wrap` / snapshot encoding.
-    #[inline(always)]
-    fn used_off_wrap(&self) -> u16 {
-        self.used.base()
-    }
-
     /// Advances the used position past a buffer of `descs` descriptors, and tells the
     /// device where the next interrupt is wanted if the driver asked for one there.
     #[inline(always)]
@@ -103,7 +92,7 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
             // Make the new event visible before the next check for used descriptors;
             // pairs with the device's mb before it reads the driver area
             // (`PackedDevice::needs_notification`).
-            self.ring.driver_off_wrap().store(self.used_off_wrap());
+            self.ring.driver_off_wrap().store(self.used.base());
             core.barriers.mb();
         }
     }
@@ -196,7 +185,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         }
         let size = self.ring.size();
         let head = self.avail.pos();
-        let id = if IN_ORDER { head } else { self.free.head() };
+        let id = if IN_ORDER { head } else { self.free.head.get() };
         let lap_flags = avail_bits(self.avail.wrap());
         let mut pos = head;
         let mut flags_now = lap_flags;
@@ -279,7 +268,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         }
         core.start(id, token, ctx, &plan, writable, tail, premapped);
         if !IN_ORDER {
-            self.free.set_head(curr);
+            self.free.head.set(curr);
         }
         self.avail = Cursor::new(pos, flags_now & DESC_F_AVAIL != 0);
         // "A driver MUST NOT make the first descriptor in the list available before all
@@ -312,7 +301,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             // be placed, so notify rather than risk a lost kick.
             return true;
         }
-        if (off_wrap & WRAP_BIT != 0) != self.avail_wrap() {
+        if (off_wrap & WRAP_BIT != 0) != self.avail.wrap() {
             event = event.wrapping_sub(size);
         }
         need_event(event, new, old)
@@ -365,13 +354,13 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
 
     fn enable_cb_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> u16 {
         if core.event_idx {
-            self.ring.driver_off_wrap().store(self.used_off_wrap());
+            self.ring.driver_off_wrap().store(self.used.base());
             // "Update event offset and event wrap counter first before updating event
             // flags"; pairs with the device's single-word read of the driver area.
             core.barriers.wmb();
         }
         self.enable_events(core);
-        self.used_off_wrap()
+        self.used.base()
     }
 
     fn poll(&self, snapshot: u16) -> bool {

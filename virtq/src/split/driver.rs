@@ -14,7 +14,7 @@ use core::sync::atomic::{AtomicU16, Ordering::Relaxed};
 use super::{
     ContiguousLayout, SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY,
 };
-use crate::driver::core::{AddPlan, Buffer, DriverCore, FreeList, PRIV_TABLE};
+use crate::driver::core::{AddPlan, Buffer, DriverCore, FreeList, Index, PRIV_TABLE};
 use crate::driver::queue::{LayoutKind, RingLayout, Sealed};
 use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Fault, Notify, NotifyData, QueueConfig};
 use crate::event::need_event;
@@ -41,30 +41,6 @@ pub struct SplitLayout<const IN_ORDER: bool> {
     /// Mirrors `NO_INTERRUPT` as the driver wants it, with or without event idx. Atomic
     /// because `disable_cb` takes `&self`.
     avail_flags_shadow: AtomicU16,
-}
-
-/// A 16-bit ring index kept in 32 bits. The compiler reads a `u16` field that it then
-/// increments with a 32-bit load; right after the 16-bit store of the previous increment,
-/// that load cannot be forwarded from the store and stalls (on every `get_buf`, for the
-/// used index). Stored and loaded as 32 bits, it always forwards.
-#[derive(Clone, Copy)]
-struct Index(u32);
-
-impl Index {
-    #[inline(always)]
-    const fn new(i: u16) -> Self {
-        Self(i as u32)
-    }
-
-    #[inline(always)]
-    const fn get(self) -> u16 {
-        self.0 as u16
-    }
-
-    #[inline(always)]
-    fn set(&mut self, i: u16) {
-        self.0 = i as u32;
-    }
 }
 
 /// A driver queue on a split ring.
@@ -275,7 +251,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             }
             return Err(AddError { kind: AddErrorKind::NoSpace, token });
         }
-        let head = self.free.head();
+        let head = self.free.head.get();
         let written = if plan.indirect {
             core.write_table(head, buf, plan.total, premapped, true).map(|(table, writable)| {
                 let len = 16 * plan.total as u32;
@@ -292,7 +268,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         };
         core.start(head, token, ctx, &plan, writable, tail, premapped);
         // In order, the private links stay sequential, so this is `head + descs`.
-        self.free.set_head(next_free);
+        self.free.head.set(next_free);
 
         let avail_idx = self.avail_idx_shadow.get();
         let slot = self.ring.avail_ring(avail_idx);
