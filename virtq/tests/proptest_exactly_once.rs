@@ -3,6 +3,9 @@
 //! every case crosses it; packed rings of 1 to 8 entries (not only powers of two) wrap
 //! many times, with chains that straddle the end.
 //!
+//! Buffers are added one at a time (`add_sgs`) and in bursts (`add_inbufs`,
+//! `add_outbufs`), and taken back one at a time and in bursts (`get_bufs`).
+//!
 //! Checked on every case:
 //! - every token comes back exactly once (from `get_buf` or, at the end, from
 //!   `detach_unused_buf`), with the length the device reported;
@@ -28,14 +31,28 @@ use virtq::{AddErrorKind, Chain, LayoutKind, QueueConfig, Sg};
 
 #[derive(Clone, Debug)]
 enum Op {
-    Add { out: Vec<u32>, ins: Vec<u32> },
+    Add {
+        out: Vec<u32>,
+        ins: Vec<u32>,
+    },
+    /// `add_inbufs` / `add_outbufs`: one single-segment buffer per length.
+    AddBurst {
+        lens: Vec<u32>,
+        writable: bool,
+    },
     Kick,
     DevicePop,
-    DeviceComplete { pick: usize, percent: u32 },
+    DeviceComplete {
+        pick: usize,
+        percent: u32,
+    },
     DeviceNotify,
     DeviceSleep,
     DeviceDisableNotifications,
     GetBuf,
+    GetBufs {
+        max: usize,
+    },
     DisableCb,
     SleepEnableCb,
     SleepEnableCbPrepare,
@@ -46,6 +63,8 @@ fn op() -> impl Strategy<Value = Op> {
     let lens = || prop::collection::vec(1u32..64, 0..3);
     prop_oneof![
         4 => (lens(), lens()).prop_map(|(out, ins)| Op::Add { out, ins }),
+        2 => (prop::collection::vec(1u32..64, 0..6), any::<bool>())
+            .prop_map(|(lens, writable)| Op::AddBurst { lens, writable }),
         2 => Just(Op::Kick),
         4 => Just(Op::DevicePop),
         4 => (any::<usize>(), 0u32..=100).prop_map(|(pick, percent)| Op::DeviceComplete { pick, percent }),
@@ -53,6 +72,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::DeviceSleep),
         1 => Just(Op::DeviceDisableNotifications),
         4 => Just(Op::GetBuf),
+        2 => (0usize..5).prop_map(|max| Op::GetBufs { max }),
         1 => Just(Op::DisableCb),
         1 => Just(Op::SleepEnableCb),
         1 => Just(Op::SleepEnableCbPrepare),
@@ -132,6 +152,63 @@ impl<'m> Model<'m> {
         }
     }
 
+    fn add_burst(&mut self, lens: &[u32], writable: bool) {
+        let mem = self.p.mem;
+        let sgs: Vec<Sg> = lens.iter().map(|&l| mem.alloc_sg(l)).collect();
+        let (free, kicks) = (self.p.driver.num_free() as usize, self.p.bell.kicks());
+        let first_token = self.next_token;
+        let mut tokens = Vec::new();
+        let result = if writable {
+            self.p.driver.add_inbufs(&sgs, |i| {
+                tokens.push(i);
+                first_token + i as u64
+            })
+        } else {
+            self.p.driver.add_outbufs(&sgs, |i| {
+                tokens.push(i);
+                first_token + i as u64
+            })
+        };
+        let added = match result {
+            Ok(n) => n,
+            Err(AddErrorKind::NoSpace) => {
+                assert!(free == 0 && !sgs.is_empty());
+                0
+            }
+            Err(other) => panic!("unexpected burst error {other:?}"),
+        };
+        assert_eq!(added, sgs.len().min(free), "a burst adds all that fits");
+        assert_eq!(tokens, (0..added).collect::<Vec<_>>(), "one token per added buffer, in order");
+        for (i, sg) in sgs[..added].iter().enumerate() {
+            let token = first_token + i as u64;
+            self.token_of.insert(sg.addr, token);
+            self.outstanding.insert(token, None);
+        }
+        self.next_token += added as u64;
+        self.accepted += added as u64;
+        self.adds_since_device_slept += added;
+        // A kick from the burst itself: the 2^16 guard, or split's prod of a full ring.
+        if self.p.bell.kicks() > kicks {
+            self.device_asleep = false;
+        }
+    }
+
+    fn get_bufs(&mut self, max: usize) {
+        let mut got = Vec::new();
+        let n = self.p.driver.get_bufs(max, |u| got.push(u));
+        assert_eq!(n, got.len());
+        assert!(n <= max);
+        for u in got {
+            let expected = self.outstanding.remove(&u.token).expect("token returned twice or never added");
+            assert_eq!(Some(u.len), expected, "token {} came back before the device completed it", u.token);
+            self.returned.push(u.token);
+            self.collected += 1;
+        }
+        if n < max {
+            assert!(!self.p.driver.has_used(), "get_bufs stopped short with used buffers waiting");
+        }
+    }
+
     fn get_buf(&mut self) {
         if let Some(u) = self.p.driver.get_buf() {
             let expected = self.outstanding.remove(&u.token).expect("token returned twice or never added");
@@ -162,6 +239,7 @@ impl<'m> Model<'m> {
         let driver_awake = self.driver == DriverSleep::Awake;
         match op {
             Op::Add { out, ins } if driver_awake => self.add(out, ins),
+            Op::AddBurst { lens, writable } if driver_awake => self.add_burst(lens, *writable),
             Op::Kick if driver_awake => {
                 let kick = self.p.driver.kick_prepare();
                 if self.device_asleep && self.adds_since_device_slept > 0 {
@@ -213,6 +291,7 @@ impl<'m> Model<'m> {
             }
             Op::DeviceDisableNotifications if !self.device_asleep => self.p.device.disable_notifications(),
             Op::GetBuf if driver_awake => self.get_buf(),
+            Op::GetBufs { max } if driver_awake => self.get_bufs(*max),
             Op::DisableCb if driver_awake => self.p.driver.disable_cb(),
             Op::SleepEnableCb if driver_awake => {
                 if self.p.driver.enable_cb() {

@@ -3,7 +3,7 @@
 
 use super::core::{Buffer, DriverCore};
 use super::queue::{LayoutKind, RingLayout, Sealed};
-use super::{AddError, CreateError, DriverQueue, Notify, QueueConfig};
+use super::{AddError, CreateError, DriverQueue, Notify, QueueConfig, Sg};
 use crate::memory::{Dma, DmaRegion};
 use crate::packed::driver::PackedLayout;
 use crate::split::driver::SplitLayout;
@@ -92,6 +92,18 @@ impl RingLayout for AnyLayout {
         dispatch!(self, l => l.add(core, buf, token, ctx, premapped))
     }
 
+    #[inline(always)]
+    fn add_each<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        sgs: &[Sg],
+        writable: bool,
+        premapped: bool,
+        token: &mut impl FnMut(usize) -> T,
+    ) -> usize {
+        dispatch!(self, l => l.add_each(core, sgs, writable, premapped, token))
+    }
+
     #[inline]
     fn kick_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
         dispatch!(self, l => l.kick_prepare(core))
@@ -104,6 +116,16 @@ impl RingLayout for AnyLayout {
     #[inline(always)]
     fn get_buf<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<(T, u32, Option<usize>)> {
         dispatch!(self, l => l.get_buf(core))
+    }
+
+    #[inline(always)]
+    fn get_each<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        max: usize,
+        f: &mut impl FnMut(T, u32, Option<usize>),
+    ) -> usize {
+        dispatch!(self, l => l.get_each(core, max, f))
     }
 
     fn disable_cb<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>) {

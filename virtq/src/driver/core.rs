@@ -392,6 +392,21 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         self.num_free -= plan.descs;
     }
 
+    /// [`Self::start`] for a direct buffer of one segment (`add_*bufs`).
+    #[inline(always)]
+    pub fn start_one(&mut self, head: u16, token: T, writable: u32, premapped: bool) {
+        let state = &mut self.heads[head as usize];
+        // Every way out of flight takes the context, so a free slot holds none already.
+        debug_assert!(state.ctx.is_none());
+        state.mapped = D::MAPS && !premapped;
+        state.token = Some(token);
+        state.writable = writable;
+        state.descs = 1;
+        state.tail = head;
+        state.indirect_entries = 0;
+        self.num_free -= 1;
+    }
+
     /// Frees the buffer at `head`, which the caller found in flight: unmaps its segments,
     /// returns its descriptors, and hands back the token, the context and how many ring
     /// descriptors it had. With `relink` its descriptors go to the back of the free list;

@@ -84,7 +84,13 @@ impl<T> fmt::Debug for AddError<T> {
 
 impl<T> fmt::Display for AddError<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self.kind {
+        self.kind.fmt(f)
+    }
+}
+
+impl fmt::Display for AddErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
             AddErrorKind::NoSpace => "no free descriptors in the virtqueue",
             AddErrorKind::NoMemory => "mapping a buffer for the device failed",
             AddErrorKind::Broken => "the virtqueue is broken",

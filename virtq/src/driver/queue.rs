@@ -8,8 +8,8 @@
 
 use super::core::{Buffer, DriverCore};
 use super::{
-    AddError, CreateError, Fault, InterruptAction, Kick, Notify, NotifyData, QueueConfig, QueueHandle, Sg, UsedBuf,
-    UsedSnapshot,
+    AddError, AddErrorKind, CreateError, Fault, InterruptAction, Kick, Notify, NotifyData, QueueConfig, QueueHandle,
+    Sg, UsedBuf, UsedSnapshot,
 };
 use crate::memory::{Dma, DmaRegion};
 
@@ -58,6 +58,17 @@ pub trait RingLayout: Sized + Send + Sync + Sealed {
         ctx: Option<usize>,
         premapped: bool,
     ) -> Result<(), AddError<T>>;
+    /// Adds one single-segment buffer per element of `sgs`, in order, while descriptors
+    /// last and mapping succeeds, and publishes them together. Returns how many.
+    #[doc(hidden)]
+    fn add_each<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        sgs: &[Sg],
+        writable: bool,
+        premapped: bool,
+        token: &mut impl FnMut(usize) -> T,
+    ) -> usize;
     #[doc(hidden)]
     fn kick_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool;
     /// `NotifyData::next`: split avail index; packed offset with the wrap counter in bit 15.
@@ -65,6 +76,23 @@ pub trait RingLayout: Sized + Send + Sync + Sealed {
     fn next_avail(&self) -> u16;
     #[doc(hidden)]
     fn get_buf<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<(T, u32, Option<usize>)>;
+    /// Up to `max` used buffers through `f`, as repeated `get_buf`s; returns how many.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn get_each<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        max: usize,
+        f: &mut impl FnMut(T, u32, Option<usize>),
+    ) -> usize {
+        let mut n = 0;
+        while n < max {
+            let Some((token, len, ctx)) = self.get_buf(core) else { break };
+            f(token, len, ctx);
+            n += 1;
+        }
+        n
+    }
     #[doc(hidden)]
     fn disable_cb<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>);
     #[doc(hidden)]
@@ -198,6 +226,70 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
         self.add(Buffer::Lists { out, ins }, token, None, true)
     }
 
+    /// Exposes one device-readable buffer per element of `sgs`: buffer `i` is `sgs[i]`,
+    /// with the token `token(i)`. See [`Self::add_inbufs`].
+    #[doc(alias = "virtqueue_add_outbuf")]
+    #[inline]
+    pub fn add_outbufs(&mut self, sgs: &[Sg], token: impl FnMut(usize) -> T) -> Result<usize, AddErrorKind> {
+        self.add_each(sgs, false, false, token)
+    }
+
+    /// Exposes one device-writable buffer per element of `sgs` (a receive queue's refill):
+    /// buffer `i` is `sgs[i]`, with the token `token(i)`, called only once that buffer is
+    /// sure to be added. As many as there are free descriptors for are added, in order,
+    /// and published together, at the cost of one barrier and one index or flags store.
+    /// Returns how many; the rest were not touched. `Err` when none could be added:
+    /// `NoSpace`, `NoMemory` (the first mapping failed), or `Broken`.
+    ///
+    /// Kick as after `add_inbuf`. `token` should not panic: the buffers this call wrote
+    /// before would stay unpublished until [`Self::reset`] takes them back.
+    #[doc(alias = "virtqueue_add_inbuf")]
+    #[inline]
+    pub fn add_inbufs(&mut self, sgs: &[Sg], token: impl FnMut(usize) -> T) -> Result<usize, AddErrorKind> {
+        self.add_each(sgs, true, false, token)
+    }
+
+    /// Like [`Self::add_outbufs`], but `sgs` holds device addresses, never mapped or unmapped.
+    #[doc(alias = "virtqueue_add_outbuf_premapped")]
+    #[inline]
+    pub fn add_outbufs_premapped(&mut self, sgs: &[Sg], token: impl FnMut(usize) -> T) -> Result<usize, AddErrorKind> {
+        self.add_each(sgs, false, true, token)
+    }
+
+    /// Like [`Self::add_inbufs`], but `sgs` holds device addresses, never mapped or unmapped.
+    #[doc(alias = "virtqueue_add_inbuf_premapped")]
+    #[inline]
+    pub fn add_inbufs_premapped(&mut self, sgs: &[Sg], token: impl FnMut(usize) -> T) -> Result<usize, AddErrorKind> {
+        self.add_each(sgs, true, true, token)
+    }
+
+    #[inline(always)]
+    fn add_each(
+        &mut self,
+        sgs: &[Sg],
+        writable: bool,
+        premapped: bool,
+        mut token: impl FnMut(usize) -> T,
+    ) -> Result<usize, AddErrorKind> {
+        if sgs.is_empty() {
+            return Ok(0);
+        }
+        if self.core.shared.is_broken() {
+            return Err(AddErrorKind::Broken);
+        }
+        let most = sgs.len().min(self.core.num_free as usize);
+        if self.core.num_added as usize + most >= u16::MAX as usize {
+            // The kick window would alias past 2^16 unkicked buffers: kick now, as `add`
+            // does when it reaches that count.
+            self.kick();
+        }
+        match self.layout.add_each(&mut self.core, sgs, writable, premapped, &mut token) {
+            0 if most == 0 => Err(AddErrorKind::NoSpace),
+            0 => Err(AddErrorKind::NoMemory),
+            n => Ok(n),
+        }
+    }
+
     fn notify_data(&self) -> NotifyData {
         NotifyData { queue_index: self.core.index, next: self.layout.next_avail() }
     }
@@ -243,6 +335,18 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
             return None;
         }
         self.layout.get_buf(&mut self.core).map(|(token, len, ctx)| (UsedBuf { token, len }, ctx))
+    }
+
+    /// Takes back up to `max` used buffers, in the order [`Self::get_buf`] would, handing
+    /// each to `f`; returns how many. One check of the broken flag for all of them. A
+    /// context given to `add_inbuf_ctx` is not passed on (use `get_buf_ctx` for those).
+    #[doc(alias = "virtqueue_get_buf")]
+    #[inline]
+    pub fn get_bufs(&mut self, max: usize, mut f: impl FnMut(UsedBuf<T>)) -> usize {
+        if self.core.shared.is_broken() {
+            return 0;
+        }
+        self.layout.get_each(&mut self.core, max, &mut |token, len, _| f(UsedBuf { token, len }))
     }
 
     /// Asks the device not to interrupt (a hint: interrupts may still arrive).

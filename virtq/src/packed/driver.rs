@@ -17,7 +17,7 @@ use super::{
 };
 use crate::driver::core::{Buffer, DriverCore, FreeList, PRIV_PREMAPPED, PRIV_TABLE};
 use crate::driver::queue::{LayoutKind, RingLayout, Sealed};
-use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Notify, QueueConfig};
+use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Notify, QueueConfig, Sg};
 use crate::event::need_event;
 use crate::memory::{Dma, DmaRegion};
 use crate::shared::DescWords;
@@ -278,6 +278,61 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         self.ring.flags(head).store(head_flags);
         core.num_added = core.num_added.saturating_add(plan.descs);
         Ok(())
+    }
+
+    #[inline(always)]
+    fn add_each<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        sgs: &[Sg],
+        writable: bool,
+        premapped: bool,
+        token: &mut impl FnMut(usize) -> T,
+    ) -> usize {
+        let size = self.ring.size();
+        let head = self.avail.pos();
+        let dir_flags = if writable { DESC_F_WRITE } else { 0 };
+        let priv_flags = if premapped { PRIV_PREMAPPED } else { 0 };
+        let mut pos = head;
+        let mut flags_now = avail_bits(self.avail.wrap());
+        let head_flags = flags_now | dir_flags;
+        let mut added = 0;
+        for (i, &sg) in sgs.iter().take(core.num_free as usize).enumerate() {
+            let id = if IN_ORDER { pos } else { self.free.head.get() };
+            let Some((addr, _)) = core.map(sg, writable, premapped) else { break };
+            core.record(id, addr, sg.len, dir_flags | priv_flags);
+            let desc = self.ring.desc(pos);
+            if i == 0 {
+                // The first buffer's flags publish the whole batch: written last. The
+                // device polls positions in ring order only (VIRTIO 1.3, "Polling of available and
+                // used descriptors"), so
+                // it sees none of the later ones before it.
+                desc.addr().store(addr);
+                desc.len().store(sg.len);
+                desc.lo16().store(id);
+            } else {
+                desc.write(DescWords { addr, len: sg.len, lo16: id, hi16: flags_now | dir_flags });
+            }
+            core.start_one(id, token(i), if writable { sg.len } else { 0 }, premapped);
+            if !IN_ORDER {
+                self.free.head.set(core.extra[id as usize].next);
+            }
+            pos += 1;
+            if pos == size {
+                pos = 0;
+                flags_now ^= DESC_F_AVAIL | DESC_F_USED;
+            }
+            added += 1;
+        }
+        if added > 0 {
+            self.avail = Cursor::new(pos, flags_now & DESC_F_AVAIL != 0);
+            // Every descriptor of the batch before the flags that make it available; pairs
+            // with the device's rmb after it sees the head's flags (`PackedDevice::pop`).
+            core.barriers.wmb();
+            self.ring.flags(head).store(head_flags);
+            core.num_added = core.num_added.saturating_add(added as u16);
+        }
+        added
     }
 
     fn kick_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {

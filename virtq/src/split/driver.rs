@@ -16,7 +16,7 @@ use super::{
 };
 use crate::driver::core::{AddPlan, Buffer, DriverCore, FreeList, Index, PRIV_TABLE};
 use crate::driver::queue::{LayoutKind, RingLayout, Sealed};
-use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Fault, Notify, NotifyData, QueueConfig};
+use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Fault, Notify, NotifyData, QueueConfig, Sg};
 use crate::event::need_event;
 use crate::memory::{Dma, DmaRegion};
 use crate::shared::DescWords;
@@ -293,6 +293,50 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             }
         }
         Ok(())
+    }
+
+    #[inline(always)]
+    fn add_each<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        sgs: &[Sg],
+        writable: bool,
+        premapped: bool,
+        token: &mut impl FnMut(usize) -> T,
+    ) -> usize {
+        if core.num_free == 0 && !writable {
+            // As in `add`: Linux's historical prod of a device slow to look.
+            core.shared.notifier.notify(NotifyData { queue_index: core.index, next: self.avail_idx_shadow.get() });
+            return 0;
+        }
+        let flags = if writable { DESC_F_WRITE } else { 0 };
+        let first_idx = self.avail_idx_shadow.get();
+        let mut added = 0;
+        for (i, &sg) in sgs.iter().take(core.num_free as usize).enumerate() {
+            let head = self.free.head.get();
+            let Some((addr, priv_flags)) = core.map(sg, writable, premapped) else { break };
+            core.record(head, addr, sg.len, flags | priv_flags);
+            let next = core.extra[head as usize].next;
+            self.ring.desc(head).write(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
+            core.start_one(head, token(i), if writable { sg.len } else { 0 }, premapped);
+            self.free.head.set(next);
+            // As in `add`: a slot that holds this head from the previous lap is left alone.
+            let slot = self.ring.avail_ring(first_idx.wrapping_add(added));
+            if slot.load() != head {
+                slot.store(head);
+            }
+            added += 1;
+        }
+        if added > 0 {
+            // One index store publishes the batch; pairs with the device's rmb after it
+            // reads `avail.idx` (`SplitDevice::pop`).
+            core.barriers.wmb();
+            let avail_idx = first_idx.wrapping_add(added);
+            self.avail_idx_shadow.set(avail_idx);
+            self.ring.avail_idx().store(avail_idx);
+            core.num_added = core.num_added.wrapping_add(added);
+        }
+        added as usize
     }
 
     fn kick_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
