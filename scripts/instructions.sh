@@ -15,8 +15,9 @@
 # interrupt).
 #
 # Last, streaming (CYCLE_BATCH=32: 32 adds, one kick_prepare, 32 pops and completions, one
-# publish, 32 get_bufs), per buffer and per side: the work each thread of `virtq bench`'s
-# batch-32 cells does for a buffer, without cache-line transfers.
+# publish, 32 get_bufs), per buffer and per side, with one call per buffer and with the
+# burst calls (`add_inbufs`, `get_bufs`; CYCLE_BURST=1), which `virtq bench` uses: the
+# work each thread of its batch-32 cells does for a buffer, without cache-line transfers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is required (apt-get install valgrind)" >&2; exit 1; }
@@ -81,11 +82,14 @@ stream_counts() { # layout cycles -> "total device"
 
 echo
 echo "streaming, batch 32, 1 segment: instructions per buffer"
-printf '%-16s %8s %8s %8s
-' layout driver device both
+printf '%-16s %-7s %8s %8s %8s\n' layout calls driver device both
 for layout in split split-in-order packed packed-in-order; do
-    read -r ta da < <(stream_counts "$layout" 32000)
-    read -r tb db < <(stream_counts "$layout" 64000)
-    awk -v l="$layout" -v t=$((tb - ta)) -v d=$((db - da)) \
-        'BEGIN { printf "%-16s %8.1f %8.1f %8.1f\n", l, (t - d) / 32000, d / 32000, t / 32000 }'
+    for calls in single burst; do
+        if [ "$calls" = burst ]; then export CYCLE_BURST=1; else unset CYCLE_BURST; fi
+        read -r ta da < <(stream_counts "$layout" 32000)
+        read -r tb db < <(stream_counts "$layout" 64000)
+        awk -v l="$layout" -v c="$calls" -v t=$((tb - ta)) -v d=$((db - da)) \
+            'BEGIN { printf "%-16s %-7s %8.1f %8.1f %8.1f\n", l, c, (t - d) / 32000, d / 32000, t / 32000 }'
+    done
 done
+unset CYCLE_BURST

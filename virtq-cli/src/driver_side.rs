@@ -143,15 +143,34 @@ pub fn device_config<L: BenchLayout>(queue: &Queue<'_, L>, features: virtq::Feat
     DeviceConfig::new(queue.vring_size(), features, queue.desc_addr(), queue.avail_addr(), queue.used_addr())
 }
 
+/// A used buffer is one that was added (`token < added`), and the device wrote nothing
+/// into it: every buffer is read-only.
+#[inline(always)]
+fn check_used(token: u64, len: u32, added: u64) -> Result<(), String> {
+    if token >= added {
+        return Err(format!("driver: got back token {token} that was never added"));
+    }
+    if len != 0 {
+        return Err(format!("driver: device claims {len} bytes written into a read-only buffer"));
+    }
+    Ok(())
+}
+
 impl<L: BenchLayout> Driver<'_, L> {
     /// Adds `n` single-segment buffers, then kicks once (if the device asked for it).
     fn add_batch(&mut self, n: u16) -> Result<(), String> {
-        for _ in 0..n {
-            let sg = self.bufs[self.added as usize & (self.bufs.len() - 1)];
-            self.queue
-                .add_outbuf(&[sg], self.added)
+        let mut left = n as usize;
+        while left > 0 {
+            // Buffer `token % size` carries `token`; a batch may wrap around `bufs`.
+            let start = self.added as usize & (self.bufs.len() - 1);
+            let sgs = &self.bufs[start..self.bufs.len().min(start + left)];
+            let first = self.added;
+            let added = self
+                .queue
+                .add_outbufs(sgs, |i| first + i as u64)
                 .map_err(|e| format!("driver: add failed after {} buffers: {e}", self.added))?;
-            self.added += 1;
+            self.added += added as u64;
+            left -= added;
         }
         if !self.queue.kick() {
             return Err("driver: the kick failed".into());
@@ -162,7 +181,17 @@ impl<L: BenchLayout> Driver<'_, L> {
     /// Takes back every buffer the device has published; returns how many.
     fn reap(&mut self) -> Result<u64, String> {
         let before = self.returned.count;
-        while self.reap_one()? {}
+        let (added, returned) = (self.added, &mut self.returned);
+        let mut bad = None;
+        self.queue.get_bufs(usize::MAX, |used| match check_used(used.token, used.len, added) {
+            Ok(()) => returned.record(used.token),
+            Err(e) => {
+                bad.get_or_insert(e);
+            }
+        });
+        if let Some(e) = bad {
+            return Err(e);
+        }
         let reaped = self.returned.count - before;
         if reaped > 0 {
             self.ctl.driver_progress.store(self.returned.count, Ordering::Relaxed);
@@ -174,12 +203,7 @@ impl<L: BenchLayout> Driver<'_, L> {
     #[inline(always)]
     fn reap_one(&mut self) -> Result<bool, String> {
         let Some(used) = self.queue.get_buf() else { return Ok(false) };
-        if used.token >= self.added {
-            return Err(format!("driver: got back token {} that was never added", used.token));
-        }
-        if used.len != 0 {
-            return Err(format!("driver: device claims {} bytes written into a read-only buffer", used.len));
-        }
+        check_used(used.token, used.len, self.added)?;
         self.returned.record(used.token);
         Ok(true)
     }

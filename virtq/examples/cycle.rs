@@ -8,7 +8,9 @@
 //! With `CYCLE_BATCH=N` in the environment it streams instead: N adds, one kick_prepare,
 //! the device pops and completes N chains and publishes once, then N get_bufs. The
 //! device's half is a function of its own (`device_batch`), so callgrind tells the two
-//! sides' costs apart.
+//! sides' costs apart. With `CYCLE_BURST=1` as well, the driver uses the burst calls
+//! (`add_inbufs`, `get_bufs`) instead of one call per buffer. With `CYCLE_BURST=1` as well, the driver uses the burst calls
+//! (`add_inbufs`, `get_bufs`) instead of one call per buffer.
 
 use std::hint::black_box;
 
@@ -46,14 +48,30 @@ fn streams<'m, L: RingLayout>(
     batch: u64,
 ) {
     let mut segs = Segments::<16>::new();
+    let burst = std::env::var_os("CYCLE_BURST").is_some();
+    let burst_sgs = vec![sgs[0]; batch as usize];
     for first in (0..n).step_by(batch as usize) {
-        for token in first..first + batch {
-            driver.add_inbuf(sgs, token).expect("ring has room");
+        if burst {
+            let added = driver.add_inbufs(&burst_sgs, |i| first + i as u64).expect("ring has room");
+            assert_eq!(added as u64, batch);
+        } else {
+            for token in first..first + batch {
+                driver.add_inbuf(sgs, token).expect("ring has room");
+            }
         }
         black_box(driver.kick_prepare().is_some());
         device_batch(device, &mut segs, batch);
-        for token in first..first + batch {
-            assert_eq!(driver.get_buf().expect("used buffer").token, token);
+        if burst {
+            let mut expect = first;
+            let got = driver.get_bufs(batch as usize, |used| {
+                assert_eq!(used.token, expect);
+                expect += 1;
+            });
+            assert_eq!(got as u64, batch);
+        } else {
+            for token in first..first + batch {
+                assert_eq!(driver.get_buf().expect("used buffer").token, token);
+            }
         }
     }
 }
