@@ -352,7 +352,15 @@ impl<L: BenchLayout> Driver<'_, L> {
     /// buffer in flight, so it takes that one and does not look for more.
     #[inline(always)]
     fn request(&mut self) -> Result<(), String> {
-        self.add_batch(1)?;
+        // One buffer: `add_outbuf`, as a request/response user would call it.
+        let sg = self.bufs[self.added as usize & (self.bufs.len() - 1)];
+        self.queue
+            .add_outbuf(&[sg], self.added)
+            .map_err(|e| format!("driver: add failed after {} buffers: {e}", self.added))?;
+        self.added += 1;
+        if !self.queue.kick() {
+            return Err("driver: the kick failed".into());
+        }
         while !self.reap_one()? {
             self.wait_for_used()?;
         }
