@@ -153,7 +153,7 @@ fn a_mapping_failure_ends_the_burst_and_every_mapping_is_undone() {
 
 #[test]
 fn get_bufs_stops_at_a_bad_used_entry_and_the_tokens_stay_recoverable() {
-    for layout in [LayoutKind::Split, LayoutKind::Packed] {
+    for layout in LAYOUTS {
         let mem = TestMemory::new(1 << 20);
         let mut p = Pair::of(&mem, layout, 4, false, false);
         let sgs: Vec<Sg> = (0..3).map(|_| mem.alloc_sg(8)).collect();
@@ -175,5 +175,29 @@ fn get_bufs_stops_at_a_bad_used_entry_and_the_tokens_stay_recoverable() {
         let mut left: Vec<_> = std::iter::from_fn(|| p.driver.detach_unused_buf()).collect();
         left.sort();
         assert_eq!(left, [1, 2], "{layout:?}");
+    }
+}
+
+#[test]
+fn an_in_order_run_is_taken_in_pieces_when_max_is_smaller() {
+    for layout in [LayoutKind::SplitInOrder, LayoutKind::PackedInOrder] {
+        let mem = TestMemory::new(1 << 20);
+        let mut p = Pair::of(&mem, layout, 8, true, false);
+        let sgs: Vec<Sg> = (0..5).map(|i| mem.alloc_sg(10 + i)).collect();
+        p.driver.add_inbufs(&sgs, |i| i as u64).unwrap();
+        // One used entry for all five; the last one short.
+        let chains: Vec<_> = (0..5).map(|_| p.pop().unwrap().0).collect();
+        for (i, c) in chains.into_iter().enumerate() {
+            let len = if i == 4 { 3 } else { c.writable_len() };
+            p.device.complete(c, len);
+        }
+        p.device.publish_used();
+        assert_eq!(collect(&mut p, 2), [(0, 10), (1, 11)], "{layout:?}");
+        assert!(p.driver.has_used());
+        assert_eq!(p.driver.get_buf().map(|u| (u.token, u.len)), Some((2, 12)));
+        assert_eq!(collect(&mut p, 8), [(3, 13), (4, 3)], "{layout:?}");
+        assert!(!p.driver.has_used());
+        assert_eq!(p.driver.num_free(), 8);
+        assert!(!p.driver.is_broken());
     }
 }

@@ -392,7 +392,8 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         self.num_free -= plan.descs;
     }
 
-    /// [`Self::start`] for a direct buffer of one segment (`add_*bufs`).
+    /// [`Self::start`] for a direct buffer of one segment (`add_*bufs`), except that the
+    /// caller takes the burst's descriptors off `num_free` once, at the end.
     #[inline(always)]
     pub fn start_one(&mut self, head: u16, token: T, writable: u32, premapped: bool) {
         let state = &mut self.heads[head as usize];
@@ -404,7 +405,6 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         state.descs = 1;
         state.tail = head;
         state.indirect_entries = 0;
-        self.num_free -= 1;
     }
 
     /// Frees the buffer at `head`, which the caller found in flight: unmaps its segments,

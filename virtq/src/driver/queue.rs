@@ -76,7 +76,7 @@ pub trait RingLayout: Sized + Send + Sync + Sealed {
     fn next_avail(&self) -> u16;
     #[doc(hidden)]
     fn get_buf<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<(T, u32, Option<usize>)>;
-    /// Up to `max` used buffers through `f`, as repeated `get_buf`s; returns how many.
+    /// Up to `max` used buffers through `f`, in `get_buf` order; returns how many.
     #[doc(hidden)]
     #[inline(always)]
     fn get_each<T, D: Dma, N: Notify>(
@@ -85,13 +85,7 @@ pub trait RingLayout: Sized + Send + Sync + Sealed {
         max: usize,
         f: &mut impl FnMut(T, u32, Option<usize>),
     ) -> usize {
-        let mut n = 0;
-        while n < max {
-            let Some((token, len, ctx)) = self.get_buf(core) else { break };
-            f(token, len, ctx);
-            n += 1;
-        }
-        n
+        get_one_by_one(self, core, max, f)
     }
     #[doc(hidden)]
     fn disable_cb<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>);
@@ -116,6 +110,23 @@ pub trait RingLayout: Sized + Send + Sync + Sealed {
     fn start_at(&mut self, index: u16) {
         let _ = index;
     }
+}
+
+/// [`RingLayout::get_each`] as repeated `get_buf`s.
+#[inline(always)]
+pub(crate) fn get_one_by_one<L: RingLayout, T, D: Dma, N: Notify>(
+    layout: &mut L,
+    core: &mut DriverCore<T, D, N>,
+    max: usize,
+    f: &mut impl FnMut(T, u32, Option<usize>),
+) -> usize {
+    let mut n = 0;
+    while n < max {
+        let Some((token, len, ctx)) = layout.get_buf(core) else { break };
+        f(token, len, ctx);
+        n += 1;
+    }
+    n
 }
 
 /// The driver's end of a virtqueue: Linux's `struct virtqueue` and its operations.

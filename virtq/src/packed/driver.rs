@@ -16,7 +16,7 @@ use super::{
     DESC_F_WRITE, EVENT_FLAGS_DESC, EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE, WRAP_BIT,
 };
 use crate::driver::core::{Buffer, DriverCore, FreeList, PRIV_PREMAPPED, PRIV_TABLE};
-use crate::driver::queue::{LayoutKind, RingLayout, Sealed};
+use crate::driver::queue::{get_one_by_one, LayoutKind, RingLayout, Sealed};
 use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Notify, QueueConfig, Sg};
 use crate::event::need_event;
 use crate::memory::{Dma, DmaRegion};
@@ -83,11 +83,11 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
         }
     }
 
-    /// Advances the used position past a buffer of `descs` descriptors, and tells the
-    /// device where the next interrupt is wanted if the driver asked for one there.
+    /// Moves the used position to `used`, and tells the device where the next interrupt
+    /// is wanted if the driver asked for one there.
     #[inline(always)]
-    fn after_used<T, D: Dma, N: Notify>(&mut self, core: &DriverCore<T, D, N>, descs: u16) {
-        self.used = self.used.advance(descs, self.ring.size());
+    fn after_used<T, D: Dma, N: Notify>(&mut self, core: &DriverCore<T, D, N>, used: Cursor) {
+        self.used = used;
         if self.event_flags_shadow.load(Relaxed) == EVENT_FLAGS_DESC {
             // Make the new event visible before the next check for used descriptors;
             // pairs with the device's mb before it reads the driver area
@@ -325,6 +325,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             added += 1;
         }
         if added > 0 {
+            core.num_free -= added as u16;
             self.avail = Cursor::new(pos, flags_now & DESC_F_AVAIL != 0);
             // Every descriptor of the batch before the flags that make it available; pairs
             // with the device's rmb after it sees the head's flags (`PackedDevice::pop`).
@@ -371,7 +372,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         if !IN_ORDER {
             let (id, len) = self.read_used(core)?;
             let (token, ctx, descs) = core.take_used(id as u32, len, &mut self.free)?;
-            self.after_used(core, descs);
+            self.after_used(core, self.used.advance(descs, self.ring.size()));
             return Some((token, len, ctx));
         }
         let (batch_id, batch_len) = match self.batch_last {
@@ -392,8 +393,62 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         } else {
             writable
         };
-        self.after_used(core, descs);
+        self.after_used(core, self.used.advance(descs, self.ring.size()));
         Some((token, len, ctx))
+    }
+
+    #[inline(always)]
+    fn get_each<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        max: usize,
+        f: &mut impl FnMut(T, u32, Option<usize>),
+    ) -> usize {
+        if !IN_ORDER {
+            return get_one_by_one(self, core, max, f);
+        }
+        // In order, a used descriptor covers a run of buffers: read and check it once, then
+        // take the run's buffers by position, moving the used cursor (and the driver's
+        // event, when it asked for one) once per run rather than once per buffer.
+        let size = self.ring.size();
+        let mut n = 0;
+        let mut broke = false;
+        while n < max && !broke {
+            let (batch_id, batch_len) = match self.batch_last.take() {
+                Some(batch) => batch,
+                None => {
+                    let Some((id, len)) = self.read_used(core) else { break };
+                    if !core.check_used(id as u32, len) {
+                        break;
+                    }
+                    (id, len)
+                }
+            };
+            let mut used = self.used;
+            let mut rest = None;
+            loop {
+                let head = used.pos();
+                let Some((token, ctx, descs, writable)) = core.take_in_order(head, &mut self.free) else {
+                    // Latched broken: stop here, as `get_buf` would from now on.
+                    broke = true;
+                    break;
+                };
+                used = used.advance(descs, size);
+                n += 1;
+                if head == batch_id {
+                    f(token, batch_len, ctx);
+                    break;
+                }
+                f(token, writable, ctx);
+                if n == max {
+                    rest = Some((batch_id, batch_len));
+                    break;
+                }
+            }
+            self.batch_last = rest;
+            self.after_used(core, used);
+        }
+        n
     }
 
     fn disable_cb<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>) {
