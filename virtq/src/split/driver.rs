@@ -328,7 +328,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             added += 1;
         }
         if added > 0 {
-            core.num_free -= added as u16;
+            core.num_free -= added;
             // One index store publishes the batch; pairs with the device's rmb after it
             // reads `avail.idx` (`SplitDevice::pop`).
             core.barriers.wmb();
