@@ -70,13 +70,15 @@ pub const fn valid_size(size: u16) -> bool {
 /// Whether descriptor `flags` mark it available to a device whose wrap counter is `wrap`.
 #[inline(always)]
 pub const fn is_avail(flags: u16, wrap: bool) -> bool {
-    (flags & DESC_F_AVAIL != 0) == wrap && (flags & DESC_F_USED != 0) != wrap
+    // AVAIL equal to the wrap counter and USED its inverse, in one compare.
+    flags & (DESC_F_AVAIL | DESC_F_USED) == avail_bits(wrap)
 }
 
 /// Whether descriptor `flags` mark it used for a driver whose wrap counter is `wrap`.
 #[inline(always)]
 pub const fn is_used(flags: u16, wrap: bool) -> bool {
-    (flags & DESC_F_AVAIL != 0) == wrap && (flags & DESC_F_USED != 0) == wrap
+    // Both bits equal to the wrap counter, in one compare.
+    flags & (DESC_F_AVAIL | DESC_F_USED) == used_bits(wrap)
 }
 
 /// The AVAIL/USED bits that make a descriptor available on lap `wrap`.
@@ -148,12 +150,12 @@ impl Cursor {
     /// `n` positions on, for `n <= size`, flipping the wrap counter past the end.
     #[inline(always)]
     pub(crate) fn advance(self, n: u16, size: u16) -> Self {
-        // No overflow: pos < size <= 2^15 and n <= size.
-        let pos = self.pos() + n;
-        if pos >= size {
-            Self::new(pos - size, !self.wrap())
+        // pos < size <= 2^15 and n <= size, so the sum stays below bit 16 (the wrap bit).
+        let next = self.0 + n as u32;
+        if next as u16 >= size {
+            Self((next - size as u32) ^ 1 << 16)
         } else {
-            Self::new(pos, self.wrap())
+            Self(next)
         }
     }
 }
