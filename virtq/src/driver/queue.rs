@@ -254,6 +254,35 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
     ///
     /// Kick as after `add_inbuf`. `token` should not panic: the buffers this call wrote
     /// before would stay unpublished until [`Self::reset`] takes them back.
+    ///
+    /// ```
+    /// use virtq::testing::TestMemory;
+    /// use virtq::{DeviceConfig, Features, PackedDevice, PackedDriver, QueueConfig, Segments};
+    ///
+    /// let mem = TestMemory::new(1 << 16);
+    /// let features = Features::VERSION_1 | Features::RING_PACKED;
+    /// let mut rx = PackedDriver::<usize, _, _>::new(QueueConfig::new(0, 8, features), &mem, ()).unwrap();
+    /// // A receive refill: twelve buffers, of which the ring takes eight. The token says
+    /// // which buffer came back.
+    /// let bufs: Vec<_> = (0..12).map(|_| mem.alloc_sg(1514)).collect();
+    /// assert_eq!(rx.add_inbufs(&bufs, |i| i), Ok(8));
+    /// rx.kick();
+    ///
+    /// let config = DeviceConfig::new(8, features, rx.desc_addr(), rx.avail_addr(), rx.used_addr());
+    /// let mut device = PackedDevice::new(&mem, config).unwrap();
+    /// let mut segs = Segments::<1>::new();
+    /// for len in [60, 1514, 300] {
+    ///     let chain = device.pop(&mut segs).unwrap().expect("a buffer");
+    ///     device.complete(chain, len);
+    /// }
+    /// device.publish_used();
+    ///
+    /// let mut received = Vec::new();
+    /// assert_eq!(rx.get_bufs(64, |used| received.push((used.token, used.len))), 3);
+    /// assert_eq!(received, [(0, 60), (1, 1514), (2, 300)]);
+    /// // Refill from where it stopped.
+    /// assert_eq!(rx.add_inbufs(&bufs[8..], |i| 8 + i), Ok(3));
+    /// ```
     #[doc(alias = "virtqueue_add_inbuf")]
     #[inline]
     pub fn add_inbufs(&mut self, sgs: &[Sg], token: impl FnMut(usize) -> T) -> Result<usize, AddErrorKind> {
