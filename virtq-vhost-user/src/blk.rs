@@ -26,7 +26,6 @@
 //! refuses new ones. Buffers of such requests are not handed back: the device may still
 //! write them, so they stay out of the allocator until the memory itself is dropped.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -391,10 +390,6 @@ impl Request {
     pub fn get_id(buf: DmaBuffer, user_data: u64) -> Self {
         Self { op: Op::GetId, sector: 0, num_sectors: 0, bufs: vec![buf], user_data }
     }
-
-    fn data_len(&self) -> u64 {
-        self.bufs.iter().map(|b| b.len() as u64).sum()
-    }
 }
 
 /// A request that could not be submitted, with the request handed back.
@@ -462,13 +457,23 @@ impl Limit {
     }
 }
 
-#[derive(Default)]
+/// A request in flight, by slot (the ring token).
 struct Slot {
+    /// Whether the slot holds a request in flight (the ring returns each token once, so
+    /// this only guards against a slot completed twice by `abort_all` and the ring).
     active: bool,
+    op: Op,
     user_data: u64,
-    op: Option<Op>,
-    bufs: Vec<DmaBuffer>,
+    /// Numbers requests for `run`, which waits for its own.
     seq: u64,
+    /// Empty (and unallocated) while the slot is free.
+    bufs: Vec<DmaBuffer>,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Self { active: false, op: Op::Flush, user_data: 0, seq: 0, bufs: Vec::new() }
+    }
 }
 
 /// A connected virtio-blk device: its config and its queues.
@@ -553,17 +558,24 @@ pub struct BlkQueue {
     slots: Vec<Slot>,
     free_slots: Vec<u16>,
     in_flight: usize,
-    out_sg: Vec<Sg>,
-    in_sg: Vec<Sg>,
-    /// `info.max_segment_size()` and `info.max_segments()`, worked out once.
+    /// The segments of the request being submitted: device-readable first, then
+    /// device-writable (one list, split where the direction changes).
+    sgs: Vec<Sg>,
+    /// `info.max_segment_size()`, `info.max_segments()` and `info.read_only()`, worked out
+    /// once.
     max_seg: usize,
     max_segs: usize,
-    ready: VecDeque<Completion>,
+    read_only: bool,
+    /// Completions taken off the ring but not yet handed out: those `run` set aside while
+    /// waiting for its own, and those `abort_all` failed. `wait` and `poll` reap straight
+    /// into the caller's vector otherwise.
+    ready: Vec<Completion>,
     unkicked: bool,
     wait: WaitMode,
     request_timeout: Duration,
     validate: bool,
     failed: Option<RequestError>,
+    /// The number of the last request submitted (`run` reads it after its `submit`).
     seq: u64,
 }
 
@@ -588,11 +600,12 @@ impl BlkQueue {
             slots: (0..n).map(|_| Slot::default()).collect(),
             free_slots: (0..n as u16).rev().collect(),
             in_flight: 0,
-            out_sg: Vec::with_capacity(8),
-            in_sg: Vec::with_capacity(8),
+            // Header, range, status and the data segments of a valid request: no growth.
+            sgs: Vec::with_capacity(info.max_segments().min(1024) as usize + 3),
             max_seg: info.max_segment_size() as usize,
             max_segs: info.max_segments() as usize,
-            ready: VecDeque::with_capacity(n),
+            read_only: info.read_only(),
+            ready: Vec::with_capacity(n),
             unkicked: false,
             wait: opts.wait,
             request_timeout: opts.request_timeout,
@@ -645,15 +658,47 @@ impl BlkQueue {
         self.failed.as_ref()
     }
 
+    /// Checks a request against the config space before it is sent (with `validate`).
+    #[inline]
     fn check(&self, req: &Request) -> Result<(), BlkError> {
+        // The usual request passes without the general checks below: a read or write of
+        // one buffer that fits one segment, whole sectors, within the capacity. Anything
+        // else, valid or not, gets the general checks and their errors.
+        if let [b] = &req.bufs[..] {
+            let n = b.len();
+            let sectors = (n as u64) / SECTOR_SIZE;
+            if (req.op == Op::Read || (req.op == Op::Write && !self.read_only))
+                && n > 0
+                && n <= self.max_seg
+                && self.max_segs >= 1
+                && (n as u64).is_multiple_of(SECTOR_SIZE)
+                && req.sector.checked_add(sectors).is_some_and(|end| end <= self.info.config.capacity)
+            {
+                return Ok(());
+            }
+        }
+        self.check_all(req)
+    }
+
+    #[inline(never)]
+    fn check_all(&self, req: &Request) -> Result<(), BlkError> {
         let info = &*self.info;
         let sectors_ok = |sector: u64, n: u64| sector.checked_add(n).is_some_and(|end| end <= info.config.capacity);
+        // Data length and segment count in one pass over the buffers.
+        let max_seg = self.max_seg;
+        let (mut data_len, mut segs) = (0u64, 0usize);
+        for b in &req.bufs {
+            let n = b.len();
+            data_len += n as u64;
+            // No division for the usual buffer that fits one segment.
+            segs += if n <= max_seg { usize::from(n != 0) } else { n.div_ceil(max_seg) };
+        }
         match req.op {
             Op::Read | Op::Write => {
                 if req.op == Op::Write && info.read_only() {
                     return Err(BlkError::ReadOnly);
                 }
-                let len = req.data_len();
+                let len = data_len;
                 if len == 0 || !len.is_multiple_of(SECTOR_SIZE) {
                     return Err(BlkError::InvalidRequest(format!(
                         "data length {len} is not a positive multiple of {SECTOR_SIZE}"
@@ -701,19 +746,12 @@ impl BlkQueue {
                 }
             }
             Op::GetId => {
-                if req.data_len() == 0 {
+                if data_len == 0 {
                     return Err(BlkError::InvalidRequest("GET_ID needs a buffer".into()));
                 }
             }
             Op::Raw(_) => {}
         }
-        let max_seg = self.max_seg;
-        // No division for the usual buffer that fits one segment.
-        let segs: usize = req
-            .bufs
-            .iter()
-            .map(|b| if b.len() <= max_seg { usize::from(!b.is_empty()) } else { b.len().div_ceil(max_seg) })
-            .sum();
         if segs > self.max_segs {
             return Err(BlkError::InvalidRequest(format!(
                 "{segs} data segments, the device takes at most {} (seg_max)",
@@ -725,11 +763,10 @@ impl BlkQueue {
 
     /// Puts a request in the ring without notifying the device; call [`Self::kick`] (or a
     /// wait, which kicks first) to send it. Fails with the request handed back.
+    ///
+    /// Submit a batch, then kick once: the device is notified (if it asks to be) once per
+    /// batch, not per request.
     pub fn submit(&mut self, req: Request) -> Result<(), SubmitError> {
-        self.submit_inner(req).map(|_| ())
-    }
-
-    fn submit_inner(&mut self, req: Request) -> Result<u64, SubmitError> {
         if let Some(e) = &self.failed {
             return Err(SubmitError { error: e.clone().into(), request: req });
         }
@@ -751,14 +788,16 @@ impl BlkQueue {
             Op::Raw(t) => (t, req.sector),
         };
         let ctl_off = slot as usize * SLOT_CTL;
-        let mut header = [0u8; 16];
-        header[0..4].copy_from_slice(&ty.to_le_bytes());
-        header[8..16].copy_from_slice(&sector.to_le_bytes());
         let host = (self.ctl_host + ctl_off) as *mut u8;
+        // The header as two little-endian words: type with the zero `reserved` above it,
+        // then the sector.
         // SAFETY: the slot's control block lies inside `ctl` (n slots of SLOT_CTL bytes,
         // `slot < n`), which this queue owns; the slot is free, so the device has no request
         // that points into it.
-        unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), host, 16) };
+        unsafe {
+            host.cast::<u64>().write_unaligned((ty as u64).to_le());
+            host.add(8).cast::<u64>().write_unaligned(sector.to_le());
+        }
         let dwz = matches!(req.op, Op::Discard | Op::WriteZeroes { .. });
         if dwz {
             let flags = if matches!(req.op, Op::WriteZeroes { unmap: true }) { WRITE_ZEROES_FLAG_UNMAP } else { 0 };
@@ -772,27 +811,48 @@ impl BlkQueue {
         // SAFETY: as above, byte 32 of the slot's block.
         unsafe { std::ptr::write_volatile(host.add(CTL_STATUS), STATUS_UNWRITTEN) };
 
+        // The chain as one list: header [range] [data the device reads] | [data the
+        // device writes] status, split where the device-writable part begins.
         let gpa = self.ctl_gpa + ctl_off as u64;
-        self.out_sg.clear();
-        self.in_sg.clear();
-        self.out_sg.push(Sg::new(gpa, 16));
-        if dwz {
-            self.out_sg.push(Sg::new(gpa + CTL_DWZ as u64, 16));
-        }
+        let header = Sg::new(gpa, 16);
+        let status = Sg::new(gpa + CTL_STATUS as u64, 1);
         let device_writes = matches!(req.op, Op::Read | Op::GetId);
         let max_seg = self.max_seg;
-        let data = if device_writes { &mut self.in_sg } else { &mut self.out_sg };
-        for b in &req.bufs {
-            let mut off = 0;
-            while off < b.len() {
-                let len = (b.len() - off).min(max_seg);
-                data.push(Sg::new(b.gpa() + off as u64, len as u32));
-                off += len;
+        let one;
+        let (chain, split): (&[Sg], usize) = match &req.bufs[..] {
+            // The usual read or write: one buffer that fits a segment. Its three segments
+            // go on the stack, with no list to fill.
+            [b] if !dwz && b.len() <= max_seg && !b.is_empty() => {
+                one = [header, Sg::new(b.gpa(), b.len() as u32), status];
+                (&one, if device_writes { 1 } else { 2 })
             }
-        }
-        self.in_sg.push(Sg::new(gpa + CTL_STATUS as u64, 1));
+            bufs => {
+                let sgs = &mut self.sgs;
+                sgs.clear();
+                sgs.push(header);
+                if dwz {
+                    sgs.push(Sg::new(gpa + CTL_DWZ as u64, 16));
+                }
+                let mut split = sgs.len();
+                for b in bufs {
+                    let (addr, len) = (b.gpa(), b.len());
+                    let mut off = 0;
+                    while off < len {
+                        let n = (len - off).min(max_seg);
+                        sgs.push(Sg::new(addr + off as u64, n as u32));
+                        off += n;
+                    }
+                }
+                if !device_writes {
+                    split = sgs.len();
+                }
+                sgs.push(status);
+                (sgs, split)
+            }
+        };
+        let (out, ins) = chain.split_at(split);
 
-        match self.q.vq_mut().add_sgs_premapped(&[&self.out_sg], &[&self.in_sg], slot) {
+        match self.q.vq_mut().add_sgs_premapped(&[out], &[ins], slot) {
             Ok(()) => {
                 self.in_flight += 1;
                 self.unkicked = true;
@@ -800,10 +860,14 @@ impl BlkQueue {
                 let s = &mut self.slots[slot as usize];
                 s.active = true;
                 s.user_data = req.user_data;
-                s.op = Some(req.op);
-                s.bufs = req.bufs;
+                s.op = req.op;
                 s.seq = self.seq;
-                Ok(self.seq)
+                // A free slot's vector is empty and unallocated (completions take it), so
+                // there is nothing to drop: skip the drop call an assignment would make.
+                let old = std::mem::replace(&mut s.bufs, req.bufs);
+                debug_assert!(old.capacity() == 0);
+                std::mem::forget(old);
+                Ok(())
             }
             Err(e) => {
                 self.free_slots.push(slot);
@@ -821,52 +885,77 @@ impl BlkQueue {
     }
 
     /// Notifies the device of submitted requests (if it wants a notification).
+    #[inline]
     pub fn kick(&mut self) -> Result<(), BlkError> {
         if std::mem::take(&mut self.unkicked) {
-            if let Err(e) = self.q.kick() {
-                let err = match e {
-                    frontend::Error::Disconnected => RequestError::Disconnected,
-                    other => RequestError::QueueBroken(other.to_string()),
-                };
-                self.abort_all(err);
-            }
+            self.notify_device();
         }
         Ok(())
     }
 
-    /// Moves every completed request to the ready list; returns how many are ready.
-    fn collect(&mut self) -> usize {
-        while let Some(used) = self.q.vq_mut().get_buf() {
-            self.finish(used.token, used.len);
+    /// The kick proper, out of line so that the check above inlines into `wait`: the ring
+    /// decides whether the device wants a notification and sends it. A failed
+    /// notification fails every request.
+    fn notify_device(&mut self) {
+        if let Err(e) = self.q.kick() {
+            let err = match e {
+                frontend::Error::Disconnected => RequestError::Disconnected,
+                other => RequestError::QueueBroken(other.to_string()),
+            };
+            self.abort_all(err);
         }
-        self.ready.len()
     }
 
-    fn finish(&mut self, slot: u16, len: u32) {
-        let s = &mut self.slots[slot as usize];
-        if !s.active {
-            return;
+    /// Takes every used buffer off the ring and appends its completion to `out`; returns
+    /// how many. Inlined into the waits: once per batch, its call frame cost as much as
+    /// the loop's bookkeeping.
+    #[inline(always)]
+    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        let before = out.len();
+        while let Some(used) = self.q.vq_mut().get_buf() {
+            let slot = used.token;
+            let s = &mut self.slots[slot as usize];
+            if !s.active {
+                continue;
+            }
+            s.active = false;
+            let host = (self.ctl_host + slot as usize * SLOT_CTL + CTL_STATUS) as *const u8;
+            // SAFETY: the status byte of the slot's control block, inside `ctl`; the device
+            // is done with the request (the ring returned it), and `get_buf` ordered its
+            // writes before this read.
+            let status = unsafe { std::ptr::read_volatile(host) };
+            out.push(Completion {
+                user_data: s.user_data,
+                op: s.op,
+                result: status_result(status),
+                bufs: std::mem::take(&mut s.bufs),
+                len: used.len,
+                seq: s.seq,
+            });
+            self.free_slots.push(slot);
+            self.in_flight -= 1;
         }
-        let host = (self.ctl_host + slot as usize * SLOT_CTL + CTL_STATUS) as *const u8;
-        // SAFETY: the status byte of the slot's control block, inside `ctl`; the device is
-        // done with the request (the ring returned it), and `get_buf` ordered its writes
-        // before this read.
-        let status = unsafe { std::ptr::read_volatile(host) };
-        s.active = false;
-        self.ready.push_back(Completion {
-            user_data: s.user_data,
-            op: s.op.take().unwrap_or(Op::Flush),
-            result: status_result(status),
-            bufs: std::mem::take(&mut s.bufs),
-            len,
-            seq: s.seq,
-        });
-        self.free_slots.push(slot);
-        self.in_flight -= 1;
+        out.len() - before
+    }
+
+    /// Moves the ready list to the end of `out`. Usually empty: checked inline, as
+    /// `Vec::append` makes a call even then.
+    #[inline]
+    fn take_ready(&mut self, out: &mut Vec<Completion>) {
+        if !self.ready.is_empty() {
+            out.append(&mut self.ready);
+        }
+    }
+
+    /// Reaps into the ready list (for `run` and `abort_all`).
+    fn collect(&mut self) {
+        let mut ready = std::mem::take(&mut self.ready);
+        self.reap(&mut ready);
+        self.ready = ready;
     }
 
     /// Fails every request in flight with `err`, and every later one: the device is gone
-    /// or cannot be trusted to complete them.
+    /// or cannot be trusted to complete them. The failed completions go to the ready list.
     fn abort_all(&mut self, err: RequestError) {
         self.collect();
         self.failed.get_or_insert(err.clone());
@@ -880,9 +969,9 @@ impl BlkQueue {
             s.active = false;
             // The device may still write these: keep them out of the allocator.
             std::mem::take(&mut s.bufs).into_iter().for_each(DmaBuffer::leak);
-            self.ready.push_back(Completion {
+            self.ready.push(Completion {
                 user_data: s.user_data,
-                op: s.op.take().unwrap_or(Op::Flush),
+                op: s.op,
                 result: Err(err.clone()),
                 bufs: Vec::new(),
                 len: 0,
@@ -896,17 +985,27 @@ impl BlkQueue {
         // Slots stay unusable: `failed` refuses new requests.
     }
 
-    /// Waits until something new is ready or nothing is in flight. `limit` is the
-    /// caller's; the request timeout (no completion for that long) applies as well. Both
-    /// count from the first clock reading of the wait (see `Queue::wait_with`), so a
-    /// busy-polling wait whose completion comes within its first spins reads no clock.
-    fn wait_some(&mut self, limit: &mut Limit) -> Result<(), BlkError> {
-        self.kick()?;
-        let before = self.ready.len();
+    /// Reaps into `out` until it holds `min` completions beyond its first `start`, or
+    /// nothing is in flight. `limit` is the caller's; the request timeout (no completion
+    /// for that long) applies as well. Both count from the first clock reading of a wait
+    /// (see `Queue::wait_with`), so a busy-polling wait whose completion comes within its
+    /// first spins reads no clock. Requests failed by `abort_all` are left in the ready
+    /// list, for the caller to take.
+    fn wait_into(
+        &mut self,
+        out: &mut Vec<Completion>,
+        start: usize,
+        min: usize,
+        limit: &mut Limit,
+    ) -> Result<(), BlkError> {
         let request_timeout = self.request_timeout;
         let mut waiting_since: Option<Instant> = None;
         loop {
-            if self.collect() > before || self.in_flight == 0 {
+            if self.reap(out) > 0 {
+                // The request timeout counts from the last completion.
+                waiting_since = None;
+            }
+            if out.len() - start >= min || self.in_flight == 0 {
                 return Ok(());
             }
             let until = |now: Instant| {
@@ -941,54 +1040,73 @@ impl BlkQueue {
         }
     }
 
+    /// Kicks, then waits until at least one more completion is in the ready list or
+    /// nothing is in flight (for `run`).
+    fn wait_ready(&mut self) -> Result<(), BlkError> {
+        self.kick()?;
+        let mut ready = std::mem::take(&mut self.ready);
+        let start = ready.len();
+        let r = self.wait_into(&mut ready, start, 1, &mut Limit::None);
+        // Requests that `abort_all` failed meanwhile went to the (emptied) ready list.
+        ready.append(&mut self.ready);
+        self.ready = ready;
+        r
+    }
+
     /// Takes the completions that are ready now, without waiting (kicks first).
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<usize, BlkError> {
         self.kick()?;
-        self.collect();
-        let n = self.ready.len();
-        out.extend(self.ready.drain(..));
-        Ok(n)
+        let start = out.len();
+        self.take_ready(out);
+        self.reap(out);
+        Ok(out.len() - start)
     }
 
     /// Waits until at least `min` completions are ready (fewer if fewer requests are in
     /// flight), then moves all ready ones to `out`. Kicks first. `timeout` bounds the wait
     /// (`BlkError::Timeout`); the request timeout still applies without it. A busy-polling
     /// wait starts counting at its first clock reading, after up to 64 spins.
+    ///
+    /// Completions go straight from the ring into `out`: one move each.
     pub fn wait(
         &mut self,
         min: usize,
         out: &mut Vec<Completion>,
         timeout: Option<Duration>,
     ) -> Result<usize, BlkError> {
+        self.kick()?;
+        let start = out.len();
+        // Those set aside by `run` or failed by `abort_all` first, as they came.
+        self.take_ready(out);
         let mut limit = timeout.map_or(Limit::None, Limit::After);
-        while self.ready.len() < min && self.in_flight > 0 {
-            self.wait_some(&mut limit)?;
+        if let Err(e) = self.wait_into(out, start, min, &mut limit) {
+            // Nothing is handed out with an error: what this call took stays ready for the
+            // next `wait` or `poll` (the ready list is empty here: only `abort_all` fills
+            // it, and then the wait ends without an error).
+            self.ready.extend(out.drain(start..));
+            return Err(e);
         }
-        if self.in_flight > 0 {
-            self.collect();
-        }
-        let n = self.ready.len();
-        out.extend(self.ready.drain(..));
-        Ok(n)
+        self.take_ready(out);
+        Ok(out.len() - start)
     }
 
     /// Submits `req` and waits for it alone; other completions stay ready for `poll`/`wait`.
     pub fn run(&mut self, mut req: Request) -> Result<Completion, BlkError> {
         let seq = loop {
-            match self.submit_inner(req) {
-                Ok(seq) => break seq,
+            match self.submit(req) {
+                Ok(()) => break self.seq,
                 Err(SubmitError { error: BlkError::QueueFull, request }) if self.in_flight > 0 => {
                     req = request;
-                    self.wait_some(&mut Limit::None)?;
+                    self.wait_ready()?;
                 }
                 Err(e) => return Err(e.error),
             }
         };
         loop {
             if let Some(i) = self.ready.iter().position(|c| c.seq == seq) {
-                return Ok(self.ready.remove(i).expect("index from position"));
+                return Ok(self.ready.remove(i));
             }
-            self.wait_some(&mut Limit::None)?;
+            self.wait_ready()?;
         }
     }
 

@@ -278,7 +278,8 @@ impl SharedMemory {
     /// The contents are whatever the memory held before (not zeroed).
     pub fn alloc(self: &Arc<Self>, len: usize) -> Option<DmaBuffer> {
         let (region, offset, cap) = self.alloc_raw(len, GRANULE)?;
-        Some(DmaBuffer { mem: self.clone(), region, offset, len, cap, leaked: false })
+        let gpa = self.regions[region].gpa + offset as u64;
+        Some(DmaBuffer { mem: self.clone(), region, offset, gpa, len, cap, leaked: false })
     }
 
     /// Like [`Self::alloc`], filled with zeroes.
@@ -350,6 +351,9 @@ pub struct DmaBuffer {
     mem: Arc<SharedMemory>,
     region: usize,
     offset: usize,
+    /// `regions[region].gpa + offset`, fixed for the buffer's life: worked out once here
+    /// rather than on every request that sends the buffer.
+    gpa: u64,
     len: usize,
     cap: usize,
     leaked: bool,
@@ -358,7 +362,7 @@ pub struct DmaBuffer {
 impl DmaBuffer {
     /// Guest-physical address of the first byte.
     pub fn gpa(&self) -> u64 {
-        self.mem.regions[self.region].gpa + self.offset as u64
+        self.gpa
     }
 
     /// The segment covering the whole buffer, by GPA (for the `*_premapped` queue calls).
@@ -370,6 +374,17 @@ impl DmaBuffer {
     pub fn as_ptr(&self) -> *mut u8 {
         // SAFETY: `offset < region size`: the allocator handed out this range inside it.
         unsafe { self.mem.regions[self.region].host.as_ptr().add(self.offset) }
+    }
+
+    /// Length in bytes. The same as the slice's `len()`, without working out the bytes'
+    /// address first (the request path asks for it once per buffer).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the length is zero (see [`Self::len`]).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Usable bytes (the allocation may be rounded up beyond).
