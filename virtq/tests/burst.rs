@@ -201,3 +201,24 @@ fn an_in_order_run_is_taken_in_pieces_when_max_is_smaller() {
         assert!(!p.driver.is_broken());
     }
 }
+
+#[test]
+fn a_panicking_token_ends_the_burst_with_the_buffers_before_it_published() {
+    for layout in LAYOUTS {
+        let mem = TestMemory::new(1 << 20);
+        let mut p = Pair::of(&mem, layout, 8, false, false);
+        let sgs: Vec<Sg> = (0..4).map(|_| mem.alloc_sg(8)).collect();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            p.driver.add_inbufs(&sgs, |i| if i == 2 { panic!("token {i}") } else { i as u64 })
+        }));
+        assert!(result.is_err());
+        assert_eq!(p.driver.num_free(), 6, "{layout:?}: the two before the panic are in flight");
+        assert!(p.driver.kick());
+        assert_eq!(p.device_echo_all(), 2, "{layout:?}: published as the panic unwound");
+        p.driver.add_inbuf(&[mem.alloc_sg(8)], 9).unwrap();
+        assert_eq!(p.device_echo_all(), 1);
+        assert_eq!(collect(&mut p, usize::MAX), [(0, 8), (1, 8), (9, 8)], "{layout:?}");
+        assert_eq!(p.driver.num_free(), 8);
+        assert!(!p.driver.is_broken());
+    }
+}

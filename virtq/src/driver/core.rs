@@ -393,7 +393,7 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
     }
 
     /// [`Self::start`] for a direct buffer of one segment (`add_*bufs`), except that the
-    /// caller takes the burst's descriptors off `num_free` once, at the end.
+    /// caller takes the burst's descriptors off `num_free` once, at its end.
     #[inline(always)]
     pub fn start_one(&mut self, head: u16, token: T, writable: u32, premapped: bool) {
         let state = &mut self.heads[head as usize];

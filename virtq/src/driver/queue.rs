@@ -252,8 +252,9 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
     /// Returns how many; the rest were not touched. `Err` when none could be added:
     /// `NoSpace`, `NoMemory` (the first mapping failed), or `Broken`.
     ///
-    /// Kick as after `add_inbuf`. `token` should not panic: the buffers this call wrote
-    /// before would stay unpublished until [`Self::reset`] takes them back.
+    /// Kick as after `add_inbuf`. If `token` panics, the buffers before it are published
+    /// as the panic unwinds, as if the burst had ended there; the segment being added when
+    /// it panicked stays mapped (with a mapping [`Dma`]).
     ///
     /// ```
     /// use virtq::testing::TestMemory;
