@@ -7,11 +7,13 @@
 //! `match` per operation, each arm calling the specialised code.
 
 use super::core::{Buffer, DriverCore};
+use super::Shared;
 use super::{
     AddError, AddErrorKind, CreateError, Fault, InterruptAction, Kick, Notify, NotifyData, QueueConfig, QueueHandle,
     Sg, UsedBuf, UsedSnapshot,
 };
 use crate::memory::{Dma, DmaRegion};
+use alloc::sync::Arc;
 
 mod sealed {
     pub trait Sealed {}
@@ -109,6 +111,24 @@ pub trait RingLayout: Sized + Send + Sync + Sealed {
     #[doc(hidden)]
     fn start_at(&mut self, index: u16) {
         let _ = index;
+    }
+}
+
+/// Latches the queue broken if dropped while armed: during unwinding from a panic.
+struct BreakOnUnwind<N: Notify>(Option<Arc<Shared<N>>>);
+
+impl<N: Notify> BreakOnUnwind<N> {
+    #[inline(always)]
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<N: Notify> Drop for BreakOnUnwind<N> {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.0 {
+            shared.set_broken();
+        }
     }
 }
 
@@ -252,9 +272,10 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
     /// Returns how many; the rest were not touched. `Err` when none could be added:
     /// `NoSpace`, `NoMemory` (the first mapping failed), or `Broken`.
     ///
-    /// Kick as after `add_inbuf`. If `token` panics, the buffers before it are published
-    /// as the panic unwinds, as if the burst had ended there; the segment being added when
-    /// it panicked stays mapped (with a mapping [`Dma`]).
+    /// Kick as after `add_inbuf`. If `token` panics, the queue latches broken, and
+    /// [`Self::detach_unused_buf`] (the device stopped) or [`Self::reset`] hands back the
+    /// token of every buffer added before; the segment being added when it panicked stays
+    /// mapped (with a mapping [`Dma`]).
     ///
     /// ```
     /// use virtq::testing::TestMemory;
@@ -324,7 +345,15 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
             // does when it reaches that count.
             self.kick();
         }
-        match self.layout.add_each(&mut self.core, sgs, writable, premapped, &mut token) {
+        // Should `token` panic, the burst is left half-recorded (its buffers written but
+        // not published): the queue latches broken on the way out, so that it fails
+        // cleanly, and `detach_unused_buf` or `reset` hands back every token. A clone of
+        // the shared state, as the burst holds `core` mutably; two atomic operations per
+        // burst, not per buffer.
+        let guard = BreakOnUnwind(Some(self.core.shared.clone()));
+        let added = self.layout.add_each(&mut self.core, sgs, writable, premapped, &mut token);
+        guard.disarm();
+        match added {
             0 if most == 0 => Err(AddErrorKind::NoSpace),
             0 => Err(AddErrorKind::NoMemory),
             n => Ok(n),

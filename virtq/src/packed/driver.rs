@@ -290,44 +290,50 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         token: &mut impl FnMut(usize) -> T,
     ) -> usize {
         let size = self.ring.size();
+        let head = self.avail.pos();
         let dir_flags = if writable { DESC_F_WRITE } else { 0 };
         let priv_flags = if premapped { PRIV_PREMAPPED } else { 0 };
-        let (head, wrap) = (self.avail.pos(), self.avail.wrap());
-        let room = core.num_free as usize;
-        let lap_flags = avail_bits(wrap);
-        let head_flags = lap_flags | dir_flags;
-        let mut burst = PackedBurst { layout: self, core, head, head_flags, pos: head, lap_flags, added: 0 };
-        for (i, &sg) in sgs.iter().take(room).enumerate() {
-            let (layout, core) = (&mut *burst.layout, &mut *burst.core);
-            let pos = burst.pos;
-            let id = if IN_ORDER { pos } else { layout.free.head.get() };
+        let mut pos = head;
+        let mut flags_now = avail_bits(self.avail.wrap());
+        let head_flags = flags_now | dir_flags;
+        let mut added = 0;
+        for (i, &sg) in sgs.iter().take(core.num_free as usize).enumerate() {
+            let id = if IN_ORDER { pos } else { self.free.head.get() };
             let Some((addr, _)) = core.map(sg, writable, premapped) else { break };
-            let token = token(i);
             core.record(id, addr, sg.len, dir_flags | priv_flags);
-            let desc = layout.ring.desc(pos);
+            let desc = self.ring.desc(pos);
             if i == 0 {
-                // The first buffer's flags publish the whole batch: written last (by the
-                // burst's drop). The device polls positions in ring order only (VIRTIO
-                // 1.3, "Polling of available and used descriptors"), so it sees none of
-                // the later ones before it.
+                // The first buffer's flags publish the whole batch: written last. The
+                // device polls positions in ring order only (VIRTIO 1.3, "Polling of available and
+                // used descriptors"), so
+                // it sees none of the later ones before it.
                 desc.addr().store(addr);
                 desc.len().store(sg.len);
                 desc.lo16().store(id);
             } else {
-                desc.write(DescWords { addr, len: sg.len, lo16: id, hi16: burst.lap_flags | dir_flags });
+                desc.write(DescWords { addr, len: sg.len, lo16: id, hi16: flags_now | dir_flags });
             }
-            core.start_one(id, token, if writable { sg.len } else { 0 }, premapped);
+            core.start_one(id, token(i), if writable { sg.len } else { 0 }, premapped);
             if !IN_ORDER {
-                layout.free.head.set(core.extra[id as usize].next);
+                self.free.head.set(core.extra[id as usize].next);
             }
-            burst.pos += 1;
-            if burst.pos == size {
-                burst.pos = 0;
-                burst.lap_flags ^= DESC_F_AVAIL | DESC_F_USED;
+            pos += 1;
+            if pos == size {
+                pos = 0;
+                flags_now ^= DESC_F_AVAIL | DESC_F_USED;
             }
-            burst.added += 1;
+            added += 1;
         }
-        burst.added as usize
+        if added > 0 {
+            core.num_free -= added as u16;
+            self.avail = Cursor::new(pos, flags_now & DESC_F_AVAIL != 0);
+            // Every descriptor of the batch before the flags that make it available; pairs
+            // with the device's rmb after it sees the head's flags (`PackedDevice::pop`).
+            core.barriers.wmb();
+            self.ring.flags(head).store(head_flags);
+            core.num_added = core.num_added.saturating_add(added as u16);
+        }
+        added
     }
 
     fn kick_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
@@ -519,37 +525,5 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         let flags = if core.callbacks { EVENT_FLAGS_ENABLE } else { EVENT_FLAGS_DISABLE };
         self.event_flags_shadow.store(flags, Relaxed);
         self.ring.reset_events(flags);
-    }
-}
-
-/// A burst of adds in progress (`add_inbufs`, `add_outbufs`): the buffers written so far,
-/// made available when it is dropped, whether the burst ran to its end or a `token` call
-/// panicked part-way. Everything is recorded once, here, rather than buffer by buffer.
-struct PackedBurst<'a, const IN_ORDER: bool, T, D: Dma, N: Notify> {
-    layout: &'a mut PackedLayout<IN_ORDER>,
-    core: &'a mut DriverCore<T, D, N>,
-    /// The first position, and the flags that make the first buffer available.
-    head: u16,
-    head_flags: u16,
-    /// The next position to fill, and the AVAIL/USED bits that make it available.
-    pos: u16,
-    lap_flags: u16,
-    added: u16,
-}
-
-impl<const IN_ORDER: bool, T, D: Dma, N: Notify> Drop for PackedBurst<'_, IN_ORDER, T, D, N> {
-    #[inline(always)]
-    fn drop(&mut self) {
-        if self.added == 0 {
-            return;
-        }
-        let core = &mut *self.core;
-        core.num_free -= self.added;
-        core.num_added = core.num_added.saturating_add(self.added);
-        self.layout.avail = Cursor::new(self.pos, self.lap_flags & DESC_F_AVAIL != 0);
-        // Every descriptor of the batch before the flags that make it available; pairs
-        // with the device's rmb after it sees the head's flags (`PackedDevice::pop`).
-        core.barriers.wmb();
-        self.layout.ring.flags(self.head).store(self.head_flags);
     }
 }

@@ -310,27 +310,34 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             return 0;
         }
         let flags = if writable { DESC_F_WRITE } else { 0 };
-        let room = core.num_free as usize;
         let first_idx = self.avail_idx_shadow.get();
-        let mut burst = SplitBurst { layout: self, core, first_idx, added: 0 };
-        for (i, &sg) in sgs.iter().take(room).enumerate() {
-            let (layout, core) = (&mut *burst.layout, &mut *burst.core);
-            let head = layout.free.head.get();
+        let mut added = 0;
+        for (i, &sg) in sgs.iter().take(core.num_free as usize).enumerate() {
+            let head = self.free.head.get();
             let Some((addr, priv_flags)) = core.map(sg, writable, premapped) else { break };
-            let token = token(i);
             core.record(head, addr, sg.len, flags | priv_flags);
             let next = core.extra[head as usize].next;
-            layout.ring.desc(head).write(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
-            core.start_one(head, token, if writable { sg.len } else { 0 }, premapped);
-            layout.free.head.set(next);
+            self.ring.desc(head).write(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
+            core.start_one(head, token(i), if writable { sg.len } else { 0 }, premapped);
+            self.free.head.set(next);
             // As in `add`: a slot that holds this head from the previous lap is left alone.
-            let slot = layout.ring.avail_ring(first_idx.wrapping_add(burst.added));
+            let slot = self.ring.avail_ring(first_idx.wrapping_add(added));
             if slot.load() != head {
                 slot.store(head);
             }
-            burst.added += 1;
+            added += 1;
         }
-        burst.added as usize
+        if added > 0 {
+            core.num_free -= added;
+            // One index store publishes the batch; pairs with the device's rmb after it
+            // reads `avail.idx` (`SplitDevice::pop`).
+            core.barriers.wmb();
+            let avail_idx = first_idx.wrapping_add(added);
+            self.avail_idx_shadow.set(avail_idx);
+            self.ring.avail_idx().store(avail_idx);
+            core.num_added = core.num_added.wrapping_add(added);
+        }
+        added as usize
     }
 
     fn kick_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
@@ -478,34 +485,5 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         self.ring.used_idx().store(index);
         self.ring.used_event().store(index);
         self.ring.avail_event().store(index);
-    }
-}
-
-/// A burst of adds in progress (`add_inbufs`, `add_outbufs`): the buffers written so far,
-/// published when it is dropped, whether the burst ran to its end or a `token` call
-/// panicked part-way. Everything is recorded once, here, rather than buffer by buffer.
-struct SplitBurst<'a, const IN_ORDER: bool, T, D: Dma, N: Notify> {
-    layout: &'a mut SplitLayout<IN_ORDER>,
-    core: &'a mut DriverCore<T, D, N>,
-    /// The available index of the first buffer.
-    first_idx: u16,
-    added: u16,
-}
-
-impl<const IN_ORDER: bool, T, D: Dma, N: Notify> Drop for SplitBurst<'_, IN_ORDER, T, D, N> {
-    #[inline(always)]
-    fn drop(&mut self) {
-        if self.added == 0 {
-            return;
-        }
-        let core = &mut *self.core;
-        core.num_free -= self.added;
-        core.num_added = core.num_added.wrapping_add(self.added);
-        // One index store publishes the batch; pairs with the device's rmb after it reads
-        // `avail.idx` (`SplitDevice::pop`).
-        core.barriers.wmb();
-        let avail_idx = self.first_idx.wrapping_add(self.added);
-        self.layout.avail_idx_shadow.set(avail_idx);
-        self.layout.ring.avail_idx().store(avail_idx);
     }
 }
