@@ -342,8 +342,10 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
         let most = sgs.len().min(self.core.num_free as usize);
         if self.core.num_added as usize + most >= u16::MAX as usize {
             // The kick window would alias past 2^16 unkicked buffers: kick now, as `add`
-            // does when it reaches that count.
-            self.kick();
+            // does when it reaches that count. A failed kick broke the queue.
+            if !self.kick() {
+                return Err(AddErrorKind::Broken);
+            }
         }
         // Should `token` panic, the burst is left half-recorded (its buffers written but
         // not published): the queue latches broken on the way out, so that it fails

@@ -304,9 +304,9 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             let desc = self.ring.desc(pos);
             if i == 0 {
                 // The first buffer's flags publish the whole batch: written last. The
-                // device polls positions in ring order only (VIRTIO 1.3, "Polling of available and
-                // used descriptors"), so
-                // it sees none of the later ones before it.
+                // device polls positions in ring order only (VIRTIO 1.3, "Polling of
+                // available and used descriptors"), so it sees none of the later ones
+                // before it.
                 desc.addr().store(addr);
                 desc.len().store(sg.len);
                 desc.lo16().store(id);

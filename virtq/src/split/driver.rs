@@ -131,6 +131,18 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
         Ok((writable, tail, i))
     }
 
+    /// Puts `head` in the available ring slot of index `idx`. When buffers come back in
+    /// the order they went out (always in order, and usually otherwise, as the free list
+    /// is a queue), the slot already holds this head from the previous lap: the store,
+    /// which would steal the cache line from the device, is skipped.
+    #[inline(always)]
+    fn put_avail(&self, idx: u16, head: u16) {
+        let slot = self.ring.avail_ring(idx);
+        if slot.load() != head {
+            slot.store(head);
+        }
+    }
+
     /// Whether a used entry is waiting at `last_used_idx`: loads `used.idx` when the cached
     /// one is exhausted, validates it and fences.
     #[inline(always)]
@@ -271,13 +283,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         self.free.head.set(next_free);
 
         let avail_idx = self.avail_idx_shadow.get();
-        let slot = self.ring.avail_ring(avail_idx);
-        // When buffers come back in the order they went out (always in order, and usually
-        // otherwise, as the free list is a queue), the slot already holds this head from
-        // the previous lap: skip the store that would steal the cache line from the device.
-        if slot.load() != head {
-            slot.store(head);
-        }
+        self.put_avail(avail_idx, head);
         // Descriptors and the ring entry before the index that publishes them; pairs with
         // the device's rmb after it reads `avail.idx` (`SplitDevice::pop`).
         core.barriers.wmb();
@@ -320,11 +326,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             self.ring.desc(head).write(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
             core.start_one(head, token(i), if writable { sg.len } else { 0 }, premapped);
             self.free.head.set(next);
-            // As in `add`: a slot that holds this head from the previous lap is left alone.
-            let slot = self.ring.avail_ring(first_idx.wrapping_add(added));
-            if slot.load() != head {
-                slot.store(head);
-            }
+            self.put_avail(first_idx.wrapping_add(added), head);
             added += 1;
         }
         if added > 0 {
