@@ -862,11 +862,8 @@ impl BlkQueue {
                 s.user_data = req.user_data;
                 s.op = req.op;
                 s.seq = self.seq;
-                // A free slot's vector is empty and unallocated (completions take it), so
-                // there is nothing to drop: skip the drop call an assignment would make.
-                let old = std::mem::replace(&mut s.bufs, req.bufs);
-                debug_assert!(old.capacity() == 0);
-                std::mem::forget(old);
+                // A free slot's vector is empty (completions take it).
+                s.bufs = req.bufs;
                 Ok(())
             }
             Err(e) => {
