@@ -3,8 +3,8 @@
 //! The input picks the layout, the ring size, optional features, where popping resumes and
 //! (sometimes) where the rings are, then interleaves arbitrary driver writes into ring
 //! memory and a small buffer region of guest memory with device operations: pop into a
-//! small `Segments` sink (or a `Vec`), complete with arbitrary lengths, publish, decide
-//! interrupts, enable and disable notifications.
+//! small `Segments` sink (or a `Vec`), complete with arbitrary lengths, `serve` (pop and
+//! complete in one call), publish, decide interrupts, enable and disable notifications.
 //!
 //! Checked: no panic, no hang (the number of operations is bounded), no access outside
 //! guest memory (AddressSanitizer, and every popped segment is checked against the
@@ -67,6 +67,27 @@ fn buf_addr(input: &mut Input<'_>) -> u64 {
     }
 }
 
+/// What the checks need of a chain (one served is completed before they run).
+struct Shape {
+    id: u16,
+    readable_segments: u16,
+    writable_segments: u16,
+    readable_len: u32,
+    writable_len: u32,
+}
+
+impl Shape {
+    fn of(chain: &Chain) -> Self {
+        Self {
+            id: chain.id(),
+            readable_segments: chain.readable_segments(),
+            writable_segments: chain.writable_segments(),
+            readable_len: chain.readable_len(),
+            writable_len: chain.writable_len(),
+        }
+    }
+}
+
 struct Harness<'m> {
     mem: &'m TestMemory,
     host_base: *mut u8,
@@ -101,12 +122,12 @@ impl<'m> Harness<'m> {
         }
     }
 
-    fn check_segments(&mut self, chain: &Chain, segs: &[Segment<'m>], touch: bool) {
-        let n = chain.readable_segments() as usize + chain.writable_segments() as usize;
+    fn check_segments(&mut self, chain: &Shape, segs: &[Segment<'m>], touch: bool) {
+        let n = chain.readable_segments as usize + chain.writable_segments as usize;
         assert_eq!(segs.len(), n, "segment count");
         let (mut readable, mut writable) = (0u64, 0u64);
         for (i, s) in segs.iter().enumerate() {
-            assert_eq!(s.is_writable(), i >= chain.readable_segments() as usize, "readable segments come first");
+            assert_eq!(s.is_writable(), i >= chain.readable_segments as usize, "readable segments come first");
             let (addr, len) = (s.addr(), s.len() as u64);
             assert!(addr >= BASE && addr <= self.mem.end() && len <= self.mem.end() - addr, "{s:?} outside memory");
             assert_eq!(s.host_ptr() as usize, self.host_base as usize + (addr - BASE) as usize, "{s:?} host mapping");
@@ -125,11 +146,11 @@ impl<'m> Harness<'m> {
             assert_eq!(s.read_at(s.len() as usize, &mut [0u8; 4]), 0);
             assert_eq!(s.write_at(s.len() as usize + 1, &[1, 2]), 0);
         }
-        assert_eq!(readable, chain.readable_len() as u64);
-        assert_eq!(writable, chain.writable_len() as u64);
+        assert_eq!(readable, chain.readable_len as u64);
+        assert_eq!(writable, chain.writable_len as u64);
         assert!(readable + writable <= u32::MAX as u64);
         if !self.packed {
-            assert!(chain.id() < self.size, "split chain id is a head index");
+            assert!(chain.id < self.size, "split chain id is a head index");
         }
     }
 
@@ -167,7 +188,7 @@ impl<'m> Harness<'m> {
         match r {
             Ok(Some(chain)) => {
                 let l = list(segs);
-                self.check_segments(&chain, &l, touch);
+                self.check_segments(&Shape::of(&chain), &l, touch);
                 self.held.push(chain);
                 false
             }
@@ -195,13 +216,55 @@ impl<'m> Harness<'m> {
             assert!(!matches!(r, Ok(None) | Err(DeviceError::SinkFull)), "retry after SinkFull gave {r:?}");
             match r {
                 Ok(Some(chain)) => {
-                    self.check_segments(&chain, &v, touch);
+                    self.check_segments(&Shape::of(&chain), &v, touch);
                     self.held.push(chain);
                 }
                 Ok(None) => unreachable!(),
                 Err(e) => self.after_error(e),
             }
             assert!(self.held.len() <= held + 1);
+        }
+    }
+
+    /// One `serve` of up to `max % 8` chains, each checked as a popped one is.
+    fn serve(&mut self, max: u8, pick: u8, written: u32) {
+        // An in-order device completes in the order it popped: not past chains it holds.
+        if self.in_order && !self.held.is_empty() {
+            return;
+        }
+        let max = max as usize % 8;
+        let was_broken = self.fault.is_some();
+        let mut seen = Vec::new();
+        let mut segs = Segments::<4>::new();
+        let r = self.q.serve(max, &mut segs, |chain, segs| {
+            seen.push((Shape::of(chain), segs.to_vec()));
+            match pick >> 6 {
+                0 => written,
+                1 => chain.writable_len(),
+                2 => chain.writable_len() / 2,
+                _ => 0,
+            }
+        });
+        if was_broken {
+            assert_eq!(r, Err(DeviceError::Broken), "errors latch");
+        }
+        for (shape, segs) in &seen {
+            self.check_segments(shape, segs, pick & 1 != 0);
+        }
+        match r {
+            Ok(n) => {
+                assert_eq!(n, seen.len());
+                assert!(n <= max);
+                // A fault after the first chain ends the call early and is latched.
+                if let (None, Some(f)) = (self.fault, self.q.fault()) {
+                    assert!(n > 0 && !matches!(f, DeviceError::Broken | DeviceError::SinkFull), "{f:?}");
+                    self.fault = Some(f);
+                }
+            }
+            Err(e) => {
+                assert!(seen.is_empty(), "an error only when nothing was served");
+                self.after_error(e);
+            }
         }
     }
 
@@ -293,9 +356,13 @@ impl<'m> Harness<'m> {
                     poke(self.mem, self.avail, &input.u16().to_le_bytes());
                 }
             }
-            6..=8 => {
+            6 | 7 => {
                 let sink = input.u8();
                 self.pop(sink, sink & 0x80 != 0);
+            }
+            8 => {
+                let (max, pick, written) = (input.u8(), input.u8(), input.u32());
+                self.serve(max, pick, written);
             }
             9 | 10 => {
                 let pick = input.u8();

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 
 use virtq::testing::TestMemory;
-use virtq::{DeviceConfig, Segments};
+use virtq::{Chain, DeviceConfig, Segment, Segments};
 
 use crate::bench::{Mode, BUF_LEN};
 use crate::layout::{BenchLayout, RingDevice};
@@ -39,7 +39,7 @@ fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, mode: Mode) -> Re
     let mut segs = Segments::<1>::new();
     let mut popped = 0u64;
     // Never hold more than a ring's worth of completions back from the driver.
-    let max_batch = u64::from(device.size());
+    let max_batch = usize::from(device.size());
     if mode == Mode::Poll {
         // Split with EVENT_IDX: a no-op, as `avail_event` is never moved forward, so the
         // driver's kicks stay suppressed (but for one every 2^16 buffers, at index wrap).
@@ -51,28 +51,24 @@ fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, mode: Mode) -> Re
     let mut idle = false;
     loop {
         let mut n = 0;
-        while n < max_batch {
-            let chain = match device.pop(&mut segs) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => break,
-                Err(e) => return Err(format!("device: pop failed after {popped} chains: {e}")),
-            };
+        let mut bad = None;
+        let mut check = |chain: &Chain, _: &[Segment<'_>]| {
             if chain.readable_len() != BUF_LEN || chain.writable_len() != 0 {
-                return Err(format!(
-                    "device: chain {} has {} readable and {} writable bytes, expected {BUF_LEN} and 0",
-                    chain.id(),
-                    chain.readable_len(),
-                    chain.writable_len()
-                ));
+                bad.get_or_insert((chain.id(), chain.readable_len(), chain.writable_len()));
             }
-            device.complete(chain, 0);
-            if std::mem::take(&mut idle) {
-                device.publish_used();
-            }
-            n += 1;
+            0
+        };
+        if std::mem::take(&mut idle) {
+            n += serve_some(device, 1, &mut segs, &mut check, popped)?;
+        }
+        n += serve_some(device, max_batch - n, &mut segs, &mut check, popped)?;
+        if let Some((id, readable, writable)) = bad {
+            return Err(format!(
+                "device: chain {id} has {readable} readable and {writable} writable bytes, expected {BUF_LEN} and 0"
+            ));
         }
         if n > 0 {
-            popped += n;
+            popped += n as u64;
             ctl.device_progress.store(popped, Ordering::Relaxed);
             // Publishes the whole drained batch, then asks `used_event` whether the driver
             // wants to hear about it.
@@ -100,4 +96,17 @@ fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, mode: Mode) -> Re
             }
         }
     }
+}
+
+/// One `serve` call: up to `max` chains, each checked by `check` and completed with
+/// nothing written.
+#[inline(always)]
+fn serve_some<'m, D: RingDevice<'m>>(
+    device: &mut D,
+    max: usize,
+    segs: &mut Segments<'m, 1>,
+    check: &mut impl FnMut(&Chain, &[Segment<'m>]) -> u32,
+    popped: u64,
+) -> Result<usize, String> {
+    device.serve(max, segs, check).map_err(|e| format!("device: pop failed after {popped} chains: {e}"))
 }

@@ -10,8 +10,8 @@ use clap::ValueEnum;
 use serde::Serialize;
 use virtq::testing::TestMemory;
 use virtq::{
-    Chain, DeviceConfig, DeviceError, Features, PackedDevice, PackedLayout, RingLayout, SegmentSink, SplitDevice,
-    SplitLayout,
+    Chain, DeviceConfig, DeviceError, Features, PackedDevice, PackedLayout, RingLayout, Segment, SegmentSink, Segments,
+    SplitDevice, SplitLayout,
 };
 
 /// What both ends negotiate whatever the layout. No `INDIRECT_DESC`: every buffer is a
@@ -85,6 +85,12 @@ pub trait RingDevice<'m> {
     const BATCHES_USED_LINES: bool;
     fn pop<S: SegmentSink<'m>>(&mut self, segs: &mut S) -> Result<Option<Chain>, DeviceError>;
     fn complete(&mut self, chain: Chain, written: u32);
+    fn serve<const N: usize, F: FnMut(&Chain, &[Segment<'m>]) -> u32>(
+        &mut self,
+        max: usize,
+        segs: &mut Segments<'m, N>,
+        f: F,
+    ) -> Result<usize, DeviceError>;
     fn publish_used(&mut self);
     fn needs_notification(&mut self) -> bool;
     fn enable_notifications(&mut self) -> bool;
@@ -103,6 +109,15 @@ macro_rules! ring_device {
             #[inline(always)]
             fn complete(&mut self, chain: Chain, written: u32) {
                 $device::complete(self, chain, written)
+            }
+            #[inline(always)]
+            fn serve<const N: usize, F: FnMut(&Chain, &[Segment<'m>]) -> u32>(
+                &mut self,
+                max: usize,
+                segs: &mut Segments<'m, N>,
+                f: F,
+            ) -> Result<usize, DeviceError> {
+                $device::serve(self, max, segs, f)
             }
             #[inline(always)]
             fn publish_used(&mut self) {

@@ -9,8 +9,8 @@
 //! the device pops and completes N chains and publishes once, then N get_bufs. The
 //! device's half is a function of its own (`device_batch`), so callgrind tells the two
 //! sides' costs apart. With `CYCLE_BURST=1` as well, the driver uses the burst calls
-//! (`add_inbufs`, `get_bufs`) instead of one call per buffer. With `CYCLE_BURST=1` as well, the driver uses the burst calls
-//! (`add_inbufs`, `get_bufs`) instead of one call per buffer.
+//! (`add_inbufs`, `get_bufs`) instead of one call per buffer, and the device serves the
+//! batch with one `serve` call.
 
 use std::hint::black_box;
 
@@ -60,7 +60,7 @@ fn streams<'m, L: RingLayout>(
             }
         }
         black_box(driver.kick_prepare().is_some());
-        device_batch(device, &mut segs, batch);
+        device_batch(device, &mut segs, batch, burst);
         if burst {
             let mut expect = first;
             let got = driver.get_bufs(batch as usize, |used| {
@@ -79,7 +79,11 @@ fn streams<'m, L: RingLayout>(
 /// The device's half of a streamed batch: pop and complete `batch` chains, then publish.
 /// Never inlined, so that callgrind counts it apart from the driver's half.
 #[inline(never)]
-fn device_batch<'m>(device: &mut impl Device<'m>, segs: &mut Segments<'m, 16>, batch: u64) {
+fn device_batch<'m>(device: &mut impl Device<'m>, segs: &mut Segments<'m, 16>, batch: u64, burst: bool) {
+    if burst {
+        assert_eq!(device.serve_full(segs, batch as usize) as u64, batch);
+        return;
+    }
     for _ in 0..batch {
         assert!(device.pop_complete(segs));
     }

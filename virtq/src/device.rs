@@ -95,22 +95,36 @@ pub(crate) fn single_segment<'m, M: GuestMemory + ?Sized, S: SegmentSink<'m>>(
     writable: bool,
     segs: &mut S,
 ) -> Result<Chain, DeviceError> {
+    let (chain, seg) = one_segment(mem, id, addr, len, writable)?;
+    if !segs.push(seg) {
+        return Err(DeviceError::SinkFull);
+    }
+    Ok(chain)
+}
+
+/// [`single_segment`] without a sink: the chain and its one segment.
+#[inline(always)]
+pub(crate) fn one_segment<'m, M: GuestMemory + ?Sized>(
+    mem: &'m M,
+    id: u16,
+    addr: u64,
+    len: u32,
+    writable: bool,
+) -> Result<(Chain, Segment<'m>), DeviceError> {
     let host = mem.translate(addr, len as u64).ok_or(DeviceError::AddressOutOfRange { addr, len: len as u64 })?;
     // SAFETY: translated for `len` bytes; `GuestMemory` keeps it valid while `mem` is
     // borrowed, i.e. for 'm.
     let seg = unsafe { Segment::new(host, addr, len, writable) };
-    if !segs.push(seg) {
-        return Err(DeviceError::SinkFull);
-    }
     let (readable, writable_len) = if writable { (0, len) } else { (len, 0) };
-    Ok(Chain {
+    let chain = Chain {
         id,
         descs: 1,
         readable,
         writable: writable_len,
         readable_segments: u16::from(!writable),
         writable_segments: u16::from(writable),
-    })
+    };
+    Ok((chain, seg))
 }
 
 /// In-order completions not yet written: consecutive buffers the device finished, to be
@@ -252,6 +266,11 @@ impl<'m, const N: usize> Segments<'m, N> {
     /// The collected segments.
     pub fn iter(&self) -> impl Iterator<Item = &Segment<'m>> {
         self.segs[..self.len].iter()
+    }
+
+    /// The collected segments, as a slice.
+    pub fn as_slice(&self) -> &[Segment<'m>] {
+        &self.segs[..self.len]
     }
 
     /// Number collected.
@@ -473,6 +492,48 @@ impl<'m, M: GuestMemory + ?Sized> DeviceQueue<'m, M> {
     #[inline]
     pub fn complete(&mut self, chain: Chain, written: u32) {
         device_dispatch!(self, q => q.complete(chain, written))
+    }
+
+    /// Serves up to `max` chains: pops each, hands it to `f`, completes it with the bytes
+    /// `f` returns, and publishes once (see [`crate::PackedDevice::serve`]).
+    ///
+    /// An echo device, answering every request at once:
+    ///
+    /// ```
+    /// use virtq::{DeviceConfig, DeviceQueue, Features, QueueConfig, Segments, Virtqueue};
+    /// use virtq::testing::TestMemory;
+    ///
+    /// let mem = TestMemory::new(1 << 16);
+    /// let features = Features::VERSION_1 | Features::RING_PACKED;
+    /// let mut driver = Virtqueue::<u32, _, _>::new(QueueConfig::new(0, 8, features), &mem, ()).unwrap();
+    /// let config = DeviceConfig::new(8, features, driver.desc_addr(), driver.avail_addr(), driver.used_addr());
+    /// let mut device = DeviceQueue::new(&mem, config).unwrap();
+    /// for token in 0..3 {
+    ///     let (request, reply) = (mem.alloc_sg(4), mem.alloc_sg(4));
+    ///     mem.write(request.addr, b"ping");
+    ///     driver.add_sgs(&[&[request]], &[&[reply]], token).unwrap();
+    /// }
+    ///
+    /// let mut segs = Segments::<2>::new();
+    /// let served = device.serve(usize::MAX, &mut segs, |_chain, segs| {
+    ///     let mut data = [0u8; 4];
+    ///     segs[0].read_at(0, &mut data);
+    ///     segs[1].write_at(0, &data) as u32
+    /// });
+    /// assert_eq!(served, Ok(3));
+    /// assert_eq!(driver.get_bufs(8, |used| assert_eq!(used.len, 4)), 3);
+    /// ```
+    #[inline]
+    pub fn serve<const N: usize, F>(
+        &mut self,
+        max: usize,
+        segs: &mut Segments<'m, N>,
+        f: F,
+    ) -> Result<usize, DeviceError>
+    where
+        F: FnMut(&Chain, &[Segment<'m>]) -> u32,
+    {
+        device_dispatch!(self, q => q.serve(max, segs, f))
     }
 
     /// Makes every completion so far visible to the driver.

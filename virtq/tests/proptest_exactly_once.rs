@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use common::{Pair, LAYOUTS};
 use proptest::prelude::*;
 use virtq::testing::TestMemory;
-use virtq::{AddErrorKind, Chain, LayoutKind, QueueConfig, Sg};
+use virtq::{AddErrorKind, Chain, LayoutKind, QueueConfig, Segments, Sg};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -44,6 +44,11 @@ enum Op {
     DevicePop,
     DeviceComplete {
         pick: usize,
+        percent: u32,
+    },
+    /// `serve`: pop and complete up to `max` chains, `percent` of each written.
+    DeviceServe {
+        max: usize,
         percent: u32,
     },
     DeviceNotify,
@@ -68,6 +73,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Kick),
         4 => Just(Op::DevicePop),
         4 => (any::<usize>(), 0u32..=100).prop_map(|(pick, percent)| Op::DeviceComplete { pick, percent }),
+        2 => (0usize..6, 0u32..=100).prop_map(|(max, percent)| Op::DeviceServe { max, percent }),
         2 => Just(Op::DeviceNotify),
         1 => Just(Op::DeviceSleep),
         1 => Just(Op::DeviceDisableNotifications),
@@ -111,6 +117,11 @@ struct Model<'m> {
     collected: usize,
     driver: DriverSleep,
     invisible: usize,
+    /// Completions so far, and how many of them a publishing call (`serve`,
+    /// `needs_notification`) has surely made visible: the driver must be able to collect
+    /// those.
+    completed: usize,
+    published: usize,
 }
 
 impl<'m> Model<'m> {
@@ -206,6 +217,7 @@ impl<'m> Model<'m> {
         }
         if n < max {
             assert!(!self.p.driver.has_used(), "get_bufs stopped short with used buffers waiting");
+            assert!(self.collected >= self.published, "a published completion cannot be collected");
         }
     }
 
@@ -215,11 +227,44 @@ impl<'m> Model<'m> {
             assert_eq!(Some(u.len), expected, "token {} came back before the device completed it", u.token);
             self.returned.push(u.token);
             self.collected += 1;
+        } else {
+            assert!(self.collected >= self.published, "a published completion cannot be collected");
+        }
+    }
+
+    fn device_serve(&mut self, max: usize, percent: u32) {
+        let mut segs = Segments::<4>::new();
+        let (token_of, outstanding) = (&self.token_of, &mut self.outstanding);
+        let mut served_here = 0;
+        let served = self
+            .p
+            .device
+            .serve(max, &mut segs, |chain, segs| {
+                assert_eq!(segs.len() as u16, chain.readable_segments() + chain.writable_segments());
+                let written = (chain.writable_len() as u64 * percent as u64 / 100) as u32;
+                let token = token_of[&segs[0].addr()];
+                let slot = outstanding.get_mut(&token).expect("served a buffer that is not outstanding");
+                assert_eq!(*slot, None, "token {token} served twice");
+                *slot = Some(written);
+                served_here += 1;
+                written
+            })
+            .expect("serve");
+        assert_eq!(served, served_here);
+        assert!(served <= max);
+        // `serve` publishes everything completed so far, its own and earlier ones.
+        self.completed += served;
+        self.published = self.completed;
+        self.invisible += served;
+        self.visible += std::mem::take(&mut self.invisible);
+        if let DriverSleep::UntilFirst { completed } | DriverSleep::Delayed { completed, .. } = &mut self.driver {
+            *completed += served;
         }
     }
 
     fn device_notify(&mut self) {
         let interrupt = self.p.device.needs_notification();
+        self.published = self.completed;
         self.visible += std::mem::take(&mut self.invisible);
         match self.driver {
             DriverSleep::Awake => {}
@@ -266,6 +311,7 @@ impl<'m> Model<'m> {
                 let token = self.token_of[&first];
                 *self.outstanding.get_mut(&token).unwrap() = Some(written);
                 self.p.device.complete(chain, written);
+                self.completed += 1;
                 // When the driver can see a completion: a packed ring publishes it at once;
                 // a packed in-order device holds a run of full completions back until a
                 // partial one ends it (or `publish_used`); a split ring, until `used.idx`.
@@ -280,6 +326,12 @@ impl<'m> Model<'m> {
                 {
                     *completed += 1;
                 }
+            }
+            // An in-order device completes in the order it popped: not past chains it holds.
+            Op::DeviceServe { max, percent }
+                if !self.device_asleep && (!self.p.in_order() || self.device_pool.is_empty()) =>
+            {
+                self.device_serve(*max, *percent)
             }
             Op::DeviceNotify if !self.device_asleep => self.device_notify(),
             Op::DeviceSleep if !self.device_asleep => {
@@ -405,6 +457,8 @@ proptest! {
             collected: 0,
             driver: DriverSleep::Awake,
             invisible: 0,
+            completed: 0,
+            published: 0,
         };
         for op in &ops {
             m.run(op);

@@ -10,6 +10,8 @@ use virtq::{DeviceQueue, DriverQueue, PackedDevice, RingLayout, Segments, Sg, Sp
 pub trait Device<'m> {
     /// Pops one chain and completes it in full; false if none was available.
     fn pop_complete(&mut self, segs: &mut Segments<'m, 16>) -> bool;
+    /// Serves up to `max` chains in one call, completing each in full; how many.
+    fn serve_full(&mut self, segs: &mut Segments<'m, 16>, max: usize) -> usize;
     /// Makes the completions visible to the driver.
     fn publish(&mut self);
     /// Pops one chain, completes it in full and publishes; false if none was available.
@@ -29,6 +31,10 @@ macro_rules! device_round {
                     }
                     _ => false,
                 }
+            }
+            #[inline(always)]
+            fn serve_full(&mut self, segs: &mut Segments<'m, 16>, max: usize) -> usize {
+                self.serve(max, segs, |chain, _| chain.writable_len()).unwrap_or(0)
             }
             #[inline(always)]
             fn publish(&mut self) {

@@ -9,7 +9,8 @@ use super::{
     EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE, WRAP_BIT,
 };
 use crate::device::{
-    push_segment, single_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, SegmentSink,
+    one_segment, push_segment, single_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, Segment,
+    SegmentSink, Segments,
 };
 use crate::event::need_event;
 use crate::memory::GuestMemory;
@@ -26,11 +27,22 @@ pub struct PackedDevice<'m, M: GuestMemory + ?Sized> {
     barriers: Barriers,
     /// Where the next available descriptor is expected, and the driver's wrap counter there.
     avail: Cursor,
-    /// Where the next used descriptor goes, and the device's wrap counter there.
-    used: Cursor,
-    /// Positions the used cursor moved since the last interrupt decision.
-    unsignalled: u32,
+    /// Where completions go, and those not yet visible to the driver.
+    used: UsedSide,
     event_flags_shadow: u16,
+    fault: Option<DeviceError>,
+}
+
+/// The used half of the device's state: where completions go, and those not yet visible
+/// to the driver. Apart from the rest so that `serve` can work on a copy that the
+/// compiler keeps in registers (the ring's fences would make it reload fields of `self`
+/// for every chain).
+#[derive(Clone, Copy)]
+struct UsedSide {
+    /// Where the next used descriptor goes, and the device's wrap counter there.
+    cursor: Cursor,
+    /// Positions the cursor moved since the last interrupt decision.
+    unsignalled: u32,
     run: Option<InOrderRun>,
     /// Used descriptors whose id and length are written but whose flags are not yet: they
     /// are published together, a cache line (4 descriptors) at a time, so that the line
@@ -39,7 +51,6 @@ pub struct PackedDevice<'m, M: GuestMemory + ?Sized> {
     /// `InOrderRun` on why not two 16-bit fields).
     pending: [u32; USED_LINE],
     pending_len: usize,
-    fault: Option<DeviceError>,
 }
 
 /// Descriptors per 64-byte cache line.
@@ -79,12 +90,8 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
                 Barriers::Weak
             },
             avail,
-            used,
-            unsignalled: 0,
+            used: UsedSide { cursor: used, unsignalled: 0, run: None, pending: [0; USED_LINE], pending_len: 0 },
             event_flags_shadow: ring.device_flags().load(),
-            run: None,
-            pending: [0; USED_LINE],
-            pending_len: 0,
             fault: None,
             ring,
         })
@@ -112,7 +119,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
         // the driver's wmb before it writes them (`PackedLayout::add`).
         self.barriers.rmb();
         segs.clear();
-        match self.walk(head_flags, segs) {
+        match Self::walk(self.mem, &self.ring, self.avail, head_flags, segs) {
             Ok((chain, next)) => {
                 self.avail = next;
                 Ok(Some(chain))
@@ -121,19 +128,25 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
         }
     }
 
-    /// Walks the chain at the available position; returns it and the position after it.
+    /// Walks the chain whose head is at `at`; returns it and the position after it.
     #[inline(always)]
-    fn walk<S: SegmentSink<'m>>(&self, head_flags: u16, segs: &mut S) -> Result<(Chain, Cursor), DeviceError> {
-        let size = self.ring.size();
+    fn walk<S: SegmentSink<'m>>(
+        mem: &'m M,
+        ring: &PackedRing,
+        at: Cursor,
+        head_flags: u16,
+        segs: &mut S,
+    ) -> Result<(Chain, Cursor), DeviceError> {
+        let size = ring.size();
         if head_flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 {
-            let d = self.ring.desc(self.avail.pos()).read();
-            let chain = single_segment(self.mem, d.lo16, d.addr, d.len, head_flags & DESC_F_WRITE != 0, segs)?;
-            return Ok((chain, self.avail.advance(1, size)));
+            let d = ring.desc(at.pos()).read();
+            let chain = single_segment(mem, d.lo16, d.addr, d.len, head_flags & DESC_F_WRITE != 0, segs)?;
+            return Ok((chain, at.advance(1, size)));
         }
-        let (mut pos, mut wrap) = (self.avail.pos(), self.avail.wrap());
+        let (mut pos, mut wrap) = (at.pos(), at.wrap());
         let mut chain = Chain::new(0);
         loop {
-            let d = self.ring.desc(pos).read();
+            let d = ring.desc(pos).read();
             // The head's flags were read already (that read published the chain); later
             // descriptors' flags come with their single read here.
             let flags = if chain.descs == 0 { head_flags } else { d.hi16 };
@@ -152,10 +165,10 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
                 if chain.descs != 1 || flags & DESC_F_NEXT != 0 {
                     return Err(DeviceError::MisplacedIndirect);
                 }
-                self.walk_indirect(d, &mut chain, segs)?;
+                Self::walk_indirect(mem, d, &mut chain, segs)?;
                 return Ok((chain, Cursor::new(pos, wrap)));
             }
-            push_segment(self.mem, d.addr, d.len, flags & DESC_F_WRITE != 0, &mut chain, segs)?;
+            push_segment(mem, d.addr, d.len, flags & DESC_F_WRITE != 0, &mut chain, segs)?;
             if flags & DESC_F_NEXT == 0 {
                 return Ok((chain, Cursor::new(pos, wrap)));
             }
@@ -168,7 +181,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
     /// A packed indirect table is a plain array of `len / 16` descriptors; their `NEXT`
     /// flags are not used (VIRTIO 1.3, 2.8.19).
     fn walk_indirect<S: SegmentSink<'m>>(
-        &self,
+        mem: &'m M,
         table: DescWords,
         chain: &mut Chain,
         segs: &mut S,
@@ -176,7 +189,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
         if table.len == 0 || !table.len.is_multiple_of(16) || table.len / 16 > MAX_INDIRECT_ENTRIES {
             return Err(DeviceError::BadIndirectLength { len: table.len });
         }
-        let host = translate_area(self.mem, table.addr, table.len as usize, 8)?;
+        let host = translate_area(mem, table.addr, table.len as usize, 8)?;
         for i in 0..(table.len / 16) as usize {
             // SAFETY: `i < len / 16` and the table was translated for `len` bytes,
             // 8-aligned, valid for 'm.
@@ -184,9 +197,89 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
             if d.hi16 & DESC_F_INDIRECT != 0 {
                 return Err(DeviceError::NestedIndirect);
             }
-            push_segment(self.mem, d.addr, d.len, d.hi16 & DESC_F_WRITE != 0, chain, segs)?;
+            push_segment(mem, d.addr, d.len, d.hi16 & DESC_F_WRITE != 0, chain, segs)?;
         }
         Ok(())
+    }
+
+    /// Serves up to `max` available chains: hands each, with its segments (readable
+    /// first), to `f`, and completes it with the number of bytes `f` says it wrote
+    /// (clamped as [`Self::complete`] does). `segs` holds the segments of chains of more
+    /// than one descriptor; a chain with more than `N` stays available and ends the call.
+    /// With `IN_ORDER`, chains popped before and still held must be completed first.
+    ///
+    /// Returns how many chains were served. `Err` only when none was: `Broken`, a driver
+    /// fault (which latches the queue broken), or `SinkFull`. A fault after the first
+    /// chain ends the call early with the chains before it served; the next call returns
+    /// `Err(Broken)`, and [`Self::fault`] says what it was.
+    ///
+    /// The device counterpart of the driver's burst calls, for devices that finish a
+    /// request while they hold it (a network device's transmit queue, a null block
+    /// device): one broken-flag check and one publish per call, and the ring state kept
+    /// in registers across the chains.
+    #[inline(always)]
+    pub fn serve<const N: usize, F>(
+        &mut self,
+        max: usize,
+        segs: &mut Segments<'m, N>,
+        mut f: F,
+    ) -> Result<usize, DeviceError>
+    where
+        F: FnMut(&Chain, &[Segment<'m>]) -> u32,
+    {
+        if self.fault.is_some() {
+            return Err(DeviceError::Broken);
+        }
+        // Copies in locals: see `UsedSide`.
+        let (mem, ring, barriers, in_order) = (self.mem, self.ring, self.barriers, self.in_order);
+        let mut avail = self.avail;
+        let mut used = self.used;
+        let mut served = 0;
+        let mut error = None;
+        while served < max {
+            let head_flags = ring.flags(avail.pos()).load();
+            if !is_avail(head_flags, avail.wrap()) {
+                break;
+            }
+            // As in `pop`.
+            barriers.rmb();
+            // A single descriptor's segment stays in a local, out of the sink.
+            let walked = if head_flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 {
+                let d = ring.desc(avail.pos()).read();
+                one_segment(mem, d.lo16, d.addr, d.len, head_flags & DESC_F_WRITE != 0).map(|(chain, seg)| {
+                    let written = f(&chain, core::slice::from_ref(&seg));
+                    (chain, written, avail.advance(1, ring.size()))
+                })
+            } else {
+                segs.clear();
+                Self::walk(mem, &ring, avail, head_flags, segs).map(|(chain, next)| {
+                    let written = f(&chain, segs.as_slice());
+                    (chain, written, next)
+                })
+            };
+            match walked {
+                Ok((chain, written, next)) => {
+                    avail = next;
+                    used.complete(&ring, barriers, in_order, chain, written);
+                    served += 1;
+                }
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        used.publish(&ring, barriers);
+        self.avail = avail;
+        self.used = used;
+        match error {
+            Some(e) if served == 0 => Err(self.fail(e)),
+            Some(e) => {
+                self.fail(e);
+                Ok(served)
+            }
+            None => Ok(served),
+        }
     }
 
     /// Returns a chain to the driver with the number of bytes written (clamped to its
@@ -199,100 +292,26 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
     /// descriptors (or, in order, a run of 8) is complete.
     #[inline(always)]
     pub fn complete(&mut self, chain: Chain, written: u32) {
-        let written = written.min(chain.writable_len());
-        if self.in_order {
-            let count = if let Some(run) = &mut self.run {
-                run.last_id = chain.id as u32;
-                run.last_len = written;
-                run.count += 1;
-                run.count
-            } else {
-                self.run =
-                    Some(InOrderRun { first: self.used.bits(), last_id: chain.id as u32, last_len: written, count: 1 });
-                1
-            };
-            self.advance_used(chain.descs);
-            // The driver gives earlier buffers of a batch their full length, so a short one
-            // ends its batch. A long run is published along the way, so that the driver can
-            // reuse those descriptors while the device is still draining.
-            if written != chain.writable_len() || count == IN_ORDER_RUN_MAX {
-                self.flush_run();
-            }
-        } else {
-            let pos = self.used.pos();
-            let desc = self.ring.desc(pos);
-            desc.lo16().store(chain.id);
-            desc.len().store(written);
-            let flags = used_bits(self.used.wrap()) | if written > 0 { DESC_F_WRITE } else { 0 };
-            self.pending[self.pending_len] = pos as u32 | (flags as u32) << 16;
-            self.pending_len += 1;
-            self.advance_used(chain.descs);
-            if self.pending_len == USED_LINE || (self.used.pos() as usize).is_multiple_of(USED_LINE) {
-                self.flush_pending();
-            }
-        }
-    }
-
-    /// Publishes the held-back used descriptors, last first, so that the driver finds the
-    /// whole group at once.
-    #[inline(always)]
-    fn flush_pending(&mut self) {
-        if self.pending_len > 0 {
-            // The ids and lengths before the flags that publish them; pairs with the
-            // driver's rmb after it sees the flags (`PackedLayout::get_buf`).
-            self.barriers.wmb();
-            for &entry in self.pending[..self.pending_len].iter().rev() {
-                self.ring.flags(entry as u16).store((entry >> 16) as u16);
-            }
-            self.pending_len = 0;
-        }
-    }
-
-    fn advance_used(&mut self, descs: u16) {
-        self.used = self.used.advance(descs, self.ring.size());
-        self.unsignalled += descs as u32;
-    }
-
-    fn write_used(&self, pos: u16, wrap: bool, id: u16, len: u32) {
-        let desc = self.ring.desc(pos);
-        desc.lo16().store(id);
-        desc.len().store(len);
-        // The id and length before the flags that publish them; pairs with the driver's
-        // rmb after it sees the flags (`PackedLayout::get_buf`).
-        self.barriers.wmb();
-        let written = if len > 0 { DESC_F_WRITE } else { 0 };
-        self.ring.flags(pos).store(used_bits(wrap) | written);
-    }
-
-    #[inline(always)]
-    fn flush_run(&mut self) {
-        // Test before taking: `take` would store `None` on every publish.
-        if self.run.is_some() {
-            if let Some(run) = self.run.take() {
-                let first = Cursor::from_bits(run.first);
-                self.write_used(first.pos(), first.wrap(), run.last_id as u16, run.last_len);
-            }
-        }
+        self.used.complete(&self.ring, self.barriers, self.in_order, chain, written);
     }
 
     /// Makes every completion so far visible to the driver.
     #[inline(always)]
     pub fn publish_used(&mut self) {
-        self.flush_run();
-        self.flush_pending();
+        self.used.publish(&self.ring, self.barriers);
     }
 
     /// Publishes completions and says whether the driver wants an interrupt for them,
     /// from one read of the driver area.
     pub fn needs_notification(&mut self) -> bool {
         self.publish_used();
-        if self.unsignalled == 0 {
+        if self.used.unsignalled == 0 {
             return false;
         }
         // The used flags before reading the driver area; pairs with the driver's mb after
         // it moves its event (`DriverQueue::poll`, `PackedLayout::enable_cb_delayed`).
         self.barriers.mb();
-        let moved = core::mem::take(&mut self.unsignalled);
+        let moved = core::mem::take(&mut self.used.unsignalled);
         let (off_wrap, flags) = self.ring.load_driver_event();
         if flags != EVENT_FLAGS_DESC || !self.event_idx {
             return flags != EVENT_FLAGS_DISABLE;
@@ -304,10 +323,10 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
             // event cannot be placed, so interrupt rather than risk losing one.
             return true;
         }
-        if (off_wrap & WRAP_BIT != 0) != self.used.wrap() {
+        if (off_wrap & WRAP_BIT != 0) != self.used.cursor.wrap() {
             event = event.wrapping_sub(size);
         }
-        let new = self.used.pos();
+        let new = self.used.cursor.pos();
         need_event(event, new, new.wrapping_sub(moved as u16))
     }
 
@@ -355,7 +374,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
 
     /// Where the next used descriptor goes, with the wrap counter in bit 15.
     pub fn used_base(&self) -> u16 {
-        self.used.base()
+        self.used.cursor.base()
     }
 
     /// The driver error that broke the queue, if any.
@@ -371,5 +390,93 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
     /// The guest memory this queue uses.
     pub fn memory(&self) -> &'m M {
         self.mem
+    }
+}
+
+impl UsedSide {
+    /// See [`PackedDevice::complete`].
+    #[inline(always)]
+    fn complete(&mut self, ring: &PackedRing, barriers: Barriers, in_order: bool, chain: Chain, written: u32) {
+        let written = written.min(chain.writable_len());
+        if in_order {
+            let count = if let Some(run) = &mut self.run {
+                run.last_id = chain.id as u32;
+                run.last_len = written;
+                run.count += 1;
+                run.count
+            } else {
+                self.run = Some(InOrderRun {
+                    first: self.cursor.bits(),
+                    last_id: chain.id as u32,
+                    last_len: written,
+                    count: 1,
+                });
+                1
+            };
+            self.advance(chain.descs, ring.size());
+            // The driver gives earlier buffers of a batch their full length, so a short one
+            // ends its batch. A long run is published along the way, so that the driver can
+            // reuse those descriptors while the device is still draining.
+            if written != chain.writable_len() || count == IN_ORDER_RUN_MAX {
+                self.flush_run(ring, barriers);
+            }
+        } else {
+            let pos = self.cursor.pos();
+            let desc = ring.desc(pos);
+            desc.lo16().store(chain.id);
+            desc.len().store(written);
+            let flags = used_bits(self.cursor.wrap()) | if written > 0 { DESC_F_WRITE } else { 0 };
+            self.pending[self.pending_len] = pos as u32 | (flags as u32) << 16;
+            self.pending_len += 1;
+            self.advance(chain.descs, ring.size());
+            if self.pending_len == USED_LINE || (self.cursor.pos() as usize).is_multiple_of(USED_LINE) {
+                self.flush_pending(ring, barriers);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn advance(&mut self, descs: u16, size: u16) {
+        self.cursor = self.cursor.advance(descs, size);
+        self.unsignalled += descs as u32;
+    }
+
+    /// Publishes the held-back used descriptors, last first, so that the driver finds the
+    /// whole group at once.
+    #[inline(always)]
+    fn flush_pending(&mut self, ring: &PackedRing, barriers: Barriers) {
+        if self.pending_len > 0 {
+            // The ids and lengths before the flags that publish them; pairs with the
+            // driver's rmb after it sees the flags (`PackedLayout::get_buf`).
+            barriers.wmb();
+            for &entry in self.pending[..self.pending_len].iter().rev() {
+                ring.flags(entry as u16).store((entry >> 16) as u16);
+            }
+            self.pending_len = 0;
+        }
+    }
+
+    #[inline(always)]
+    fn flush_run(&mut self, ring: &PackedRing, barriers: Barriers) {
+        // Test before taking: `take` would store `None` on every publish.
+        if self.run.is_some() {
+            if let Some(run) = self.run.take() {
+                let first = Cursor::from_bits(run.first);
+                let desc = ring.desc(first.pos());
+                desc.lo16().store(run.last_id as u16);
+                desc.len().store(run.last_len);
+                // The id and length before the flags that publish them; pairs with the
+                // driver's rmb after it sees the flags (`PackedLayout::get_buf`).
+                barriers.wmb();
+                let written = if run.last_len > 0 { DESC_F_WRITE } else { 0 };
+                ring.flags(first.pos()).store(used_bits(first.wrap()) | written);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn publish(&mut self, ring: &PackedRing, barriers: Barriers) {
+        self.flush_run(ring, barriers);
+        self.flush_pending(ring, barriers);
     }
 }

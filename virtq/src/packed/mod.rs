@@ -184,6 +184,7 @@ impl ContiguousLayout {
 ///
 /// Descriptor accessors take a position that callers keep below the size; a larger one
 /// is clamped, so no value can make an access leave the ring.
+#[derive(Clone, Copy)]
 pub(crate) struct PackedRing {
     desc: NonNull<RawDesc>,
     driver_event: NonNull<Le32>,

@@ -7,7 +7,8 @@
 
 use super::{SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY};
 use crate::device::{
-    push_segment, single_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, SegmentSink,
+    one_segment, push_segment, single_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, Segment,
+    SegmentSink, Segments,
 };
 use crate::event::need_event;
 use crate::memory::GuestMemory;
@@ -29,17 +30,26 @@ pub struct SplitDevice<'m, M: GuestMemory + ?Sized> {
     last_avail_idx: u16,
     /// The last `avail.idx` read and validated; entries before it need no new fence.
     avail_idx_cache: u16,
-    /// Next used index to hand out (entries up to it are written or in `run`).
-    used_idx: u16,
-    /// What `used.idx` holds in memory.
-    published_used_idx: u16,
+    /// Where completions go, and those not yet visible to the driver.
+    used: UsedSide,
     /// `used.idx` at the last interrupt decision (vringh's `last_used_idx`).
     signalled_used_idx: u16,
+    used_flags_shadow: u16,
+    fault: Option<DeviceError>,
+}
+
+/// The used half of the device's state. Apart from the rest so that `serve` can work on a
+/// copy that the compiler keeps in registers (the ring's fences would make it reload
+/// fields of `self` for every chain).
+#[derive(Clone, Copy)]
+struct UsedSide {
+    /// Next used index to hand out (entries up to it are written or in `run`).
+    idx: u16,
+    /// What `used.idx` holds in memory.
+    published_idx: u16,
     /// Completions since the last interrupt decision: past 0xffff the event window aliases.
     unsignalled: u32,
-    used_flags_shadow: u16,
     run: Option<InOrderRun>,
-    fault: Option<DeviceError>,
 }
 
 impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
@@ -72,12 +82,9 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             },
             last_avail_idx: config.avail_base,
             avail_idx_cache: config.avail_base,
-            used_idx,
-            published_used_idx: used_idx,
+            used: UsedSide { idx: used_idx, published_idx: used_idx, unsignalled: 0, run: None },
             signalled_used_idx: used_idx,
-            unsignalled: 0,
             used_flags_shadow: ring.used_flags().load(),
-            run: None,
             fault: None,
             ring,
         })
@@ -117,7 +124,8 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             return Err(self.fail(DeviceError::IndexOutOfRange { index: head as u32 }));
         }
         segs.clear();
-        match self.walk(head, segs) {
+        let first = self.ring.desc(head).read();
+        match Self::walk(self.mem, &self.ring, self.size, head, first, segs) {
             Ok(chain) => {
                 self.last_avail_idx = self.last_avail_idx.wrapping_add(1);
                 Ok(Some(chain))
@@ -126,30 +134,38 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         }
     }
 
+    /// Walks the chain at `head`, whose descriptor `first` the caller read.
     #[inline(always)]
-    fn walk<S: SegmentSink<'m>>(&self, head: u16, segs: &mut S) -> Result<Chain, DeviceError> {
-        let mut d = self.ring.desc(head).read();
+    fn walk<S: SegmentSink<'m>>(
+        mem: &'m M,
+        ring: &SplitRing,
+        size: u16,
+        head: u16,
+        first: DescWords,
+        segs: &mut S,
+    ) -> Result<Chain, DeviceError> {
+        let mut d = first;
         if d.lo16 & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 {
-            return single_segment(self.mem, head, d.addr, d.len, d.lo16 & DESC_F_WRITE != 0, segs);
+            return single_segment(mem, head, d.addr, d.len, d.lo16 & DESC_F_WRITE != 0, segs);
         }
         let mut chain = Chain::new(head);
-        for n in 0..self.size {
+        for n in 0..size {
             if n > 0 {
-                d = self.ring.desc(d.hi16).read();
+                d = ring.desc(d.hi16).read();
             }
             let flags = d.lo16;
             if flags & DESC_F_INDIRECT != 0 {
                 if n != 0 || flags & DESC_F_NEXT != 0 {
                     return Err(DeviceError::MisplacedIndirect);
                 }
-                self.walk_indirect(d, &mut chain, segs)?;
+                Self::walk_indirect(mem, d, &mut chain, segs)?;
                 return Ok(chain);
             }
-            push_segment(self.mem, d.addr, d.len, flags & DESC_F_WRITE != 0, &mut chain, segs)?;
+            push_segment(mem, d.addr, d.len, flags & DESC_F_WRITE != 0, &mut chain, segs)?;
             if flags & DESC_F_NEXT == 0 {
                 return Ok(chain);
             }
-            if d.hi16 >= self.size {
+            if d.hi16 >= size {
                 return Err(DeviceError::IndexOutOfRange { index: d.hi16 as u32 });
             }
         }
@@ -158,7 +174,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
     }
 
     fn walk_indirect<S: SegmentSink<'m>>(
-        &self,
+        mem: &'m M,
         table: DescWords,
         chain: &mut Chain,
         segs: &mut S,
@@ -167,7 +183,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             return Err(DeviceError::BadIndirectLength { len: table.len });
         }
         let entries = table.len / 16;
-        let host = translate_area(self.mem, table.addr, table.len as usize, 8)?;
+        let host = translate_area(mem, table.addr, table.len as usize, 8)?;
         let mut i = 0u32;
         for _ in 0..entries {
             // SAFETY: `i < entries` and the table was translated for `16 * entries` bytes,
@@ -176,7 +192,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             if d.lo16 & DESC_F_INDIRECT != 0 {
                 return Err(DeviceError::NestedIndirect);
             }
-            push_segment(self.mem, d.addr, d.len, d.lo16 & DESC_F_WRITE != 0, chain, segs)?;
+            push_segment(mem, d.addr, d.len, d.lo16 & DESC_F_WRITE != 0, chain, segs)?;
             if d.lo16 & DESC_F_NEXT == 0 {
                 return Ok(());
             }
@@ -186,6 +202,98 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             i = d.hi16 as u32;
         }
         Err(DeviceError::ChainTooLong)
+    }
+
+    /// Serves up to `max` available chains: hands each, with its segments (readable
+    /// first), to `f`, and completes it with the number of bytes `f` says it wrote
+    /// (clamped as [`Self::complete`] does). `segs` holds the segments of chains of more
+    /// than one descriptor; a chain with more than `N` stays available and ends the call.
+    /// With `IN_ORDER`, chains popped before and still held must be completed first.
+    ///
+    /// Returns how many chains were served. `Err` only when none was: `Broken`, a driver
+    /// fault (which latches the queue broken), or `SinkFull`. A fault after the first
+    /// chain ends the call early with the chains before it served; the next call returns
+    /// `Err(Broken)`, and [`Self::fault`] says what it was.
+    ///
+    /// The device counterpart of the driver's burst calls, for devices that finish a
+    /// request while they hold it (a network device's transmit queue, a null block
+    /// device): one broken-flag check and one publish per call, and the ring state kept
+    /// in registers across the chains.
+    #[inline(always)]
+    pub fn serve<const N: usize, F>(
+        &mut self,
+        max: usize,
+        segs: &mut Segments<'m, N>,
+        mut f: F,
+    ) -> Result<usize, DeviceError>
+    where
+        F: FnMut(&Chain, &[Segment<'m>]) -> u32,
+    {
+        if self.fault.is_some() {
+            return Err(DeviceError::Broken);
+        }
+        // Copies in locals: see `UsedSide`.
+        let (mem, ring, size, barriers, in_order) = (self.mem, self.ring, self.size, self.barriers, self.in_order);
+        let (mut next_avail, mut avail_idx_cache) = (self.last_avail_idx, self.avail_idx_cache);
+        let mut used = self.used;
+        let mut served = 0;
+        let mut error = None;
+        while served < max {
+            // As in `pop`.
+            if next_avail == avail_idx_cache {
+                let avail_idx = ring.avail_idx().load();
+                if avail_idx == next_avail {
+                    break;
+                }
+                if avail_idx.wrapping_sub(next_avail) > size {
+                    error = Some(DeviceError::AvailIndexJump { avail_idx, last_avail_idx: next_avail });
+                    break;
+                }
+                avail_idx_cache = avail_idx;
+                barriers.rmb();
+            }
+            let head = ring.avail_ring(next_avail).load();
+            if head >= size {
+                error = Some(DeviceError::IndexOutOfRange { index: head as u32 });
+                break;
+            }
+            let d = ring.desc(head).read();
+            // A single descriptor's segment stays in a local, out of the sink.
+            let walked = if d.lo16 & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 {
+                one_segment(mem, head, d.addr, d.len, d.lo16 & DESC_F_WRITE != 0).map(|(chain, seg)| {
+                    let written = f(&chain, core::slice::from_ref(&seg));
+                    (chain, written)
+                })
+            } else {
+                segs.clear();
+                Self::walk(mem, &ring, size, head, d, segs).map(|chain| {
+                    let written = f(&chain, segs.as_slice());
+                    (chain, written)
+                })
+            };
+            match walked {
+                Ok((chain, written)) => {
+                    next_avail = next_avail.wrapping_add(1);
+                    used.complete(&ring, in_order, chain, written);
+                    served += 1;
+                }
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        used.publish(&ring, barriers);
+        (self.last_avail_idx, self.avail_idx_cache) = (next_avail, avail_idx_cache);
+        self.used = used;
+        match error {
+            Some(e) if served == 0 => Err(self.fail(e)),
+            Some(e) => {
+                self.fail(e);
+                Ok(served)
+            }
+            None => Ok(served),
+        }
     }
 
     /// Returns a chain to the driver with the number of bytes written into its writable
@@ -198,60 +306,13 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
     #[doc(alias = "vringh_complete_kern")]
     #[inline(always)]
     pub fn complete(&mut self, chain: Chain, written: u32) {
-        let written = written.min(chain.writable_len());
-        if self.in_order {
-            if let Some(run) = &mut self.run {
-                run.last_id = chain.id as u32;
-                run.last_len = written;
-                run.count += 1;
-            } else {
-                self.run = Some(InOrderRun {
-                    first: self.used_idx as u32,
-                    last_id: chain.id as u32,
-                    last_len: written,
-                    count: 1,
-                });
-            }
-            if written != chain.writable_len() {
-                // The driver gives earlier buffers of a batch their full length; a short
-                // one must end its batch.
-                self.flush_run();
-            }
-        } else {
-            self.write_used(self.used_idx, chain.id, written);
-        }
-        self.used_idx = self.used_idx.wrapping_add(1);
-        self.unsignalled += 1;
-    }
-
-    #[inline(always)]
-    fn write_used(&self, idx: u16, id: u16, len: u32) {
-        let (id_field, len_field) = self.ring.used_elem(idx);
-        id_field.store(id as u32);
-        len_field.store(len);
-    }
-
-    #[inline(always)]
-    fn flush_run(&mut self) {
-        // Test before taking: `take` would store `None` on every publish.
-        if self.run.is_some() {
-            if let Some(run) = self.run.take() {
-                self.write_used(run.first as u16, run.last_id as u16, run.last_len);
-            }
-        }
+        self.used.complete(&self.ring, self.in_order, chain, written);
     }
 
     /// Makes every completion so far visible to the driver.
     #[inline(always)]
     pub fn publish_used(&mut self) {
-        self.flush_run();
-        if self.used_idx != self.published_used_idx {
-            // The used entries before the index that publishes them; pairs with the
-            // driver's rmb after it reads `used.idx` (`SplitLayout::get_buf`).
-            self.barriers.wmb();
-            self.ring.used_idx().store(self.used_idx);
-            self.published_used_idx = self.used_idx;
-        }
+        self.used.publish(&self.ring, self.barriers);
     }
 
     /// Publishes completions and says whether the driver wants an interrupt for them
@@ -259,7 +320,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
     #[doc(alias = "vringh_need_notify_kern")]
     pub fn needs_notification(&mut self) -> bool {
         self.publish_used();
-        if self.unsignalled == 0 {
+        if self.used.unsignalled == 0 {
             return false;
         }
         // The `used.idx` store before reading the driver's event or flags; pairs with the
@@ -267,10 +328,10 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         // (`DriverQueue::poll`, `SplitLayout::get_buf`, `enable_cb_delayed`).
         self.barriers.mb();
         let old = self.signalled_used_idx;
-        let new = self.used_idx;
-        let forced = self.unsignalled > 0xffff;
+        let new = self.used.idx;
+        let forced = self.used.unsignalled > 0xffff;
         self.signalled_used_idx = new;
-        self.unsignalled = 0;
+        self.used.unsignalled = 0;
         if self.event_idx {
             forced || need_event(self.ring.used_event().load(), new, old)
         } else {
@@ -320,7 +381,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
 
     /// The next used entry to be written.
     pub fn used_idx(&self) -> u16 {
-        self.used_idx
+        self.used.idx
     }
 
     /// The driver error that broke the queue, if any.
@@ -337,4 +398,60 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
     pub fn memory(&self) -> &'m M {
         self.mem
     }
+}
+
+impl UsedSide {
+    /// See [`SplitDevice::complete`].
+    #[inline(always)]
+    fn complete(&mut self, ring: &SplitRing, in_order: bool, chain: Chain, written: u32) {
+        let written = written.min(chain.writable_len());
+        if in_order {
+            if let Some(run) = &mut self.run {
+                run.last_id = chain.id as u32;
+                run.last_len = written;
+                run.count += 1;
+            } else {
+                self.run =
+                    Some(InOrderRun { first: self.idx as u32, last_id: chain.id as u32, last_len: written, count: 1 });
+            }
+            if written != chain.writable_len() {
+                // The driver gives earlier buffers of a batch their full length; a short
+                // one must end its batch.
+                self.flush_run(ring);
+            }
+        } else {
+            write_used(ring, self.idx, chain.id, written);
+        }
+        self.idx = self.idx.wrapping_add(1);
+        self.unsignalled += 1;
+    }
+
+    #[inline(always)]
+    fn flush_run(&mut self, ring: &SplitRing) {
+        // Test before taking: `take` would store `None` on every publish.
+        if self.run.is_some() {
+            if let Some(run) = self.run.take() {
+                write_used(ring, run.first as u16, run.last_id as u16, run.last_len);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn publish(&mut self, ring: &SplitRing, barriers: Barriers) {
+        self.flush_run(ring);
+        if self.idx != self.published_idx {
+            // The used entries before the index that publishes them; pairs with the
+            // driver's rmb after it reads `used.idx` (`SplitLayout::get_buf`).
+            barriers.wmb();
+            ring.used_idx().store(self.idx);
+            self.published_idx = self.idx;
+        }
+    }
+}
+
+#[inline(always)]
+fn write_used(ring: &SplitRing, idx: u16, id: u16, len: u32) {
+    let (id_field, len_field) = ring.used_elem(idx);
+    id_field.store(id as u32);
+    len_field.store(len);
 }

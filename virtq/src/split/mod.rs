@@ -96,6 +96,7 @@ impl ContiguousLayout {
 ///
 /// Every accessor takes an index that it reduces modulo the size, so no access can leave
 /// the areas whatever value a caller passes.
+#[derive(Clone, Copy)]
 pub(crate) struct SplitRing {
     desc: NonNull<RawDesc>,
     avail: NonNull<Le16>,
