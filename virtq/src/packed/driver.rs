@@ -289,7 +289,10 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         premapped: bool,
         token: &mut impl FnMut(usize) -> T,
     ) -> usize {
-        let size = self.ring.size();
+        // A copy in locals, so that its pointer and size stay in registers across the
+        // descriptor stores.
+        let ring = self.ring;
+        let size = ring.size();
         let head = self.avail.pos();
         let dir_flags = if writable { DESC_F_WRITE } else { 0 };
         let priv_flags = if premapped { PRIV_PREMAPPED } else { 0 };
@@ -301,7 +304,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             let id = if IN_ORDER { pos } else { self.free.head.get() };
             let Some((addr, _)) = core.map(sg, writable, premapped) else { break };
             core.record(id, addr, sg.len, dir_flags | priv_flags);
-            let desc = self.ring.desc(pos);
+            let desc = ring.desc(pos);
             if i == 0 {
                 // The first buffer's flags publish the whole batch: written last. The
                 // device polls positions in ring order only (VIRTIO 1.3, "Polling of
@@ -330,7 +333,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             // Every descriptor of the batch before the flags that make it available; pairs
             // with the device's rmb after it sees the head's flags (`PackedDevice::pop`).
             core.barriers.wmb();
-            self.ring.flags(head).store(head_flags);
+            ring.flags(head).store(head_flags);
             core.num_added = core.num_added.saturating_add(added as u16);
         }
         added
