@@ -44,13 +44,18 @@ struct UsedSide {
     /// Positions the cursor moved since the last interrupt decision.
     unsignalled: u32,
     run: Option<InOrderRun>,
-    /// Used descriptors whose id and length are written but whose flags are not yet: they
-    /// are published together, a cache line (4 descriptors) at a time, so that the line
-    /// moves to the driver once per 4 completions rather than once per completion. Each
-    /// entry is `position | flags << 16`, stored and loaded as one 32-bit word (see
-    /// `InOrderRun` on why not two 16-bit fields).
-    pending: [u32; USED_LINE],
-    pending_len: usize,
+    pending: PendingUsed,
+}
+
+/// Used descriptors whose id and length are written but whose flags are not yet: they are
+/// published together, a cache line (4 descriptors) at a time, so that the line moves to
+/// the driver once per 4 completions rather than once per completion. Each entry is
+/// `position | flags << 16`, stored and loaded as one 32-bit word (see `InOrderRun` on
+/// why not two 16-bit fields).
+#[derive(Clone, Copy)]
+struct PendingUsed {
+    entries: [u32; USED_LINE],
+    len: usize,
 }
 
 /// Descriptors per 64-byte cache line.
@@ -90,7 +95,12 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
                 Barriers::Weak
             },
             avail,
-            used: UsedSide { cursor: used, unsignalled: 0, run: None, pending: [0; USED_LINE], pending_len: 0 },
+            used: UsedSide {
+                cursor: used,
+                unsignalled: 0,
+                run: None,
+                pending: PendingUsed { entries: [0; USED_LINE], len: 0 },
+            },
             event_flags_shadow: ring.device_flags().load(),
             fault: None,
             ring,
@@ -222,7 +232,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
         &mut self,
         max: usize,
         segs: &mut Segments<'m, N>,
-        mut f: F,
+        f: F,
     ) -> Result<usize, DeviceError>
     where
         F: FnMut(&Chain, &[Segment<'m>]) -> u32,
@@ -230,8 +240,26 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
         if self.fault.is_some() {
             return Err(DeviceError::Broken);
         }
+        // One loop for each, so that the in-order test leaves the loop.
+        if self.in_order {
+            self.serve_loop::<true, N, F>(max, segs, f)
+        } else {
+            self.serve_loop::<false, N, F>(max, segs, f)
+        }
+    }
+
+    #[inline(always)]
+    fn serve_loop<const IN_ORDER: bool, const N: usize, F>(
+        &mut self,
+        max: usize,
+        segs: &mut Segments<'m, N>,
+        mut f: F,
+    ) -> Result<usize, DeviceError>
+    where
+        F: FnMut(&Chain, &[Segment<'m>]) -> u32,
+    {
         // Copies in locals: see `UsedSide`.
-        let (mem, ring, barriers, in_order) = (self.mem, self.ring, self.barriers, self.in_order);
+        let (mem, ring, barriers) = (self.mem, self.ring, self.barriers);
         let mut avail = self.avail;
         let mut used = self.used;
         let mut served = 0;
@@ -260,7 +288,7 @@ impl<'m, M: GuestMemory + ?Sized> PackedDevice<'m, M> {
             match walked {
                 Ok((chain, written, next)) => {
                     avail = next;
-                    used.complete(&ring, barriers, in_order, chain, written);
+                    used.complete(&ring, barriers, IN_ORDER, chain, written);
                     served += 1;
                 }
                 Err(e) => {
@@ -426,11 +454,11 @@ impl UsedSide {
             desc.lo16().store(chain.id);
             desc.len().store(written);
             let flags = used_bits(self.cursor.wrap()) | if written > 0 { DESC_F_WRITE } else { 0 };
-            self.pending[self.pending_len] = pos as u32 | (flags as u32) << 16;
-            self.pending_len += 1;
+            self.pending.entries[self.pending.len] = pos as u32 | (flags as u32) << 16;
+            self.pending.len += 1;
             self.advance(chain.descs, ring.size());
-            if self.pending_len == USED_LINE || (self.cursor.pos() as usize).is_multiple_of(USED_LINE) {
-                self.flush_pending(ring, barriers);
+            if self.pending.len == USED_LINE || (self.cursor.pos() as usize).is_multiple_of(USED_LINE) {
+                self.pending.flush(ring, barriers);
             }
         }
     }
@@ -439,21 +467,6 @@ impl UsedSide {
     fn advance(&mut self, descs: u16, size: u16) {
         self.cursor = self.cursor.advance(descs, size);
         self.unsignalled += descs as u32;
-    }
-
-    /// Publishes the held-back used descriptors, last first, so that the driver finds the
-    /// whole group at once.
-    #[inline(always)]
-    fn flush_pending(&mut self, ring: &PackedRing, barriers: Barriers) {
-        if self.pending_len > 0 {
-            // The ids and lengths before the flags that publish them; pairs with the
-            // driver's rmb after it sees the flags (`PackedLayout::get_buf`).
-            barriers.wmb();
-            for &entry in self.pending[..self.pending_len].iter().rev() {
-                ring.flags(entry as u16).store((entry >> 16) as u16);
-            }
-            self.pending_len = 0;
-        }
     }
 
     #[inline(always)]
@@ -477,6 +490,23 @@ impl UsedSide {
     #[inline(always)]
     fn publish(&mut self, ring: &PackedRing, barriers: Barriers) {
         self.flush_run(ring, barriers);
-        self.flush_pending(ring, barriers);
+        self.pending.flush(ring, barriers);
+    }
+}
+
+impl PendingUsed {
+    /// Publishes the held-back used descriptors, last first, so that the driver finds the
+    /// whole group at once.
+    #[inline(always)]
+    fn flush(&mut self, ring: &PackedRing, barriers: Barriers) {
+        if self.len > 0 {
+            // The ids and lengths before the flags that publish them; pairs with the
+            // driver's rmb after it sees the flags (`PackedLayout::get_buf`).
+            barriers.wmb();
+            for &entry in self.entries[..self.len].iter().rev() {
+                ring.flags(entry as u16).store((entry >> 16) as u16);
+            }
+            self.len = 0;
+        }
     }
 }

@@ -224,7 +224,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         &mut self,
         max: usize,
         segs: &mut Segments<'m, N>,
-        mut f: F,
+        f: F,
     ) -> Result<usize, DeviceError>
     where
         F: FnMut(&Chain, &[Segment<'m>]) -> u32,
@@ -232,8 +232,26 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         if self.fault.is_some() {
             return Err(DeviceError::Broken);
         }
+        // One loop for each, so that the in-order test leaves the loop.
+        if self.in_order {
+            self.serve_loop::<true, N, F>(max, segs, f)
+        } else {
+            self.serve_loop::<false, N, F>(max, segs, f)
+        }
+    }
+
+    #[inline(always)]
+    fn serve_loop<const IN_ORDER: bool, const N: usize, F>(
+        &mut self,
+        max: usize,
+        segs: &mut Segments<'m, N>,
+        mut f: F,
+    ) -> Result<usize, DeviceError>
+    where
+        F: FnMut(&Chain, &[Segment<'m>]) -> u32,
+    {
         // Copies in locals: see `UsedSide`.
-        let (mem, ring, size, barriers, in_order) = (self.mem, self.ring, self.size, self.barriers, self.in_order);
+        let (mem, ring, size, barriers) = (self.mem, self.ring, self.size, self.barriers);
         let (mut next_avail, mut avail_idx_cache) = (self.last_avail_idx, self.avail_idx_cache);
         let mut used = self.used;
         let mut served = 0;
@@ -274,7 +292,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             match walked {
                 Ok((chain, written)) => {
                     next_avail = next_avail.wrapping_add(1);
-                    used.complete(&ring, in_order, chain, written);
+                    used.complete(&ring, IN_ORDER, chain, written);
                     served += 1;
                 }
                 Err(e) => {
