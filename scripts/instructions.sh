@@ -16,8 +16,9 @@
 #
 # Last, streaming (CYCLE_BATCH=32: 32 adds, one kick_prepare, 32 pops and completions, one
 # publish, 32 get_bufs), per buffer and per side, with one call per buffer and with the
-# burst calls (`add_inbufs`, `get_bufs`; CYCLE_BURST=1), which `virtq bench` uses: the
-# work each thread of its batch-32 cells does for a buffer, without cache-line transfers.
+# burst calls (`add_inbufs`, `get_bufs`, and the device's `serve`; CYCLE_BURST=1), which
+# `virtq bench` uses: the work each thread of its batch-32 cells does for a buffer,
+# without cache-line transfers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is required (apt-get install valgrind)" >&2; exit 1; }
