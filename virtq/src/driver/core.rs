@@ -325,7 +325,10 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
     /// Fills pool table `slot` with the buffer's segments. `split_links` writes `NEXT` and
     /// `next` as the split format needs; packed tables are sequential and have neither.
     /// Returns the table's device address and the writable length, or `Err` after undoing
-    /// the mappings made.
+    /// the mappings made. Inlined, so that `buf` never escapes to a call: the compiler
+    /// then keeps a caller's segment lists in registers rather than reloading them after
+    /// every descriptor store.
+    #[inline(always)]
     pub fn write_table(
         &mut self,
         slot: u16,
@@ -384,7 +387,11 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         let state = &mut self.heads[head as usize];
         state.mapped = D::MAPS && !premapped;
         state.token = Some(token);
-        state.ctx = ctx;
+        // A free slot holds no context (see `start_one`): no store for the usual `None`.
+        debug_assert!(state.ctx.is_none());
+        if ctx.is_some() {
+            state.ctx = ctx;
+        }
         state.writable = writable;
         state.descs = plan.descs;
         state.tail = tail;

@@ -14,7 +14,7 @@ use core::sync::atomic::{AtomicU16, Ordering::Relaxed};
 use super::{
     ContiguousLayout, SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY,
 };
-use crate::driver::core::{AddPlan, Buffer, DriverCore, FreeList, Index, PRIV_TABLE};
+use crate::driver::core::{AddPlan, Buffer, DescExtra, DriverCore, FreeList, Index, PRIV_TABLE};
 use crate::driver::queue::{LayoutKind, RingLayout, Sealed};
 use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Fault, Notify, NotifyData, QueueConfig, Sg};
 use crate::event::need_event;
@@ -129,6 +129,34 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
             Ok(())
         })?;
         Ok((writable, tail, i))
+    }
+
+    /// [`Self::write_chain`] when there is nothing to map or record (premapped, or a DMA
+    /// that does not map): nothing can fail, and the ring's pointer and mask and the
+    /// private links are copied to locals first, as the compiler cannot tell that the
+    /// descriptor stores leave them alone and would reload them for every segment. Every
+    /// descriptor goes out with `NEXT`, and the last one is rewritten without it: cheaper
+    /// than working out the flag per segment. The writable length is summed in 64 bits
+    /// (no overflow from at most 2^16 segments) and saturated once.
+    #[inline(always)]
+    fn write_chain_unmapped(&self, extra: &[DescExtra], head: u16, buf: &Buffer<'_>) -> (u32, u16, u16) {
+        let ring = self.ring;
+        let (mut i, mut writable) = (head, 0u64);
+        let mut last = DescWords::default();
+        let mut tail = head;
+        let _ = buf.try_for_each(|_, sg, is_in| {
+            if is_in {
+                writable += sg.len as u64;
+            }
+            let next = extra[i as usize].next;
+            last = DescWords { addr: sg.addr, len: sg.len, lo16: if is_in { DESC_F_WRITE } else { 0 }, hi16: next };
+            ring.desc(i).write(DescWords { lo16: last.lo16 | DESC_F_NEXT, ..last });
+            tail = i;
+            i = next;
+            Ok(())
+        });
+        ring.desc(tail).write(last);
+        (writable.min(u32::MAX as u64) as u32, tail, i)
     }
 
     /// Puts `head` in the available ring slot of index `idx`. When buffers come back in
@@ -264,21 +292,32 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             return Err(AddError { kind: AddErrorKind::NoSpace, token });
         }
         let head = self.free.head.get();
-        let written = if plan.indirect {
-            core.write_table(head, buf, plan.total, premapped, true).map(|(table, writable)| {
+        // Each branch starts the buffer itself, so that each `start` knows `plan.indirect`.
+        let next_free = if plan.indirect {
+            let written = core.write_table(head, buf, plan.total, premapped, true).map(|(table, writable)| {
                 let len = 16 * plan.total as u32;
                 core.record(head, table, len, DESC_F_INDIRECT | PRIV_TABLE);
                 let next = core.extra[head as usize].next;
                 self.ring.desc(head).write(DescWords { addr: table, len, lo16: DESC_F_INDIRECT, hi16: next });
-                (writable, head, next)
-            })
+                (writable, next)
+            });
+            let Ok((writable, next_free)) = written else {
+                return Err(AddError { kind: AddErrorKind::NoMemory, token });
+            };
+            core.start(head, token, ctx, &plan, writable, head, premapped);
+            next_free
         } else {
-            self.write_chain(core, head, buf, plan.total, premapped)
+            let written = if premapped || !D::MAPS {
+                Ok(self.write_chain_unmapped(&core.extra, head, buf))
+            } else {
+                self.write_chain(core, head, buf, plan.total, premapped)
+            };
+            let Ok((writable, tail, next_free)) = written else {
+                return Err(AddError { kind: AddErrorKind::NoMemory, token });
+            };
+            core.start(head, token, ctx, &plan, writable, tail, premapped);
+            next_free
         };
-        let Ok((writable, tail, next_free)) = written else {
-            return Err(AddError { kind: AddErrorKind::NoMemory, token });
-        };
-        core.start(head, token, ctx, &plan, writable, tail, premapped);
         // In order, the private links stay sequential, so this is `head + descs`.
         self.free.head.set(next_free);
 
