@@ -44,11 +44,11 @@
 //! per request at QD1, almost none at QD32).
 //!
 //! Instructions per request in the driver (callgrind, `--settle 200`, N = 2000 and 12000,
-//! this loop's own bookkeeping left out): virtq about 670 at QD1 and 488 at QD32, virtio-driver
-//! 347 and 293. Of virtq's, the core crate's ring operations are 313 and 260 (adding the
-//! 3-descriptor chain alone is about 200, as much as virtio-driver's whole submission), the
-//! virtio-blk layer about 350 and 227. At QD1 about 50 of ours are glibc's `write()` for the
-//! kick, mostly its thread-cancellation handling.
+//! this loop's own bookkeeping left out): virtq about 600 at QD1 and 400 at QD32, virtio-driver
+//! 347 and 293. Of virtq's, the core crate's ring operations are 259 and 207 (adding the
+//! 3-descriptor chain alone is about 147), the virtio-blk layer about 290 and 191. At QD1
+//! about 50 of ours are glibc's `write()` for the kick, mostly its thread-cancellation
+//! handling.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};

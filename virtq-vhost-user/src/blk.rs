@@ -566,6 +566,10 @@ pub struct BlkQueue {
     max_seg: usize,
     max_segs: usize,
     read_only: bool,
+    /// For `submit`'s usual request: the largest buffer that is one data segment
+    /// (`max_seg`, or 0 if a request may have no data segment), and the capacity.
+    one_seg_max: usize,
+    capacity: u64,
     /// Completions taken off the ring but not yet handed out: those `run` set aside while
     /// waiting for its own, and those `abort_all` failed. `wait` and `poll` reap straight
     /// into the caller's vector otherwise.
@@ -605,6 +609,8 @@ impl BlkQueue {
             max_seg: info.max_segment_size() as usize,
             max_segs: info.max_segments() as usize,
             read_only: info.read_only(),
+            one_seg_max: if info.max_segments() >= 1 { info.max_segment_size() as usize } else { 0 },
+            capacity: info.config.capacity,
             ready: Vec::with_capacity(n),
             unkicked: false,
             wait: opts.wait,
@@ -656,28 +662,6 @@ impl BlkQueue {
     /// every request fails with this error.
     pub fn failure(&self) -> Option<&RequestError> {
         self.failed.as_ref()
-    }
-
-    /// Checks a request against the config space before it is sent (with `validate`).
-    #[inline]
-    fn check(&self, req: &Request) -> Result<(), BlkError> {
-        // The usual request passes without the general checks below: a read or write of
-        // one buffer that fits one segment, whole sectors, within the capacity. Anything
-        // else, valid or not, gets the general checks and their errors.
-        if let [b] = &req.bufs[..] {
-            let n = b.len();
-            let sectors = (n as u64) / SECTOR_SIZE;
-            if (req.op == Op::Read || (req.op == Op::Write && !self.read_only))
-                && n > 0
-                && n <= self.max_seg
-                && self.max_segs >= 1
-                && (n as u64).is_multiple_of(SECTOR_SIZE)
-                && req.sector.checked_add(sectors).is_some_and(|end| end <= self.info.config.capacity)
-            {
-                return Ok(());
-            }
-        }
-        self.check_all(req)
     }
 
     #[inline(never)]
@@ -766,12 +750,55 @@ impl BlkQueue {
     ///
     /// Submit a batch, then kick once: the device is notified (if it asks to be) once per
     /// batch, not per request.
+    #[inline]
     pub fn submit(&mut self, req: Request) -> Result<(), SubmitError> {
+        // The usual request: a read or write of one buffer that fits one segment, whole
+        // sectors, within the capacity. It passes every check, so it goes straight to the
+        // ring whether or not `validate` is on; anything else, valid or not, takes the
+        // general path and its checks.
+        if let [b] = &req.bufs[..] {
+            let n = b.len();
+            let read = req.op == Op::Read;
+            if (read || (req.op == Op::Write && !self.read_only))
+                && n.wrapping_sub(1) < self.one_seg_max
+                && (n as u64).is_multiple_of(SECTOR_SIZE)
+                && req.sector.checked_add(n as u64 / SECTOR_SIZE).is_some_and(|end| end <= self.capacity)
+                && self.failed.is_none()
+            {
+                let data = Sg::new(b.gpa(), n as u32);
+                return if read { self.submit_one::<true>(req, data) } else { self.submit_one::<false>(req, data) };
+            }
+        }
+        self.submit_general(req)
+    }
+
+    /// The usual request (see `submit`): header, one data segment, status. One function
+    /// each for reads and writes: each then has one `add` whose segment lists the compiler
+    /// knows (two calls in one function were merged into one that reads them from memory).
+    #[inline(never)]
+    fn submit_one<const READ: bool>(&mut self, req: Request, data: Sg) -> Result<(), SubmitError> {
+        let Some(slot) = self.free_slots.pop() else {
+            return Err(SubmitError { error: BlkError::QueueFull, request: req });
+        };
+        let (header, status) = self.write_ctl(slot, if READ { req_type::IN } else { req_type::OUT }, req.sector);
+        let (header, data, status) = ([header], [data], [status]);
+        let vq = self.q.vq_mut();
+        let added = if READ {
+            vq.add_sgs_premapped(&[&header], &[&data, &status], slot)
+        } else {
+            vq.add_sgs_premapped(&[&header, &data], &[&status], slot)
+        };
+        self.submitted(slot, req, added.map_err(|e| e.kind))
+    }
+
+    /// Every other request, checked first with `validate`.
+    #[inline(never)]
+    fn submit_general(&mut self, req: Request) -> Result<(), SubmitError> {
         if let Some(e) = &self.failed {
             return Err(SubmitError { error: e.clone().into(), request: req });
         }
         if self.validate {
-            if let Err(error) = self.check(&req) {
+            if let Err(error) = self.check_all(&req) {
                 return Err(SubmitError { error, request: req });
             }
         }
@@ -787,6 +814,54 @@ impl BlkQueue {
             Op::GetId => (req_type::GET_ID, 0),
             Op::Raw(t) => (t, req.sector),
         };
+        let (header, status) = self.write_ctl(slot, ty, sector);
+        let ctl_off = slot as usize * SLOT_CTL;
+        let dwz = matches!(req.op, Op::Discard | Op::WriteZeroes { .. });
+        if dwz {
+            let flags = if matches!(req.op, Op::WriteZeroes { unmap: true }) { WRITE_ZEROES_FLAG_UNMAP } else { 0 };
+            let mut range = [0u8; 16];
+            range[0..8].copy_from_slice(&req.sector.to_le_bytes());
+            range[8..12].copy_from_slice(&req.num_sectors.to_le_bytes());
+            range[12..16].copy_from_slice(&flags.to_le_bytes());
+            let host = (self.ctl_host + ctl_off + CTL_DWZ) as *mut u8;
+            // SAFETY: bytes 16..32 of the slot's control block, inside `ctl` (see
+            // `write_ctl`); the slot is free, so no request in flight points there.
+            unsafe { std::ptr::copy_nonoverlapping(range.as_ptr(), host, 16) };
+        }
+
+        // The chain as one list: header [range] [data the device reads] | [data the
+        // device writes] status, split where the device-writable part begins.
+        let device_writes = matches!(req.op, Op::Read | Op::GetId);
+        let max_seg = self.max_seg;
+        let sgs = &mut self.sgs;
+        sgs.clear();
+        sgs.push(header);
+        if dwz {
+            sgs.push(Sg::new(self.ctl_gpa + (ctl_off + CTL_DWZ) as u64, 16));
+        }
+        let mut split = sgs.len();
+        for b in &req.bufs {
+            let (addr, len) = (b.gpa(), b.len());
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(max_seg);
+                sgs.push(Sg::new(addr + off as u64, n as u32));
+                off += n;
+            }
+        }
+        if !device_writes {
+            split = sgs.len();
+        }
+        sgs.push(status);
+        let (out, ins) = sgs.split_at(split);
+        let added = self.q.vq_mut().add_sgs_premapped(&[out], &[ins], slot);
+        self.submitted(slot, req, added.map_err(|e| e.kind))
+    }
+
+    /// Writes the header and the unwritten status byte of `slot`'s control block; returns
+    /// the header's and the status byte's segments.
+    #[inline(always)]
+    fn write_ctl(&mut self, slot: u16, ty: u32, sector: u64) -> (Sg, Sg) {
         let ctl_off = slot as usize * SLOT_CTL;
         let host = (self.ctl_host + ctl_off) as *mut u8;
         // The header as two little-endian words: type with the zero `reserved` above it,
@@ -797,62 +872,17 @@ impl BlkQueue {
         unsafe {
             host.cast::<u64>().write_unaligned((ty as u64).to_le());
             host.add(8).cast::<u64>().write_unaligned(sector.to_le());
+            std::ptr::write_volatile(host.add(CTL_STATUS), STATUS_UNWRITTEN);
         }
-        let dwz = matches!(req.op, Op::Discard | Op::WriteZeroes { .. });
-        if dwz {
-            let flags = if matches!(req.op, Op::WriteZeroes { unmap: true }) { WRITE_ZEROES_FLAG_UNMAP } else { 0 };
-            let mut range = [0u8; 16];
-            range[0..8].copy_from_slice(&req.sector.to_le_bytes());
-            range[8..12].copy_from_slice(&req.num_sectors.to_le_bytes());
-            range[12..16].copy_from_slice(&flags.to_le_bytes());
-            // SAFETY: as above, bytes 16..32 of the slot's block.
-            unsafe { std::ptr::copy_nonoverlapping(range.as_ptr(), host.add(CTL_DWZ), 16) };
-        }
-        // SAFETY: as above, byte 32 of the slot's block.
-        unsafe { std::ptr::write_volatile(host.add(CTL_STATUS), STATUS_UNWRITTEN) };
-
-        // The chain as one list: header [range] [data the device reads] | [data the
-        // device writes] status, split where the device-writable part begins.
         let gpa = self.ctl_gpa + ctl_off as u64;
-        let header = Sg::new(gpa, 16);
-        let status = Sg::new(gpa + CTL_STATUS as u64, 1);
-        let device_writes = matches!(req.op, Op::Read | Op::GetId);
-        let max_seg = self.max_seg;
-        let one;
-        let (chain, split): (&[Sg], usize) = match &req.bufs[..] {
-            // The usual read or write: one buffer that fits a segment. Its three segments
-            // go on the stack, with no list to fill.
-            [b] if !dwz && b.len() <= max_seg && !b.is_empty() => {
-                one = [header, Sg::new(b.gpa(), b.len() as u32), status];
-                (&one, if device_writes { 1 } else { 2 })
-            }
-            bufs => {
-                let sgs = &mut self.sgs;
-                sgs.clear();
-                sgs.push(header);
-                if dwz {
-                    sgs.push(Sg::new(gpa + CTL_DWZ as u64, 16));
-                }
-                let mut split = sgs.len();
-                for b in bufs {
-                    let (addr, len) = (b.gpa(), b.len());
-                    let mut off = 0;
-                    while off < len {
-                        let n = (len - off).min(max_seg);
-                        sgs.push(Sg::new(addr + off as u64, n as u32));
-                        off += n;
-                    }
-                }
-                if !device_writes {
-                    split = sgs.len();
-                }
-                sgs.push(status);
-                (sgs, split)
-            }
-        };
-        let (out, ins) = chain.split_at(split);
+        (Sg::new(gpa, 16), Sg::new(gpa + CTL_STATUS as u64, 1))
+    }
 
-        match self.q.vq_mut().add_sgs_premapped(&[out], &[ins], slot) {
+    /// Records the request in `slot` once the ring took it, or frees the slot and hands
+    /// the request back.
+    #[inline(always)]
+    fn submitted(&mut self, slot: u16, req: Request, added: Result<(), AddErrorKind>) -> Result<(), SubmitError> {
+        match added {
             Ok(()) => {
                 self.in_flight += 1;
                 self.unkicked = true;
@@ -866,9 +896,9 @@ impl BlkQueue {
                 s.bufs = req.bufs;
                 Ok(())
             }
-            Err(e) => {
+            Err(kind) => {
                 self.free_slots.push(slot);
-                let error = match e.kind {
+                let error = match kind {
                     AddErrorKind::NoSpace => BlkError::QueueFull,
                     AddErrorKind::Broken => match &self.failed {
                         Some(f) => f.clone().into(),
@@ -924,7 +954,8 @@ impl BlkQueue {
             out.push(Completion {
                 user_data: s.user_data,
                 op: s.op,
-                result: status_result(status),
+                // The usual OK first: the full match costs a dozen instructions.
+                result: if status == status::OK { Ok(()) } else { status_result(status) },
                 bufs: std::mem::take(&mut s.bufs),
                 len: used.len,
                 seq: s.seq,
