@@ -3,8 +3,10 @@
 //!
 //! Workload: 4 KiB random reads, one queue, busy-polling completions in both; QD1 (latency)
 //! and QD32 (IOPS). The two drivers take turns on the same export (A B A B ...; one
-//! vhost-user front end at a time), and the report gives the median of each and the ratio
-//! of medians, as the machine is noisy.
+//! vhost-user front end at a time; within a round the two cells of a depth run back to
+//! back, first one then the other driver leading), and the report gives the median of
+//! each, the ratio of medians, and the median of the per-round ratios, as the machine is
+//! noisy.
 //!
 //! ```sh
 //! cargo run --release -p virtq-vhost-user --example compare_blkio -- [--socket PATH] [--reps 5] [--secs 2]
@@ -383,10 +385,22 @@ fn main() {
     );
     let (mut v1, mut b1, mut v32, mut b32) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..reps {
-        for name in ["virtq", "virtio-driver"] {
-            let run = if name == "virtq" { run_virtq } else { run_blkio };
-            let qd1 = run(&socket, 1, span);
-            let qd32 = run(&socket, 32, span);
+        // The two drivers' cells of one depth run back to back, and which goes first
+        // alternates (A B B A ...), so that each round gives a pair measured in the same
+        // moments of the host's drift.
+        let order = if round % 2 == 0 { ["virtq", "virtio-driver"] } else { ["virtio-driver", "virtq"] };
+        let mut cells: Vec<(&str, Sample, Sample)> = Vec::new();
+        for qd in [1, 32] {
+            for name in order {
+                let run = if name == "virtq" { run_virtq } else { run_blkio };
+                let sample = run(&socket, qd, span);
+                match cells.iter_mut().find(|c| c.0 == name) {
+                    Some(c) => c.2 = sample,
+                    None => cells.push((name, sample, sample)),
+                }
+            }
+        }
+        for (name, qd1, qd32) in cells {
             println!(
                 "{round:>5} {name:>14} {:>10.0} {:>8.2}us {:>8.2}us {:>12.0}",
                 qd1.iops, qd1.p50_us, qd1.p99_us, qd32.iops
@@ -396,13 +410,19 @@ fn main() {
             i.push(qd32.iops);
         }
     }
-    let m = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+    // Per round, virtq's figure over virtio-driver's: the median of those cancels drift
+    // slower than a round, which the ratio of the two medians does not.
+    let paired = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
+    let field = |v: &[Sample], f: fn(&Sample) -> f64| v.iter().map(f).collect::<Vec<f64>>();
     println!();
-    println!("medians                    virtq   virtio-driver   virtq / virtio-driver");
-    let row = |label: &str, a: f64, b: f64| println!("{label:<22} {a:>12.2} {b:>15.2} {:>12.3}", a / b);
-    row("QD1 p50 latency (us)", m(&v1, |s| s.p50_us), m(&b1, |s| s.p50_us));
-    row("QD1 p99 latency (us)", m(&v1, |s| s.p99_us), m(&b1, |s| s.p99_us));
-    row("QD1 IOPS", m(&v1, |s| s.iops), m(&b1, |s| s.iops));
-    row("QD32 IOPS", median(v32), median(b32));
+    println!("medians                    virtq   virtio-driver   ratio of medians   median of ratios");
+    let row = |label: &str, a: &[f64], b: &[f64]| {
+        let (ma, mb) = (median(a.to_vec()), median(b.to_vec()));
+        println!("{label:<22} {ma:>12.2} {mb:>15.2} {:>18.3} {:>18.3}", ma / mb, paired(a, b))
+    };
+    row("QD1 p50 latency (us)", &field(&v1, |s| s.p50_us), &field(&b1, |s| s.p50_us));
+    row("QD1 p99 latency (us)", &field(&v1, |s| s.p99_us), &field(&b1, |s| s.p99_us));
+    row("QD1 IOPS", &field(&v1, |s| s.iops), &field(&b1, |s| s.iops));
+    row("QD32 IOPS", &v32, &b32);
     let _ = std::fs::remove_dir_all(&dir);
 }
