@@ -50,7 +50,6 @@ fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, mode: Mode) -> Re
     // request, and publishing it before looking for more saves its response that look.
     let mut idle = false;
     loop {
-        let mut n = 0;
         let mut bad = None;
         let mut check = |chain: &Chain, _: &[Segment<'_>]| {
             if chain.readable_len() != BUF_LEN || chain.writable_len() != 0 {
@@ -58,10 +57,10 @@ fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, mode: Mode) -> Re
             }
             0
         };
-        if std::mem::take(&mut idle) {
-            n += serve_some(device, 1, &mut segs, &mut check, popped)?;
-        }
-        n += serve_some(device, max_batch - n, &mut segs, &mut check, popped)?;
+        let max = if std::mem::take(&mut idle) { 1 } else { max_batch };
+        let n = device
+            .serve(max, &mut segs, &mut check)
+            .map_err(|e| format!("device: pop failed after {popped} chains: {e}"))?;
         if let Some((id, readable, writable)) = bad {
             return Err(format!(
                 "device: chain {id} has {readable} readable and {writable} writable bytes, expected {BUF_LEN} and 0"
@@ -96,17 +95,4 @@ fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, mode: Mode) -> Re
             }
         }
     }
-}
-
-/// One `serve` call: up to `max` chains, each checked by `check` and completed with
-/// nothing written.
-#[inline(always)]
-fn serve_some<'m, D: RingDevice<'m>>(
-    device: &mut D,
-    max: usize,
-    segs: &mut Segments<'m, 1>,
-    check: &mut impl FnMut(&Chain, &[Segment<'m>]) -> u32,
-    popped: u64,
-) -> Result<usize, String> {
-    device.serve(max, segs, check).map_err(|e| format!("device: pop failed after {popped} chains: {e}"))
 }
