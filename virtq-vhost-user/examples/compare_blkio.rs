@@ -33,11 +33,13 @@
 //! per request and the daemon about 160 more (callgrind, `--ops`). `INDIRECT=1` makes virtq
 //! negotiate `INDIRECT_DESC`, as the driver does by default.
 //!
-//! On the project machine (2 shared vCPUs, qemu-storage-daemon 10.0.2, quiet), ratios of
-//! medians virtq / virtio-driver over five runs of 3 to 5 rounds with direct descriptors:
-//! QD1 p50 latency 0.99 to 1.04 (both about 3 us), QD1 IOPS 0.97 to 1.01, QD32 IOPS 0.93 to
-//! 1.00. The daemon's own speed moved by 30% between runs with the host's placement of the
-//! vCPUs, so a single run's ratio says little. The two are level.
+//! On the project machine (2 shared vCPUs, qemu-storage-daemon 10.0.2, quiet), two runs of
+//! 12 and 14 rounds with direct descriptors gave these medians of per-round ratios virtq /
+//! virtio-driver: QD1 p50 latency 0.997 and 1.003 (both about 3 us), QD1 IOPS 0.996 and
+//! 1.013, QD32 IOPS 1.051 and 1.015. The daemon's own speed flips between two levels (QD32
+//! about 0.85 M and 1.15 M IOPS) with the host's placement of the vCPUs, so the ratio of
+//! the two medians swings with the rounds each driver happened to get (0.85 to 1.15 over
+//! the same runs); the per-round ratio mostly pairs cells run at the same level.
 //!
 //! Per request, counted with `--ops` (deterministic, unlike the timings): both make one
 //! eventfd write (kick) at QD1 and almost none at QD32 (0 to 5 in 1,000 requests, run to
