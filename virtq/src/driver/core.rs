@@ -117,24 +117,22 @@ pub(crate) enum Buffer<'a> {
 
 impl Buffer<'_> {
     /// Calls `f(n, segment, device_writes_it)` for each segment in order, stopping at the
-    /// first error. Plain loops: iterator adapters cost a fifth of `add` here.
+    /// first error. Plain loops: iterator adapters cost a fifth of `add` here. One call
+    /// site of `f` for both shapes: with two, the compiler stopped inlining packed `add`'s
+    /// closure into the run-time dispatching queue (packed round trip 456 instructions, not 363).
     #[inline(always)]
     pub fn try_for_each(&self, mut f: impl FnMut(usize, Sg, bool) -> Result<(), ()>) -> Result<(), ()> {
-        match *self {
-            Buffer::One { sgs, writable } => {
-                for (n, &sg) in sgs.iter().enumerate() {
+        let (out, ins): (&[&[Sg]], &[&[Sg]]) = match self {
+            Buffer::One { sgs, writable: false } => (core::slice::from_ref(sgs), &[]),
+            Buffer::One { sgs, writable: true } => (&[], core::slice::from_ref(sgs)),
+            Buffer::Lists { out, ins } => (out, ins),
+        };
+        let mut n = 0;
+        for (lists, writable) in [(out, false), (ins, true)] {
+            for list in lists {
+                for &sg in *list {
                     f(n, sg, writable)?;
-                }
-            }
-            Buffer::Lists { out, ins } => {
-                let mut n = 0;
-                for (lists, writable) in [(out, false), (ins, true)] {
-                    for list in lists {
-                        for &sg in *list {
-                            f(n, sg, writable)?;
-                            n += 1;
-                        }
-                    }
+                    n += 1;
                 }
             }
         }
