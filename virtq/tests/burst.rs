@@ -222,3 +222,70 @@ fn a_panicking_token_breaks_the_queue_and_every_token_before_it_comes_back() {
         assert_eq!(p.driver.num_free(), 8);
     }
 }
+
+#[test]
+fn a_mapping_failure_anywhere_around_the_ring_end_leaves_a_working_ring() {
+    for layout in LAYOUTS {
+        // 5 entries on packed rings, so that the burst's start, its failure and the ring's
+        // end fall at every relative place.
+        let size: u16 = if matches!(layout, LayoutKind::Split | LayoutKind::SplitInOrder) { 4 } else { 5 };
+        for start in 0..size {
+            for fail_after in 0..size as u64 {
+                let mem = TestMemory::new(1 << 20);
+                let dma = CountingDma::new(&mem);
+                let features = layout_features(layout, false, false);
+                let mut driver = Virtqueue::<u64, _, _>::new(QueueConfig::new(0, size, features), &dma, ()).unwrap();
+                let mut device = DeviceQueue::new(&mem, common::device_config(&driver, features)).unwrap();
+                let sgs: Vec<Sg> = (0..size)
+                    .map(|i| mem.alloc_sg(8 + u32::from(i)))
+                    .map(|s| Sg::new(CountingDma::cpu_addr(s.addr), s.len))
+                    .collect();
+                // Move both ends to `start`.
+                for t in 0..start {
+                    driver.add_inbuf(&sgs[..1], 1000 + u64::from(t)).unwrap();
+                }
+                serve_all(&mut driver, &mut device);
+                let case = format!("{layout:?} start {start} fail after {fail_after}");
+                dma.fail_map_at(dma.maps() + fail_after);
+                let got = driver.add_inbufs(&sgs, |i| i as u64);
+                if fail_after == 0 {
+                    assert_eq!(got, Err(AddErrorKind::NoMemory), "{case}");
+                } else {
+                    assert_eq!(got, Ok(fail_after as usize), "{case}");
+                }
+                let (lens, tokens) = serve_all(&mut driver, &mut device);
+                let want_lens: Vec<u32> = sgs[..fail_after as usize].iter().map(|s| s.len).collect();
+                assert_eq!(lens, want_lens, "{case}: the device sees exactly the mapped prefix");
+                let want: Vec<(u64, u32)> = (0..fail_after).map(|t| (t, 1)).collect();
+                assert_eq!(tokens, want, "{case}");
+                assert_eq!(driver.num_free(), size, "{case}");
+                // A whole lap afterwards still works.
+                dma.fail_map_at(u64::MAX);
+                assert_eq!(driver.add_inbufs(&sgs, |i| 100 + i as u64), Ok(size as usize), "{case}");
+                let (lens, tokens) = serve_all(&mut driver, &mut device);
+                assert_eq!(lens.len(), size as usize, "{case}");
+                assert_eq!(tokens, (0..u64::from(size)).map(|t| (100 + t, 1)).collect::<Vec<_>>(), "{case}");
+                assert!(!driver.is_broken(), "{case}");
+                assert_eq!(dma.maps(), dma.unmaps(), "{case}");
+            }
+        }
+    }
+}
+
+/// The device completes every available chain with length 1; the driver takes them all
+/// back. Returns the chains' segment lengths, as the device saw them, and what came back.
+fn serve_all<'m, D: virtq::Dma>(
+    driver: &mut Virtqueue<u64, D, ()>,
+    device: &mut DeviceQueue<'m, TestMemory>,
+) -> (Vec<u32>, Vec<(u64, u32)>) {
+    let mut segs = Vec::new();
+    let mut lens = Vec::new();
+    while let Some(chain) = device.pop(&mut segs).unwrap() {
+        lens.push(segs[0].len());
+        device.complete(chain, 1);
+    }
+    device.publish_used();
+    let mut tokens = Vec::new();
+    driver.get_bufs(usize::MAX, |u| tokens.push((u.token, u.len)));
+    (lens, tokens)
+}

@@ -48,6 +48,32 @@ pub type PackedInOrderDriver<T, D, N> = DriverQueue<T, D, N, PackedLayout<true>>
 impl<const IN_ORDER: bool> Sealed for PackedLayout<IN_ORDER> {}
 
 impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
+    /// The private half of adding one single-segment buffer at ring position `pos`: maps
+    /// it, takes its id and records it in flight with the token `token()` makes, which is
+    /// called only once nothing can fail. Returns the id and the device address, or `None`
+    /// (nothing changed) if the mapping failed.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn fill_one<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        pos: u16,
+        sg: Sg,
+        writable: bool,
+        premapped: bool,
+        extra_flags: u16,
+        token: impl FnOnce() -> T,
+    ) -> Option<(u16, u64)> {
+        let id = if IN_ORDER { pos } else { self.free.head.get() };
+        let (addr, _) = core.map(sg, writable, premapped)?;
+        core.record(id, addr, sg.len, extra_flags);
+        core.start_one(id, token(), if writable { sg.len } else { 0 }, premapped);
+        if !IN_ORDER {
+            self.free.head.set(core.extra[id as usize].next);
+        }
+        Some((id, addr))
+    }
+
     fn check(config: &QueueConfig) -> Result<(), CreateError> {
         if !config.features.contains(Features::RING_PACKED) || config.features.contains(Features::IN_ORDER) != IN_ORDER
         {
@@ -295,47 +321,55 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         let size = ring.size();
         let head = self.avail.pos();
         let dir_flags = if writable { DESC_F_WRITE } else { 0 };
-        let priv_flags = if premapped { PRIV_PREMAPPED } else { 0 };
-        let mut pos = head;
+        let extra_flags = dir_flags | if premapped { PRIV_PREMAPPED } else { 0 };
+        let wanted = sgs.len().min(core.num_free as usize);
+        let Some(&first_sg) = sgs.first().filter(|_| wanted > 0) else { return 0 };
+        let Some((id, addr)) = self.fill_one(core, head, first_sg, writable, premapped, extra_flags, || token(0))
+        else {
+            return 0;
+        };
+        // The first buffer's flags publish the whole batch: written last. The device polls
+        // positions in ring order only (VIRTIO 1.3, "Polling of available and used
+        // descriptors"), so it sees none of the later ones before it.
+        let head_desc = ring.desc(head);
+        head_desc.addr().store(addr);
+        head_desc.len().store(first_sg.len);
+        head_desc.lo16().store(id);
+        let head_flags = avail_bits(self.avail.wrap()) | dir_flags;
         let mut flags_now = avail_bits(self.avail.wrap());
-        let head_flags = flags_now | dir_flags;
-        let mut added = 0;
-        for (i, &sg) in sgs.iter().take(core.num_free as usize).enumerate() {
-            let id = if IN_ORDER { pos } else { self.free.head.get() };
-            let Some((addr, _)) = core.map(sg, writable, premapped) else { break };
-            core.record(id, addr, sg.len, dir_flags | priv_flags);
-            let desc = ring.desc(pos);
-            if i == 0 {
-                // The first buffer's flags publish the whole batch: written last. The
-                // device polls positions in ring order only (VIRTIO 1.3, "Polling of
-                // available and used descriptors"), so it sees none of the later ones
-                // before it.
-                desc.addr().store(addr);
-                desc.len().store(sg.len);
-                desc.lo16().store(id);
-            } else {
-                desc.write(DescWords { addr, len: sg.len, lo16: id, hi16: flags_now | dir_flags });
-            }
-            core.start_one(id, token(i), if writable { sg.len } else { 0 }, premapped);
-            if !IN_ORDER {
-                self.free.head.set(core.extra[id as usize].next);
-            }
-            pos += 1;
+        let mut pos = head + 1;
+        let mut added = 1;
+        // The rest in runs that end at the ring's end, so that the loop over a run has no
+        // wrap to test and walks the descriptors as a slice.
+        'runs: while added < wanted {
             if pos == size {
                 pos = 0;
                 flags_now ^= DESC_F_AVAIL | DESC_F_USED;
             }
-            added += 1;
+            let run = (wanted - added).min(usize::from(size - pos));
+            let descs = ring.desc_run(pos, run);
+            for (desc, &sg) in descs.iter().zip(&sgs[added..added + run]) {
+                let i = added;
+                let Some((id, addr)) = self.fill_one(core, pos, sg, writable, premapped, extra_flags, || token(i))
+                else {
+                    break 'runs;
+                };
+                desc.write(DescWords { addr, len: sg.len, lo16: id, hi16: flags_now | dir_flags });
+                pos += 1;
+                added += 1;
+            }
         }
-        if added > 0 {
-            core.num_free -= added as u16;
-            self.avail = Cursor::new(pos, flags_now & DESC_F_AVAIL != 0);
-            // Every descriptor of the batch before the flags that make it available; pairs
-            // with the device's rmb after it sees the head's flags (`PackedDevice::pop`).
-            core.barriers.wmb();
-            ring.flags(head).store(head_flags);
-            core.num_added = core.num_added.saturating_add(added as u16);
+        if pos == size {
+            pos = 0;
+            flags_now ^= DESC_F_AVAIL | DESC_F_USED;
         }
+        core.num_free -= added as u16;
+        self.avail = Cursor::new(pos, flags_now & DESC_F_AVAIL != 0);
+        // Every descriptor of the batch before the flags that make it available; pairs
+        // with the device's rmb after it sees the head's flags (`PackedDevice::pop`).
+        core.barriers.wmb();
+        ring.flags(head).store(head_flags);
+        core.num_added = core.num_added.saturating_add(added as u16);
         added
     }
 

@@ -226,6 +226,20 @@ impl PackedRing {
         unsafe { &*self.desc.as_ptr().add(i as usize) }
     }
 
+    /// The `n` descriptors from position `i` on, which callers keep within the ring
+    /// (`i + n <= size`); a longer range is cut at the ring's end, so no value can make an
+    /// access leave the ring.
+    #[inline(always)]
+    pub(crate) fn desc_run(&self, i: u16, n: usize) -> &[RawDesc] {
+        debug_assert!(i as usize + n <= self.size as usize);
+        let i = i.min(self.size);
+        let n = n.min(usize::from(self.size - i));
+        // SAFETY: `i + n <= size` and the ring holds `size` descriptors, valid for atomic
+        // access while `self` is (see `new`); `RawDesc` is made of atomics, so shared
+        // references to memory the peer writes are sound.
+        unsafe { core::slice::from_raw_parts(self.desc.as_ptr().add(i as usize), n) }
+    }
+
     /// The `flags` of descriptor `i`.
     #[inline(always)]
     pub(crate) fn flags(&self, i: u16) -> &Le16 {
