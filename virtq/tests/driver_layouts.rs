@@ -194,6 +194,49 @@ fn mapping_failure_returns_no_memory_and_undoes_every_mapping() {
 }
 
 #[test]
+fn a_one_segment_add_that_fails_hands_the_token_back_and_leaves_the_ring_as_it_was() {
+    each_layout(|layout| {
+        let mem = TestMemory::new(1 << 20);
+        let dma = CountingDma::new(&mem);
+        let features = layout_features(layout, false, false);
+        let mut driver = Virtqueue::<u32, _, _>::new(QueueConfig::new(0, 2, features), &dma, ()).unwrap();
+        let segs: Vec<Sg> =
+            (0..3).map(|_| mem.alloc_sg(8)).map(|s| Sg::new(CountingDma::cpu_addr(s.addr), s.len)).collect();
+        dma.fail_map_at(0);
+        let e = driver.add_inbuf(&segs[..1], 1).unwrap_err();
+        assert_eq!((e.kind, e.token), (AddErrorKind::NoMemory, 1), "{layout:?}");
+        dma.fail_map_at(0);
+        let e = driver.add_outbuf(&segs[..1], 2).unwrap_err();
+        assert_eq!((e.kind, e.token), (AddErrorKind::NoMemory, 2), "{layout:?}");
+        assert_eq!((dma.maps(), dma.unmaps(), driver.num_free()), (0, 0, 2), "{layout:?}");
+        driver.add_inbuf(&segs[..1], 3).unwrap();
+        driver.add_outbuf_premapped(&[mem.alloc_sg(8)], 4).unwrap();
+        let e = driver.add_outbuf(&segs[1..2], 5).unwrap_err();
+        assert_eq!((e.kind, e.token), (AddErrorKind::NoSpace, 5), "{layout:?}");
+        assert_eq!(dma.maps(), 1, "{layout:?}: the premapped buffer is not mapped");
+
+        let mut device = DeviceQueue::new(&mem, common::device_config(&driver, features)).unwrap();
+        let mut v = Vec::new();
+        let first = device.pop(&mut v).unwrap().expect("the mapped buffer");
+        assert_eq!((v.len(), v[0].addr(), v[0].is_writable()), (1, segs[0].addr + CountingDma::OFFSET, true));
+        device.complete(first, 5);
+        let second = device.pop(&mut v).unwrap().expect("the premapped buffer");
+        assert_eq!((v.len(), v[0].is_writable()), (1, false));
+        device.complete(second, 0);
+        assert!(device.pop(&mut v).unwrap().is_none(), "{layout:?}: nothing else was made available");
+        device.publish_used();
+        assert_eq!(driver.get_buf().map(|u| (u.token, u.len)), Some((3, 5)), "{layout:?}");
+        assert_eq!(driver.get_buf().map(|u| (u.token, u.len)), Some((4, 0)), "{layout:?}");
+        assert_eq!((dma.maps(), dma.unmaps()), (1, 1), "{layout:?}");
+
+        driver.break_queue();
+        let e = driver.add_inbuf(&segs[..1], 6).unwrap_err();
+        assert_eq!((e.kind, e.token), (AddErrorKind::Broken, 6), "{layout:?}");
+        assert_eq!(dma.maps(), 1, "{layout:?}: a broken queue maps nothing");
+    });
+}
+
+#[test]
 fn premapped_buffers_are_never_mapped_or_unmapped() {
     each_layout(|layout| {
         let mem = TestMemory::new(1 << 20);

@@ -104,6 +104,18 @@ impl RingLayout for AnyLayout {
         dispatch!(self, l => l.add_each(core, sgs, writable, premapped, token))
     }
 
+    #[inline(always)]
+    fn add_one<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        sg: Sg,
+        writable: bool,
+        premapped: bool,
+        token: T,
+    ) -> Result<(), AddError<T>> {
+        dispatch!(self, l => l.add_one(core, sg, writable, premapped, token))
+    }
+
     #[inline]
     fn kick_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
         dispatch!(self, l => l.kick_prepare(core))

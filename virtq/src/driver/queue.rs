@@ -71,6 +71,20 @@ pub trait RingLayout: Sized + Send + Sync + Sealed {
         premapped: bool,
         token: &mut impl FnMut(usize) -> T,
     ) -> usize;
+    /// [`Self::add`] for a buffer of one segment without a context: the usual
+    /// `add_outbuf` / `add_inbuf`, which a layout may serve by a shorter path.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn add_one<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        sg: Sg,
+        writable: bool,
+        premapped: bool,
+        token: T,
+    ) -> Result<(), AddError<T>> {
+        self.add(core, &Buffer::One { sgs: core::slice::from_ref(&sg), writable }, token, None, premapped)
+    }
     #[doc(hidden)]
     fn kick_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool;
     /// `NotifyData::next`: split avail index; packed offset with the wrap counter in bit 15.
@@ -213,6 +227,15 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
         self.layout.add(&mut self.core, &buf, token, ctx, premapped)
     }
 
+    /// One list of segments, all readable or all writable, without a context.
+    #[inline(always)]
+    fn add_list(&mut self, sgs: &[Sg], writable: bool, premapped: bool, token: T) -> Result<(), AddError<T>> {
+        match sgs {
+            [sg] => self.layout.add_one(&mut self.core, *sg, writable, premapped, token),
+            _ => self.add(Buffer::One { sgs, writable }, token, None, premapped),
+        }
+    }
+
     /// Exposes one buffer made of several segment lists: first `out` (device-readable),
     /// then `ins` (device-writable). On error the token comes back in the [`AddError`] and
     /// nothing was published.
@@ -224,13 +247,13 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
     /// Exposes a device-readable buffer.
     #[doc(alias = "virtqueue_add_outbuf")]
     pub fn add_outbuf(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
-        self.add(Buffer::One { sgs: sg, writable: false }, token, None, false)
+        self.add_list(sg, false, false, token)
     }
 
     /// Exposes a device-writable buffer.
     #[doc(alias = "virtqueue_add_inbuf")]
     pub fn add_inbuf(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
-        self.add(Buffer::One { sgs: sg, writable: true }, token, None, false)
+        self.add_list(sg, true, false, token)
     }
 
     /// Exposes a device-writable buffer with a context value that `get_buf_ctx` returns.
@@ -243,13 +266,13 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
     /// Like [`Self::add_outbuf`], but `sg` holds device addresses, never mapped or unmapped.
     #[doc(alias = "virtqueue_add_outbuf_premapped")]
     pub fn add_outbuf_premapped(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
-        self.add(Buffer::One { sgs: sg, writable: false }, token, None, true)
+        self.add_list(sg, false, true, token)
     }
 
     /// Like [`Self::add_inbuf`], but `sg` holds device addresses, never mapped or unmapped.
     #[doc(alias = "virtqueue_add_inbuf_premapped")]
     pub fn add_inbuf_premapped(&mut self, sg: &[Sg], token: T) -> Result<(), AddError<T>> {
-        self.add(Buffer::One { sgs: sg, writable: true }, token, None, true)
+        self.add_list(sg, true, true, token)
     }
 
     /// Like [`Self::add_sgs`], with device addresses, never mapped or unmapped.

@@ -50,11 +50,11 @@ impl<const IN_ORDER: bool> Sealed for PackedLayout<IN_ORDER> {}
 impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
     /// The private half of adding one single-segment buffer at ring position `pos`: maps
     /// it, takes its id and records it in flight with the token `token()` makes, which is
-    /// called only once nothing can fail. Returns the id and the device address, or `None`
-    /// (nothing changed) if the mapping failed.
+    /// called only once nothing can fail. Returns the id and the device address, or, if the
+    /// mapping failed, `token` back untouched (and nothing changed).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn fill_one<T, D: Dma, N: Notify>(
+    fn fill_one<T, D: Dma, N: Notify, F: FnOnce() -> T>(
         &mut self,
         core: &mut DriverCore<T, D, N>,
         pos: u16,
@@ -62,16 +62,45 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
         writable: bool,
         premapped: bool,
         extra_flags: u16,
-        token: impl FnOnce() -> T,
-    ) -> Option<(u16, u64)> {
+        token: F,
+    ) -> Result<(u16, u64), F> {
         let id = if IN_ORDER { pos } else { self.free.head.get() };
-        let (addr, _) = core.map(sg, writable, premapped)?;
+        let Some((addr, _)) = core.map(sg, writable, premapped) else { return Err(token) };
         core.record(id, addr, sg.len, extra_flags);
         core.start_one(id, token(), if writable { sg.len } else { 0 }, premapped);
         if !IN_ORDER {
             self.free.head.set(core.extra[id as usize].next);
         }
-        Some((id, addr))
+        Ok((id, addr))
+    }
+
+    /// The head descriptor of a batch of single-segment buffers, but for its flags.
+    #[inline(always)]
+    fn write_head(&self, head: u16, id: u16, addr: u64, len: u32) {
+        let desc = self.ring.desc(head);
+        desc.addr().store(addr);
+        desc.len().store(len);
+        desc.lo16().store(id);
+    }
+
+    /// Makes the `added` single-descriptor buffers written from `head` on available, with
+    /// `end` as the next position to fill: every descriptor before the head's flags, which
+    /// publish them all.
+    #[inline(always)]
+    fn publish_avail<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        head: u16,
+        head_flags: u16,
+        end: Cursor,
+        added: u16,
+    ) {
+        core.num_free -= added;
+        self.avail = end;
+        // Pairs with the device's rmb after it sees the head's flags (`PackedDevice::pop`).
+        core.barriers.wmb();
+        self.ring.flags(head).store(head_flags);
+        core.num_added = core.num_added.saturating_add(added);
     }
 
     fn check(config: &QueueConfig) -> Result<(), CreateError> {
@@ -324,17 +353,13 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         let extra_flags = dir_flags | if premapped { PRIV_PREMAPPED } else { 0 };
         let wanted = sgs.len().min(core.num_free as usize);
         let Some(&first_sg) = sgs.first().filter(|_| wanted > 0) else { return 0 };
-        let Some((id, addr)) = self.fill_one(core, head, first_sg, writable, premapped, extra_flags, || token(0))
-        else {
+        let Ok((id, addr)) = self.fill_one(core, head, first_sg, writable, premapped, extra_flags, || token(0)) else {
             return 0;
         };
         // The first buffer's flags publish the whole batch: written last. The device polls
         // positions in ring order only (VIRTIO 1.3, "Polling of available and used
         // descriptors"), so it sees none of the later ones before it.
-        let head_desc = ring.desc(head);
-        head_desc.addr().store(addr);
-        head_desc.len().store(first_sg.len);
-        head_desc.lo16().store(id);
+        self.write_head(head, id, addr, first_sg.len);
         let head_flags = avail_bits(self.avail.wrap()) | dir_flags;
         let mut flags_now = avail_bits(self.avail.wrap());
         let mut pos = head + 1;
@@ -350,8 +375,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             let descs = ring.desc_run(pos, run);
             for (desc, &sg) in descs.iter().zip(&sgs[added..added + run]) {
                 let i = added;
-                let Some((id, addr)) = self.fill_one(core, pos, sg, writable, premapped, extra_flags, || token(i))
-                else {
+                let Ok((id, addr)) = self.fill_one(core, pos, sg, writable, premapped, extra_flags, || token(i)) else {
                     break 'runs;
                 };
                 desc.write(DescWords { addr, len: sg.len, lo16: id, hi16: flags_now | dir_flags });
@@ -363,14 +387,36 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             pos = 0;
             flags_now ^= DESC_F_AVAIL | DESC_F_USED;
         }
-        core.num_free -= added as u16;
-        self.avail = Cursor::new(pos, flags_now & DESC_F_AVAIL != 0);
-        // Every descriptor of the batch before the flags that make it available; pairs
-        // with the device's rmb after it sees the head's flags (`PackedDevice::pop`).
-        core.barriers.wmb();
-        ring.flags(head).store(head_flags);
-        core.num_added = core.num_added.saturating_add(added as u16);
+        self.publish_avail(core, head, head_flags, Cursor::new(pos, flags_now & DESC_F_AVAIL != 0), added as u16);
         added
+    }
+
+    #[inline(always)]
+    fn add_one<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        sg: Sg,
+        writable: bool,
+        premapped: bool,
+        token: T,
+    ) -> Result<(), AddError<T>> {
+        if core.shared.is_broken() {
+            return Err(AddError { kind: AddErrorKind::Broken, token });
+        }
+        if core.num_free == 0 {
+            return Err(AddError { kind: AddErrorKind::NoSpace, token });
+        }
+        let head = self.avail.pos();
+        let dir_flags = if writable { DESC_F_WRITE } else { 0 };
+        let extra_flags = dir_flags | if premapped { PRIV_PREMAPPED } else { 0 };
+        let (id, addr) = match self.fill_one(core, head, sg, writable, premapped, extra_flags, || token) {
+            Ok(added) => added,
+            Err(token) => return Err(AddError { kind: AddErrorKind::NoMemory, token: token() }),
+        };
+        self.write_head(head, id, addr, sg.len);
+        let head_flags = avail_bits(self.avail.wrap()) | dir_flags;
+        self.publish_avail(core, head, head_flags, self.avail.advance(1, self.ring.size()), 1);
+        Ok(())
     }
 
     fn kick_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool {
