@@ -108,12 +108,12 @@ impl RingLayout for AnyLayout {
     fn add_one<T, D: Dma, N: Notify>(
         &mut self,
         core: &mut DriverCore<T, D, N>,
-        sg: Sg,
+        sgs: &[Sg],
         writable: bool,
         premapped: bool,
         token: T,
     ) -> Result<(), AddError<T>> {
-        dispatch!(self, l => l.add_one(core, sg, writable, premapped, token))
+        dispatch!(self, l => l.add_one(core, sgs, writable, premapped, token))
     }
 
     #[inline]

@@ -71,19 +71,21 @@ pub trait RingLayout: Sized + Send + Sync + Sealed {
         premapped: bool,
         token: &mut impl FnMut(usize) -> T,
     ) -> usize;
-    /// [`Self::add`] for a buffer of one segment without a context: the usual
-    /// `add_outbuf` / `add_inbuf`, which a layout may serve by a shorter path.
+    /// [`Self::add`] for a buffer of one list of segments without a context: the usual
+    /// `add_outbuf` / `add_inbuf`, which a layout may serve by a shorter path when the list
+    /// holds one segment. The list stays the caller's slice: a copy of one `Sg` on the
+    /// stack, read back by the wider loads of the general path, stalls store forwarding.
     #[doc(hidden)]
     #[inline(always)]
     fn add_one<T, D: Dma, N: Notify>(
         &mut self,
         core: &mut DriverCore<T, D, N>,
-        sg: Sg,
+        sgs: &[Sg],
         writable: bool,
         premapped: bool,
         token: T,
     ) -> Result<(), AddError<T>> {
-        self.add(core, &Buffer::One { sgs: core::slice::from_ref(&sg), writable }, token, None, premapped)
+        self.add(core, &Buffer::One { sgs, writable }, token, None, premapped)
     }
     #[doc(hidden)]
     fn kick_prepare<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> bool;
@@ -230,10 +232,7 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
     /// One list of segments, all readable or all writable, without a context.
     #[inline(always)]
     fn add_list(&mut self, sgs: &[Sg], writable: bool, premapped: bool, token: T) -> Result<(), AddError<T>> {
-        match sgs {
-            [sg] => self.layout.add_one(&mut self.core, *sg, writable, premapped, token),
-            _ => self.add(Buffer::One { sgs, writable }, token, None, premapped),
-        }
+        self.layout.add_one(&mut self.core, sgs, writable, premapped, token)
     }
 
     /// Exposes one buffer made of several segment lists: first `out` (device-readable),

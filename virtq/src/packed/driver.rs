@@ -395,11 +395,14 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
     fn add_one<T, D: Dma, N: Notify>(
         &mut self,
         core: &mut DriverCore<T, D, N>,
-        sg: Sg,
+        sgs: &[Sg],
         writable: bool,
         premapped: bool,
         token: T,
     ) -> Result<(), AddError<T>> {
+        let &[sg] = sgs else {
+            return self.add(core, &Buffer::One { sgs, writable }, token, None, premapped);
+        };
         if core.shared.is_broken() {
             return Err(AddError { kind: AddErrorKind::Broken, token });
         }
