@@ -123,7 +123,7 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
             }
             core.record(i, addr, sg.len, flags | priv_flags);
             let next = core.extra[i as usize].next;
-            self.ring.desc(i).write(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
+            self.ring.desc(i).write_if_changed(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
             tail = i;
             i = next;
             Ok(())
@@ -134,28 +134,32 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
     /// [`Self::write_chain`] when there is nothing to map or record (premapped, or a DMA
     /// that does not map): nothing can fail, and the ring's pointer and mask and the
     /// private links are copied to locals first, as the compiler cannot tell that the
-    /// descriptor stores leave them alone and would reload them for every segment. Every
-    /// descriptor goes out with `NEXT`, and the last one is rewritten without it: cheaper
-    /// than working out the flag per segment. The writable length is summed in 64 bits
-    /// (no overflow from at most 2^16 segments) and saturated once.
+    /// descriptor stores leave them alone and would reload them for every segment. Each
+    /// descriptor is written when the next segment shows it is not the last, with `NEXT`,
+    /// and the last one after the loop without it: no per-segment test of the position,
+    /// and every descriptor stored once, so that one unchanged from the previous lap is
+    /// not stored at all. The writable length is summed in 64 bits (no overflow from at
+    /// most 2^16 segments) and saturated once.
     #[inline(always)]
     fn write_chain_unmapped(&self, extra: &[DescExtra], head: u16, buf: &Buffer<'_>) -> (u32, u16, u16) {
         let ring = self.ring;
         let (mut i, mut writable) = (head, 0u64);
         let mut last = DescWords::default();
         let mut tail = head;
-        let _ = buf.try_for_each(|_, sg, is_in| {
+        let _ = buf.try_for_each(|n, sg, is_in| {
+            if n != 0 {
+                ring.desc(tail).write_if_changed(DescWords { lo16: last.lo16 | DESC_F_NEXT, ..last });
+            }
             if is_in {
                 writable += sg.len as u64;
             }
             let next = extra[i as usize].next;
             last = DescWords { addr: sg.addr, len: sg.len, lo16: if is_in { DESC_F_WRITE } else { 0 }, hi16: next };
-            ring.desc(i).write(DescWords { lo16: last.lo16 | DESC_F_NEXT, ..last });
             tail = i;
             i = next;
             Ok(())
         });
-        ring.desc(tail).write(last);
+        ring.desc(tail).write_if_changed(last);
         (writable.min(u32::MAX as u64) as u32, tail, i)
     }
 
@@ -298,7 +302,12 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
                 let len = 16 * plan.total as u32;
                 core.record(head, table, len, DESC_F_INDIRECT | PRIV_TABLE);
                 let next = core.extra[head as usize].next;
-                self.ring.desc(head).write(DescWords { addr: table, len, lo16: DESC_F_INDIRECT, hi16: next });
+                self.ring.desc(head).write_if_changed(DescWords {
+                    addr: table,
+                    len,
+                    lo16: DESC_F_INDIRECT,
+                    hi16: next,
+                });
                 (writable, next)
             });
             let Ok((writable, next_free)) = written else {
@@ -362,7 +371,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             let Some((addr, priv_flags)) = core.map(sg, writable, premapped) else { break };
             core.record(head, addr, sg.len, flags | priv_flags);
             let next = core.extra[head as usize].next;
-            self.ring.desc(head).write(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
+            self.ring.desc(head).write_if_changed(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
             core.start_one(head, token(i), if writable { sg.len } else { 0 }, premapped);
             self.free.head.set(next);
             self.put_avail(first_idx.wrapping_add(added), head);
@@ -497,7 +506,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
     fn reset<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) {
         let size = self.ring.size();
         for i in 0..size {
-            self.ring.desc(i).write(DescWords::default());
+            self.ring.desc(i).write_if_changed(DescWords::default());
             self.ring.avail_ring(i).store(0);
             let (id, len) = self.ring.used_elem(i);
             id.store(0);
