@@ -472,7 +472,8 @@ fn write_used(ring: &SplitRing, idx: u16, id: u16, len: u32) {
     let (id_field, len_field) = ring.used_elem(idx);
     // An entry unchanged from the previous lap (buffers that come back in the order they
     // went out, with the same length) is not stored again: the store would take the line
-    // from the driver, which then misses on it. The loads read the device's own writes.
+    // from the driver, which then misses on it. The loads read the device's own writes,
+    // and decide nothing but whether to store.
     if id_field.load() != id as u32 || len_field.load() != len {
         id_field.store(id as u32);
         len_field.store(len);
