@@ -199,6 +199,20 @@ impl RawDesc {
         }
     }
 
+    /// Whether `len` and the low 16-bit field (split `flags`, packed `id`) hold these
+    /// values: one load of word 1.
+    #[inline(always)]
+    #[cfg(not(loom))]
+    pub fn holds_len_lo16(&self, len: u32, lo16: u16) -> bool {
+        self.word1.load() & 0xffff_ffff_ffff == len as u64 | (lo16 as u64) << 32
+    }
+
+    /// Under loom, field by field (see `read`).
+    #[cfg(loom)]
+    pub fn holds_len_lo16(&self, len: u32, lo16: u16) -> bool {
+        self.len().load() == len && self.lo16().load() == lo16
+    }
+
     /// Under loom, field by field (see `read`).
     #[cfg(loom)]
     pub fn write(&self, d: DescWords) {
