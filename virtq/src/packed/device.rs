@@ -453,7 +453,7 @@ impl UsedSide {
             // A descriptor that holds this id and length already (the driver put the id
             // there and the device wrote the whole buffer) is left alone: the store would
             // take the line back from a driver that may still be filling the rest of it,
-            // long before the flags go out (ringtest's packed rate, 20 -> 27 M/s). The
+            // long before the flags go out (ringtest's packed rate rose 15 to 35%). The
             // load hits, the line is here from the pop, and decides only whether to store:
             // a driver that rewrote the descriptor meanwhile gets its own values back.
             let desc = ring.desc(pos);

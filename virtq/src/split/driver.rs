@@ -506,7 +506,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
     fn reset<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) {
         let size = self.ring.size();
         for i in 0..size {
-            self.ring.desc(i).write_if_changed(DescWords::default());
+            self.ring.desc(i).write(DescWords::default());
             self.ring.avail_ring(i).store(0);
             let (id, len) = self.ring.used_elem(i);
             id.store(0);
