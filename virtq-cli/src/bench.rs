@@ -160,7 +160,7 @@ pub fn run(settings: &Settings) -> Result<Report, String> {
             }
         }
     }
-    let rtt_medians: Vec<f64> = rtts.iter().map(|r| r.median_ns).collect();
+    let rtt_medians: Vec<f64> = rtts.iter().map(|r| r.ns).collect();
     Ok(Report {
         ring_size: settings.ring_size,
         features: BASE_FEATURE_NAMES.to_vec(),
@@ -171,6 +171,7 @@ pub fn run(settings: &Settings) -> Result<Report, String> {
         cpus: cpus.map(|(driver, device)| report::Cpus { driver, device }),
         pinned,
         cacheline_rtt_ns: median(&rtt_medians),
+        cacheline_rtt_line_range_ns: pingpong::line_range(&rtts),
         throughput,
         latency,
         total_seconds: started.elapsed().as_secs_f64(),
@@ -187,7 +188,7 @@ fn measure_rtt(
 ) -> Option<CachelineRtt> {
     match pingpong::measure(cpus, duration) {
         Ok(r) => {
-            eprint!("{prefix}RTT {:.0} ns{suffix}", r.median_ns);
+            eprint!("{prefix}RTT {:.0} ns{suffix}", r.ns);
             all.push(r);
             Some(r)
         }

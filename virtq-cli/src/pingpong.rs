@@ -1,7 +1,15 @@
-//! The machine's cache-line round trip: two pinned threads bounce one 64-byte-aligned
-//! cache line (an `AtomicU64`) back and forth. It is the floor under the ring's polling
-//! latency: a request and its response cannot cost less than one round trip of a line
-//! between the two cores, and usually move several lines.
+//! The machine's cache-line round trip: two pinned threads bounce a cache line back and
+//! forth. It is the floor under the ring's polling latency: a request and its response
+//! cannot cost less than one round trip of a line between the two cores, and usually move
+//! several lines.
+//!
+//! The round trip differs from line to line: on a mesh (Intel's server parts) each line's
+//! coherence goes through a home agent chosen by its address, nearer one core or the
+//! other. On this machine the 64 lines of one page measured from 125 to 233 ns in the same
+//! run, while a ring's requests move through all the lines of its page. A single line would
+//! give a figure drawn at random from that range, so the threads time each line of a 4 KiB
+//! block in turn (the descriptors of a 256-entry packed ring fill such a block), and the
+//! round trip is the mean over the lines, with the fastest and the slowest line beside it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -12,21 +20,50 @@ use serde::Serialize;
 use crate::bench::pin;
 use crate::stats::median;
 
-/// The line the two threads bounce. Aligned to a line of its own, so that nothing else
-/// shares it.
+/// One line, aligned so that nothing else shares it.
 #[repr(align(64))]
 struct Line(AtomicU64);
 
-/// Round trips between two clock reads: enough that the clock's cost (tens of ns) is
-/// spread out to well under 1 ns per round trip, few enough that most samples fall
-/// between two preemptions on a busy machine (the median then ignores the others).
-const ROUNDS_PER_SAMPLE: u32 = 100;
+/// Lines in the block: one 4 KiB page.
+const LINES: usize = 64;
 
-/// The value that tells the pong thread to exit. Pings are odd, pongs even.
+/// The lines the two threads bounce.
+#[repr(align(4096))]
+struct Block([Line; LINES]);
+
+impl Block {
+    fn new() -> Box<Self> {
+        Box::new(Block(std::array::from_fn(|_| Line(AtomicU64::new(0)))))
+    }
+
+    fn line(&self, i: usize) -> &AtomicU64 {
+        &self.0[i].0
+    }
+}
+
+/// Round trips between two clock reads, all on one line: enough that the clock's cost
+/// (tens of ns) is spread out to under 1 ns per round trip, few enough that most samples
+/// fall between two preemptions on a busy machine (each line's median then ignores the
+/// others). Moving to the next line costs a round trip more than staying (prefetchers
+/// and the move itself), so the move is not timed.
+const ROUNDS_PER_SAMPLE: u32 = 64;
+
+/// The value that tells the pong thread to exit (odd, like a ping).
 const STOP: u64 = u64::MAX;
 
-/// Samples wanted at least, even past the planned duration (a preempted thread can make
-/// one sample last longer than the whole measurement)...
+/// A ping: odd, and carrying the line the pong thread is to watch next. `seq` grows, so
+/// that a line never holds the same value twice and a wait cannot end on an old answer.
+fn ping_value(seq: u64, next: usize) -> u64 {
+    seq << 7 | (next as u64) << 1 | 1
+}
+
+/// The line a ping sends the pong thread to next.
+fn next_line(ping: u64) -> usize {
+    (ping >> 1) as usize & (LINES - 1)
+}
+
+/// Samples wanted at least of every line, even past the planned duration (a preempted
+/// thread can make one sample last longer than the whole measurement)...
 const MIN_SAMPLES: usize = 5;
 /// ... but never for longer than this many planned durations.
 const MAX_OVERRUN: u32 = 20;
@@ -34,95 +71,140 @@ const MAX_OVERRUN: u32 = 20;
 /// One ping-pong measurement.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct CachelineRtt {
-    /// Median over the samples of the mean round trip within each sample.
-    pub median_ns: f64,
-    /// The fastest sample's mean round trip.
+    /// The round trip: the mean over the block's lines of each line's median sample.
+    pub ns: f64,
+    /// The fastest sample.
     pub min_ns: f64,
+    /// The median of the fastest line...
+    pub fastest_line_ns: f64,
+    /// ... and of the slowest.
+    pub slowest_line_ns: f64,
     /// Round trips timed (warm-up excluded).
     pub round_trips: u64,
 }
 
-/// Bounces the line between `cpus.0` (ping, the driver's CPU) and `cpus.1` (pong, the
-/// device's CPU) for about `duration` after a warm-up of a fifth of it. Both sides wait
-/// with the same spin hint (`pause` on x86) as the ring's polling loops. Fails, saying
-/// why, when there is no CPU pair to pin to, a thread cannot be started, or no sample
-/// completed.
+/// Bounces the lines between `cpus.0` (ping, the driver's CPU) and `cpus.1` (pong, the
+/// device's CPU) for about `duration` after a warm-up of a fifth of it, then times each
+/// line alone. Both sides wait with the same spin hint (`pause` on x86) as the ring's
+/// polling loops. Fails, saying why, when there is no CPU pair to pin to, a thread cannot
+/// be started, or no sample completed.
 pub fn measure(cpus: Option<(usize, usize)>, duration: Duration) -> Result<CachelineRtt, &'static str> {
     let (ping_cpu, pong_cpu) = cpus.ok_or("no CPU pair to pin to")?;
-    let line = Line(AtomicU64::new(0));
+    let block = Block::new();
     thread::scope(|s| {
-        let line = &line;
+        let block = &*block;
         let pong = thread::Builder::new()
             .name("virtq-pong".into())
             .spawn_scoped(s, move || {
                 pin(Some(pong_cpu), "pong");
-                pong_loop(&line.0)
+                pong_loop(block)
             })
             .map_err(|_| "cannot start a thread")?;
         let ping = thread::Builder::new().name("virtq-ping".into()).spawn_scoped(s, move || {
             pin(Some(ping_cpu), "ping");
-            ping_loop(&line.0, duration, ROUNDS_PER_SAMPLE)
+            ping_loop(block, duration, ROUNDS_PER_SAMPLE)
         });
-        let samples = match ping {
+        let per_line = match ping {
             Ok(h) => h.join().map_err(|_| "the ping thread panicked"),
             Err(_) => {
-                line.0.store(STOP, Ordering::Release);
+                // The pong thread still watches line 0.
+                block.line(0).store(STOP, Ordering::Release);
                 Err("cannot start a thread")
             }
         };
         pong.join().map_err(|_| "the pong thread panicked")?;
-        let samples = samples?;
-        Ok(CachelineRtt {
-            median_ns: median(&samples).ok_or("no sample completed in time")?,
-            min_ns: samples.iter().copied().fold(f64::INFINITY, f64::min),
-            round_trips: samples.len() as u64 * u64::from(ROUNDS_PER_SAMPLE),
-        })
+        summarize(&per_line?).ok_or("no sample completed in time")
     })
 }
 
-/// Answers every ping (odd value) with the next even value, until [`STOP`].
-fn pong_loop(line: &AtomicU64) {
+/// The measurement from each line's samples (ns per round trip); `None` if a line has none.
+fn summarize(per_line: &[Vec<f64>]) -> Option<CachelineRtt> {
+    let medians = per_line.iter().map(|samples| median(samples)).collect::<Option<Vec<f64>>>()?;
+    let all = per_line.iter().flatten().copied();
+    Some(CachelineRtt {
+        ns: medians.iter().sum::<f64>() / medians.len() as f64,
+        min_ns: all.clone().fold(f64::INFINITY, f64::min),
+        fastest_line_ns: medians.iter().copied().fold(f64::INFINITY, f64::min),
+        slowest_line_ns: medians.iter().copied().fold(0.0, f64::max),
+        round_trips: all.count() as u64 * u64::from(ROUNDS_PER_SAMPLE),
+    })
+}
+
+/// The fastest and the slowest single line over several measurements.
+pub fn line_range(rtts: &[CachelineRtt]) -> Option<[f64; 2]> {
+    let fastest = rtts.iter().map(|r| r.fastest_line_ns).fold(f64::INFINITY, f64::min);
+    let slowest = rtts.iter().map(|r| r.slowest_line_ns).fold(0.0, f64::max);
+    (!rtts.is_empty()).then_some([fastest, slowest])
+}
+
+/// Answers every ping (odd value) on the line it watches with the next even value, then
+/// watches the line the ping named; until [`STOP`].
+fn pong_loop(block: &Block) {
+    let mut line = 0;
     loop {
-        let v = line.load(Ordering::Acquire);
+        let v = block.line(line).load(Ordering::Acquire);
         if v == STOP {
             return;
         }
         if v & 1 == 1 {
-            line.store(v + 1, Ordering::Release);
+            block.line(line).store(v + 1, Ordering::Release);
+            line = next_line(v);
         } else {
             std::hint::spin_loop();
         }
     }
 }
 
-/// Sends pings and waits for each pong; returns the mean round trip of each sample of
-/// `rounds` round trips, in ns.
-fn ping_loop(line: &AtomicU64, duration: Duration, rounds: u32) -> Vec<f64> {
+/// The ping side: the line the pong thread watches, and the sequence number of the pings.
+struct Ping<'a> {
+    block: &'a Block,
+    watched: usize,
+    seq: u64,
+}
+
+impl Ping<'_> {
+    /// One round trip on the watched line; the pong thread then watches `next`.
+    fn round_trip(&mut self, next: usize) {
+        self.seq += 1;
+        let ping = ping_value(self.seq, next);
+        let line = self.block.line(self.watched);
+        line.store(ping, Ordering::Release);
+        while line.load(Ordering::Acquire) != ping + 1 {
+            std::hint::spin_loop();
+        }
+        self.watched = next;
+    }
+}
+
+/// Sends pings and waits for each pong: a sample of `rounds` round trips on each line of
+/// the block in turn, sweep after sweep, until `duration` has passed. Returns each line's
+/// samples, in ns per round trip.
+fn ping_loop(block: &Block, duration: Duration, rounds: u32) -> Vec<Vec<f64>> {
     let start = Instant::now();
     let measure_from = start + duration / 5;
     let measure_until = measure_from + duration;
     let give_up = measure_from + duration * MAX_OVERRUN;
-    let mut samples = Vec::with_capacity(4096);
-    let mut v = 0u64;
+    let mut per_line: Vec<Vec<f64>> = (0..LINES).map(|_| Vec::with_capacity(256)).collect();
+    let mut ping = Ping { block, watched: 0, seq: 0 };
     loop {
-        let t0 = Instant::now();
-        if (t0 >= measure_until && samples.len() >= MIN_SAMPLES) || t0 >= give_up {
+        let now = Instant::now();
+        if (now >= measure_until && per_line.iter().all(|s| s.len() >= MIN_SAMPLES)) || now >= give_up {
             break;
         }
-        for _ in 0..rounds {
-            v += 1;
-            line.store(v, Ordering::Release);
-            v += 1;
-            while line.load(Ordering::Acquire) != v {
-                std::hint::spin_loop();
+        for (line, samples) in per_line.iter_mut().enumerate() {
+            // Untimed: the round trip that sends the pong thread to `line`.
+            ping.round_trip(line);
+            let t0 = Instant::now();
+            for _ in 0..rounds {
+                ping.round_trip(line);
+            }
+            if t0 >= measure_from {
+                samples.push(t0.elapsed().as_nanos() as f64 / f64::from(rounds));
             }
         }
-        if t0 >= measure_from {
-            samples.push(t0.elapsed().as_nanos() as f64 / f64::from(rounds));
-        }
     }
-    line.store(STOP, Ordering::Release);
-    samples
+    block.line(ping.watched).store(STOP, Ordering::Release);
+    per_line
 }
 
 #[cfg(test)]
@@ -130,18 +212,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ping_pong_measures_something_and_ends() {
+    fn ping_pong_visits_every_line_and_ends() {
         // Unpinned, and with tiny samples: both threads may share one busy CPU here, where
         // each round trip can cost a time slice. Only the shape of the result is checked.
-        let line = Line(AtomicU64::new(0));
-        let samples = thread::scope(|s| {
-            s.spawn(|| pong_loop(&line.0));
-            ping_loop(&line.0, Duration::from_millis(20), 2)
+        let block = Block::new();
+        let per_line = thread::scope(|s| {
+            s.spawn(|| pong_loop(&block));
+            ping_loop(&block, Duration::from_millis(20), 2)
         });
-        assert!(!samples.is_empty());
-        assert!(samples.iter().all(|&ns| ns.is_finite() && ns > 0.0));
-        assert_eq!(line.0.load(Ordering::Relaxed), STOP);
-        assert_eq!(std::mem::align_of::<Line>(), 64);
+        assert_eq!(per_line.len(), LINES);
+        assert!(per_line.iter().all(|s| s.len() >= MIN_SAMPLES));
+        assert!(per_line.iter().flatten().all(|&ns| ns.is_finite() && ns > 0.0));
+        let rtt = summarize(&per_line).unwrap();
+        assert!(rtt.fastest_line_ns <= rtt.ns && rtt.ns <= rtt.slowest_line_ns);
+        assert!(rtt.min_ns <= rtt.fastest_line_ns);
+        // Every line got pings (an answered ping leaves an even, non-zero value), and the
+        // pong thread was told to stop on the line it watched.
+        let stopped: Vec<usize> = (0..LINES).filter(|&i| block.line(i).load(Ordering::Relaxed) == STOP).collect();
+        assert_eq!(stopped.len(), 1);
+        for i in (0..LINES).filter(|&i| i != stopped[0]) {
+            let v = block.line(i).load(Ordering::Relaxed);
+            assert!(v != 0 && v.is_multiple_of(2), "line {i} holds {v}");
+        }
+        assert_eq!(std::mem::align_of::<Block>(), 4096);
+        assert_eq!(std::mem::size_of::<Block>(), 4096);
+    }
+
+    #[test]
+    fn a_ping_names_the_next_line_and_never_repeats() {
+        for next in [0, 1, LINES - 1] {
+            let v = ping_value(12345, next);
+            assert_eq!(v & 1, 1);
+            assert_eq!(next_line(v), next);
+            assert_ne!(v, STOP);
+        }
+        assert_ne!(ping_value(1, 5), ping_value(2, 5));
+    }
+
+    #[test]
+    fn the_round_trip_is_the_mean_of_the_lines_medians() {
+        let rtt = summarize(&[vec![100.0, 900.0, 110.0], vec![300.0, 290.0, 310.0]]).unwrap();
+        assert_eq!(rtt.ns, 205.0);
+        assert_eq!((rtt.fastest_line_ns, rtt.slowest_line_ns, rtt.min_ns), (110.0, 300.0, 100.0));
+        assert_eq!(rtt.round_trips, 6 * u64::from(ROUNDS_PER_SAMPLE));
+        assert!(summarize(&[vec![100.0], vec![]]).is_none());
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct Report {
     pub pinned: bool,
     /// Median of the cache-line round trips measured during the run.
     pub cacheline_rtt_ns: Option<f64>,
+    /// The fastest and the slowest line of the ping-pong's block, over the run.
+    pub cacheline_rtt_line_range_ns: Option<[f64; 2]>,
     pub throughput: Vec<Throughput>,
     pub latency: Vec<Latency>,
     /// Wall time of the whole matrix.
@@ -189,7 +191,7 @@ impl Latency {
         self.cacheline_rtt_after = after;
         (self.cacheline_rtt_ns, self.placement_stable) = (None, None);
         (self.p50_over_cacheline, self.round_trip_over_cacheline) = (None, None);
-        let rtts: Vec<f64> = [before, after].iter().flatten().map(|r| r.median_ns).filter(|&ns| ns > 0.0).collect();
+        let rtts: Vec<f64> = [before, after].iter().flatten().map(|r| r.ns).filter(|&ns| ns > 0.0).collect();
         if rtts.is_empty() {
             return;
         }
@@ -266,7 +268,7 @@ impl Report {
                     t.interrupts_per_buffer,
                     t.buffers,
                     count(t.preemptions),
-                    t.cacheline_rtt.map_or_else(|| "-".to_string(), |r| format!("{:.0}", r.median_ns))
+                    t.cacheline_rtt.map_or_else(|| "-".to_string(), |r| format!("{:.0}", r.ns))
                 )?;
             }
         }
@@ -282,8 +284,8 @@ impl Report {
             )?;
             writeln!(
                 out,
-                "RTT: one cache line ping-ponged between the same two CPUs just before/after the cell, timed the \
-                 same way as RT (RT/RTT: against their mean)"
+                "RTT: the 64 lines of a page ping-ponged in turn between the same two CPUs just before/after the \
+                 cell, timed the same way as RT (RT/RTT: against their mean)"
             )?;
             writeln!(
                 out,
@@ -302,8 +304,8 @@ impl Report {
             )?;
             for l in &self.latency {
                 let rtt = match (l.cacheline_rtt_before, l.cacheline_rtt_after) {
-                    (Some(a), Some(b)) => format!("{:.0}/{:.0}", a.median_ns, b.median_ns),
-                    (Some(r), None) | (None, Some(r)) => format!("{:.0}", r.median_ns),
+                    (Some(a), Some(b)) => format!("{:.0}/{:.0}", a.ns, b.ns),
+                    (Some(r), None) | (None, Some(r)) => format!("{:.0}", r.ns),
                     (None, None) => "-".to_string(),
                 };
                 let x = match (l.round_trip_over_cacheline, l.placement_stable) {
@@ -334,7 +336,11 @@ impl Report {
                 )?;
             }
             if let Some(rtt) = self.cacheline_rtt_ns {
-                writeln!(out, "cache-line round trip, median over the run: {rtt:.0} ns")?;
+                write!(out, "cache-line round trip, median over the run: {rtt:.0} ns")?;
+                if let Some([fastest, slowest]) = self.cacheline_rtt_line_range_ns {
+                    write!(out, " (single lines from {fastest:.0} to {slowest:.0} ns)")?;
+                }
+                writeln!(out)?;
             }
         }
         let checked: u64 = self.throughput.iter().map(|t| t.checked_buffers).sum::<u64>()
@@ -360,7 +366,7 @@ mod tests {
     }
 
     fn rtt(ns: f64) -> Option<CachelineRtt> {
-        Some(CachelineRtt { median_ns: ns, min_ns: ns, round_trips: 100 })
+        Some(CachelineRtt { ns, min_ns: ns, fastest_line_ns: ns, slowest_line_ns: ns, round_trips: 100 })
     }
 
     #[test]

@@ -163,9 +163,9 @@ pub fn run(settings: &Settings) -> Result<Report, String> {
             // Where the host has the two virtual CPUs right now, for reading this run.
             let rtt = match pingpong::measure(cpus, settings.pingpong) {
                 Ok(r) => {
-                    eprint!("cache-line RTT {:.0} ns; ", r.median_ns);
+                    eprint!("cache-line RTT {:.0} ns; ", r.ns);
                     rtts.push(r);
-                    Some(r.median_ns)
+                    Some(r.ns)
                 }
                 Err(why) => {
                     eprint!("(no cache-line RTT: {why}) ");
@@ -206,7 +206,7 @@ pub fn run(settings: &Settings) -> Result<Report, String> {
             runs.push(run);
         }
     }
-    let rtt_medians: Vec<f64> = rtts.iter().map(|r| r.median_ns).collect();
+    let rtt_medians: Vec<f64> = rtts.iter().map(|r| r.ns).collect();
     Ok(Report {
         benchmark: "ringtest",
         ring_size: settings.ring_size,
@@ -617,9 +617,13 @@ impl Report {
         if let Some(rtt) = self.cacheline_rtt_ns {
             writeln!(
                 out,
-                "cache-line round trip between the two CPUs: {rtt:.0} ns (median of {} ping-pongs, one before each run)",
+                "cache-line round trip between the two CPUs: {rtt:.0} ns (median of {} ping-pongs over the lines of a page, one \
+                 before each run)",
                 self.cacheline_rtts.len()
             )?;
+            if let Some([fastest, slowest]) = crate::pingpong::line_range(&self.cacheline_rtts) {
+                writeln!(out, "single lines of that page: from {fastest:.0} to {slowest:.0} ns")?;
+            }
         }
         writeln!(out)?;
         writeln!(
