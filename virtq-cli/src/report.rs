@@ -146,6 +146,9 @@ pub struct Latency {
     pub p50_over_cacheline: Option<f64>,
     /// `round_trip_ns` in cache-line round trips.
     pub round_trip_over_cacheline: Option<f64>,
+    /// `round_trip_ns` against the two-line exchange (mean of before and after), the floor
+    /// of a split ring, whose request and response move two lines one after the other.
+    pub round_trip_over_two_lines: Option<f64>,
     /// Requests checked to have come back exactly once (warm-up included).
     pub checked_buffers: u64,
     /// Involuntary context switches of the two threads in the cell: a busy machine.
@@ -180,6 +183,7 @@ impl Latency {
             placement_stable: None,
             p50_over_cacheline: None,
             round_trip_over_cacheline: None,
+            round_trip_over_two_lines: None,
             checked_buffers: d.returned.count,
             preemptions,
         }
@@ -190,7 +194,7 @@ impl Latency {
         self.cacheline_rtt_before = before;
         self.cacheline_rtt_after = after;
         (self.cacheline_rtt_ns, self.placement_stable) = (None, None);
-        (self.p50_over_cacheline, self.round_trip_over_cacheline) = (None, None);
+        (self.p50_over_cacheline, self.round_trip_over_cacheline, self.round_trip_over_two_lines) = (None, None, None);
         let rtts: Vec<f64> = [before, after].iter().flatten().map(|r| r.ns).filter(|&ns| ns > 0.0).collect();
         if rtts.is_empty() {
             return;
@@ -202,6 +206,11 @@ impl Latency {
         }
         self.p50_over_cacheline = Some(f64::from(self.p50_ns) / mean);
         self.round_trip_over_cacheline = self.round_trip_ns.map(|rt| rt / mean);
+        let two: Vec<f64> = [before, after].iter().flatten().map(|r| r.two_lines_ns).filter(|&ns| ns > 0.0).collect();
+        if !two.is_empty() {
+            let two = two.iter().sum::<f64>() / two.len() as f64;
+            self.round_trip_over_two_lines = self.round_trip_ns.map(|rt| rt / two);
+        }
     }
 }
 
@@ -285,11 +294,12 @@ impl Report {
             writeln!(
                 out,
                 "RTT: the 64 lines of a page ping-ponged in turn between the same two CPUs just before/after the \
-                 cell, timed the same way as RT (RT/RTT: against their mean)"
+                 cell, timed the same way as RT (RT/RTT: against their mean); RT/2L: against the same exchange \
+                 over two lines, one written by each side (a split ring's two indexes)"
             )?;
             writeln!(
                 out,
-                "{:<5}  {:<15} {:>7} {:>7} {:>7} {:>9} {:>7} {:>10} {:>9} {:>9} {:>8}",
+                "{:<5}  {:<15} {:>7} {:>7} {:>7} {:>9} {:>7} {:>6} {:>10} {:>9} {:>9} {:>8}",
                 "mode",
                 "layout",
                 "p50 ns",
@@ -297,6 +307,7 @@ impl Report {
                 "RT ns",
                 "RTT ns",
                 "RT/RTT",
+                "RT/2L",
                 "kicks/req",
                 "irqs/req",
                 "samples",
@@ -315,7 +326,7 @@ impl Report {
                 };
                 writeln!(
                     out,
-                    "{:<5}  {:<15} {:>7} {:>7} {:>7} {:>9} {:>7} {:>10.4} {:>9.4} {:>9} {:>8}",
+                    "{:<5}  {:<15} {:>7} {:>7} {:>7} {:>9} {:>7} {:>6} {:>10.4} {:>9.4} {:>9} {:>8}",
                     l.mode,
                     l.layout,
                     l.p50_ns,
@@ -323,6 +334,7 @@ impl Report {
                     l.round_trip_ns.map_or_else(|| "-".to_string(), |ns| format!("{ns:.0}")),
                     rtt,
                     x,
+                    l.round_trip_over_two_lines.map_or_else(|| "-".to_string(), |x| format!("{x:.2}x")),
                     l.kicks_per_request,
                     l.interrupts_per_request,
                     l.samples,
@@ -366,7 +378,14 @@ mod tests {
     }
 
     fn rtt(ns: f64) -> Option<CachelineRtt> {
-        Some(CachelineRtt { ns, min_ns: ns, fastest_line_ns: ns, slowest_line_ns: ns, round_trips: 100 })
+        Some(CachelineRtt {
+            ns,
+            min_ns: ns,
+            fastest_line_ns: ns,
+            slowest_line_ns: ns,
+            two_lines_ns: 2.0 * ns,
+            round_trips: 100,
+        })
     }
 
     #[test]
@@ -381,6 +400,8 @@ mod tests {
         assert_eq!(l.placement_stable, Some(true));
         assert!((l.p50_over_cacheline.unwrap() - 200.0 / 70.0).abs() < 1e-9);
         assert!((l.round_trip_over_cacheline.unwrap() - 120.0 / 70.0).abs() < 1e-9);
+        // The test round trips put the two-line exchange at twice each line (140 ns).
+        assert!((l.round_trip_over_two_lines.unwrap() - 120.0 / 140.0).abs() < 1e-9);
 
         // The host moved a virtual CPU: 65 ns before, 300 ns after.
         l.compare_with_cacheline(rtt(65.0), rtt(300.0));
