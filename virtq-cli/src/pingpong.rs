@@ -84,7 +84,7 @@ const MAX_OVERRUN: u32 = 20;
 pub struct CachelineRtt {
     /// The round trip: the mean over the block's lines of each line's median sample.
     pub ns: f64,
-    /// The fastest sample.
+    /// The fastest sample on a line alone.
     pub min_ns: f64,
     /// The median of the fastest line...
     pub fastest_line_ns: f64,
@@ -99,8 +99,8 @@ pub struct CachelineRtt {
 }
 
 /// Bounces the lines between `cpus.0` (ping, the driver's CPU) and `cpus.1` (pong, the
-/// device's CPU) for about `duration` after a warm-up of a fifth of it, then times each
-/// line alone. Both sides wait with the same spin hint (`pause` on x86) as the ring's
+/// device's CPU), the lines of the block in turn, for about `duration` after a warm-up of
+/// a fifth of it. Both sides wait with the same spin hint (`pause` on x86) as the ring's
 /// polling loops. Fails, saying why, when there is no CPU pair to pin to, a thread cannot
 /// be started, or no sample completed.
 pub fn measure(cpus: Option<(usize, usize)>, duration: Duration) -> Result<CachelineRtt, &'static str> {
@@ -136,16 +136,17 @@ pub fn measure(cpus: Option<(usize, usize)>, duration: Duration) -> Result<Cache
 /// The measurement from each line's samples (ns per round trip) on that line alone and
 /// paired; `None` if a line has none.
 fn summarize(per_line: &[Vec<f64>], two_lines: &[Vec<f64>]) -> Option<CachelineRtt> {
-    let medians = per_line.iter().map(|samples| median(samples)).collect::<Option<Vec<f64>>>()?;
-    let paired = two_lines.iter().map(|samples| median(samples)).collect::<Option<Vec<f64>>>()?;
-    let all = per_line.iter().flatten().copied();
+    let medians = |lines: &[Vec<f64>]| lines.iter().map(|samples| median(samples)).collect::<Option<Vec<f64>>>();
+    let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
+    let (alone, paired) = (medians(per_line)?, medians(two_lines)?);
+    let samples = per_line.iter().chain(two_lines).map(Vec::len).sum::<usize>();
     Some(CachelineRtt {
-        ns: medians.iter().sum::<f64>() / medians.len() as f64,
-        min_ns: all.clone().fold(f64::INFINITY, f64::min),
-        fastest_line_ns: medians.iter().copied().fold(f64::INFINITY, f64::min),
-        slowest_line_ns: medians.iter().copied().fold(0.0, f64::max),
-        two_lines_ns: paired.iter().sum::<f64>() / paired.len().max(1) as f64,
-        round_trips: all.count() as u64 * u64::from(ROUNDS_PER_SAMPLE),
+        ns: mean(&alone),
+        min_ns: per_line.iter().flatten().copied().fold(f64::INFINITY, f64::min),
+        fastest_line_ns: alone.iter().copied().fold(f64::INFINITY, f64::min),
+        slowest_line_ns: alone.iter().copied().fold(0.0, f64::max),
+        two_lines_ns: mean(&paired),
+        round_trips: samples as u64 * u64::from(ROUNDS_PER_SAMPLE),
     })
 }
 
@@ -290,7 +291,7 @@ mod tests {
         assert_eq!(rtt.ns, 205.0);
         assert_eq!(rtt.two_lines_ns, 500.0);
         assert_eq!((rtt.fastest_line_ns, rtt.slowest_line_ns, rtt.min_ns), (110.0, 300.0, 100.0));
-        assert_eq!(rtt.round_trips, 6 * u64::from(ROUNDS_PER_SAMPLE));
+        assert_eq!(rtt.round_trips, 8 * u64::from(ROUNDS_PER_SAMPLE));
         assert!(summarize(&[vec![100.0], vec![]], &[vec![1.0], vec![1.0]]).is_none());
         assert!(summarize(&[vec![100.0]], &[vec![]]).is_none());
     }
