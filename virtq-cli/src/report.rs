@@ -195,20 +195,20 @@ impl Latency {
         self.cacheline_rtt_after = after;
         (self.cacheline_rtt_ns, self.placement_stable) = (None, None);
         (self.p50_over_cacheline, self.round_trip_over_cacheline, self.round_trip_over_two_lines) = (None, None, None);
-        let rtts: Vec<f64> = [before, after].iter().flatten().map(|r| r.ns).filter(|&ns| ns > 0.0).collect();
-        if rtts.is_empty() {
-            return;
-        }
-        let mean = rtts.iter().sum::<f64>() / rtts.len() as f64;
-        self.cacheline_rtt_ns = Some(mean);
+        // The positive values of one figure of the two measurements.
+        let measured = |figure: fn(&CachelineRtt) -> f64| -> Vec<f64> {
+            [before, after].iter().flatten().map(figure).filter(|&ns| ns > 0.0).collect()
+        };
+        let mean = |values: &[f64]| (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64);
+        let rtts = measured(|r| r.ns);
+        let Some(rtt) = mean(&rtts) else { return };
+        self.cacheline_rtt_ns = Some(rtt);
         if let [x, y] = rtts[..] {
             self.placement_stable = Some(x.max(y) / x.min(y) <= STABLE_PLACEMENT);
         }
-        self.p50_over_cacheline = Some(f64::from(self.p50_ns) / mean);
-        self.round_trip_over_cacheline = self.round_trip_ns.map(|rt| rt / mean);
-        let two: Vec<f64> = [before, after].iter().flatten().map(|r| r.two_lines_ns).filter(|&ns| ns > 0.0).collect();
-        if !two.is_empty() {
-            let two = two.iter().sum::<f64>() / two.len() as f64;
+        self.p50_over_cacheline = Some(f64::from(self.p50_ns) / rtt);
+        self.round_trip_over_cacheline = self.round_trip_ns.map(|rt| rt / rtt);
+        if let Some(two) = mean(&measured(|r| r.two_lines_ns)) {
             self.round_trip_over_two_lines = self.round_trip_ns.map(|rt| rt / two);
         }
     }
