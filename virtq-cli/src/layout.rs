@@ -80,9 +80,6 @@ impl fmt::Display for Layout {
 /// The device-queue operations the benchmark uses, implemented by both concrete device
 /// types so that the device loop is compiled once per layout (no `DeviceQueue` match).
 pub trait RingDevice<'m> {
-    /// Whether the device makes used descriptors visible a cache line at a time by itself
-    /// (packed), so that a polling loop need publish only when it runs out of work.
-    const BATCHES_USED_LINES: bool;
     fn pop<S: SegmentSink<'m>>(&mut self, segs: &mut S) -> Result<Option<Chain>, DeviceError>;
     fn complete(&mut self, chain: Chain, written: u32);
     fn serve<const N: usize, F: FnMut(&Chain, &[Segment<'m>]) -> u32>(
@@ -99,9 +96,8 @@ pub trait RingDevice<'m> {
 }
 
 macro_rules! ring_device {
-    ($device:ident, $batches:expr) => {
+    ($device:ident) => {
         impl<'m> RingDevice<'m> for $device<'m, TestMemory> {
-            const BATCHES_USED_LINES: bool = $batches;
             #[inline(always)]
             fn pop<S: SegmentSink<'m>>(&mut self, segs: &mut S) -> Result<Option<Chain>, DeviceError> {
                 $device::pop(self, segs)
@@ -143,8 +139,8 @@ macro_rules! ring_device {
     };
 }
 
-ring_device!(SplitDevice, false);
-ring_device!(PackedDevice, true);
+ring_device!(SplitDevice);
+ring_device!(PackedDevice);
 
 /// A driver ring layout together with the device queue that serves it.
 pub trait BenchLayout: RingLayout + 'static {

