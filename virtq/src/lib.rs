@@ -61,6 +61,7 @@ mod features;
 pub mod memory;
 // Without `alloc` only the device side exists, which writes no descriptors.
 pub mod packed;
+mod prefetch;
 #[cfg_attr(not(feature = "alloc"), allow(dead_code))]
 mod shared;
 pub mod split;

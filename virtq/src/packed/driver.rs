@@ -353,6 +353,8 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         let extra_flags = dir_flags | if premapped { PRIV_PREMAPPED } else { 0 };
         let wanted = sgs.len().min(core.num_free as usize);
         let Some(&first_sg) = sgs.first().filter(|_| wanted > 0) else { return 0 };
+        // Every line the burst will write, asked for at once: see `prefetch`.
+        ring.prefetch_for_write(head, wanted);
         let Ok((id, addr)) = self.fill_one(core, head, first_sg, writable, premapped, extra_flags, || token(0)) else {
             return 0;
         };

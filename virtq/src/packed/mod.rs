@@ -160,6 +160,30 @@ impl Cursor {
     }
 }
 
+/// Bytes of one descriptor.
+const DESC_SIZE: usize = core::mem::size_of::<RawDesc>();
+
+/// Calls `f` with one position per 64-byte line among the `n` descriptors from position
+/// `i` on (wrapping; at most `size` of them) of a table at address `table`: the first of
+/// them in each line (in each of the two pieces of a line a wrapping range enters twice).
+#[inline(always)]
+fn for_each_line(table: usize, size: usize, i: usize, n: usize, mut f: impl FnMut(usize)) {
+    if size == 0 {
+        return;
+    }
+    let mut pos = i % size;
+    let mut left = n.min(size);
+    while left > 0 {
+        f(pos);
+        // Descriptors are 16-aligned, so the rest of the line holds 1 to 4 of them; a line
+        // that runs past the ring's end goes on at position 0.
+        let rest_of_line = (64 - (table + pos * DESC_SIZE) % 64) / DESC_SIZE;
+        let step = rest_of_line.min(size - pos).min(left);
+        left -= step;
+        pos = if pos + step == size { 0 } else { pos + step };
+    }
+}
+
 /// Where the three areas sit in one allocation made by the driver: descriptors, then the
 /// driver area and the device area on cache lines of their own (the two sides write them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -240,6 +264,16 @@ impl PackedRing {
         unsafe { core::slice::from_raw_parts(self.desc.as_ptr().add(i as usize), n) }
     }
 
+    /// Prefetches for writing the lines that hold the `n` descriptors from position `i` on
+    /// (wrapping at the ring's end; at most the whole ring), one prefetch per line.
+    #[inline(always)]
+    pub(crate) fn prefetch_for_write(&self, i: u16, n: usize) {
+        let table = self.desc.as_ptr();
+        for_each_line(table as usize, usize::from(self.size), usize::from(i), n, |pos| {
+            crate::prefetch::for_write(table.wrapping_add(pos))
+        });
+    }
+
     /// The `flags` of descriptor `i`.
     #[inline(always)]
     pub(crate) fn flags(&self, i: u16) -> &Le16 {
@@ -307,5 +341,42 @@ impl PackedRing {
     #[inline(always)]
     pub(crate) fn device_flags(&self) -> &Le16 {
         self.half(self.device_event, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{for_each_line, DESC_SIZE};
+
+    extern crate std;
+    use std::collections::BTreeSet;
+    use std::vec::Vec;
+
+    /// Every line the range touches is named, by a position inside the range, once (or,
+    /// for the line a wrapping range enters at both ring ends, twice), at any alignment of
+    /// the table, ring size, start and length.
+    #[test]
+    fn one_position_per_line_the_range_touches() {
+        for misalign in [0, 16, 32, 48] {
+            let table = 0x1000 + misalign;
+            let line = |pos: usize| (table + pos * DESC_SIZE) / 64;
+            for size in 1..=11 {
+                for start in 0..size {
+                    for n in 0..=size + 2 {
+                        let range: Vec<usize> = (0..n.min(size)).map(|k| (start + k) % size).collect();
+                        let mut named = Vec::new();
+                        for_each_line(table, size, start, n, |pos| named.push(pos));
+                        let want: BTreeSet<usize> = range.iter().map(|&p| line(p)).collect();
+                        let got: BTreeSet<usize> = named.iter().map(|&p| line(p)).collect();
+                        let case = (misalign, size, start, n, &named);
+                        assert_eq!(got, want, "{case:?}");
+                        // A wrapping range may enter one line at both ends of a small ring.
+                        let wraps = start + n.min(size) > size;
+                        assert!(named.len() <= want.len() + wraps as usize, "a line named twice: {case:?}");
+                        assert!(named.iter().all(|p| range.contains(p)), "outside the range: {case:?}");
+                    }
+                }
+            }
+        }
     }
 }
