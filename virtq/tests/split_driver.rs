@@ -139,6 +139,31 @@ fn split_2_7_10_used_event_suppresses_interrupts_until_crossed() {
 }
 
 #[test]
+fn get_bufs_moves_used_event_past_the_whole_burst_and_the_next_completion_interrupts() {
+    for in_order in [false, true] {
+        let mem = TestMemory::new(1 << 20);
+        let f = if in_order { features(true, false) | Features::IN_ORDER } else { features(true, false) };
+        let mut p = Pair::new(&mem, QueueConfig::new(0, 8, f));
+        for t in 0..6 {
+            p.driver.add_inbuf(&[mem.alloc_sg(4)], t).unwrap();
+        }
+        assert!(p.driver.enable_cb());
+        for _ in 0..5 {
+            let (c, _) = p.pop().unwrap();
+            p.device.complete(c, 4);
+        }
+        assert!(p.device.needs_notification(), "used_event 0 crossed");
+        let mut got = Vec::new();
+        assert_eq!(p.driver.get_bufs(usize::MAX, |u| got.push(u.token)), 5);
+        assert_eq!(got, [0, 1, 2, 3, 4]);
+        assert_eq!(p.used_event(), 5, "in_order {in_order}: the next entry after the burst");
+        let (c, _) = p.pop().unwrap();
+        p.device.complete(c, 4);
+        assert!(p.device.needs_notification(), "in_order {in_order}: entry 5 crosses used_event 5");
+    }
+}
+
+#[test]
 fn interrupt_reports_no_work_callback_or_broken_and_hints_disable_cb() {
     let mem = TestMemory::new(1 << 20);
     let mut p = Pair::with(&mem, 4, true, false);

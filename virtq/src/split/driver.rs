@@ -198,16 +198,59 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
         true
     }
 
-    /// After a buffer came back: ask for an interrupt at the next entry, if callbacks are
+    /// After buffers came back: ask for an interrupt at the next entry, if callbacks are
     /// on, and make that store visible before the next read of `used.idx`. Pairs with the
     /// device's mb before it reads `used_event` (`SplitDevice::needs_notification`).
+    /// `get_bufs` stores it once for the whole burst: the device acts only on the last
+    /// value.
     #[inline(always)]
-    fn after_used<T, D: Dma, N: Notify>(&mut self, core: &DriverCore<T, D, N>) {
-        self.last_used_idx.set(self.last_used_idx.get().wrapping_add(1));
+    fn move_used_event<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>) {
         if core.event_idx && self.avail_flags_shadow.load(Relaxed) & AVAIL_F_NO_INTERRUPT == 0 {
             self.ring.used_event().store(self.last_used_idx.get());
             core.barriers.mb();
         }
+    }
+
+    /// `get_buf` but for the event store: takes back the next used buffer, if any.
+    #[inline(always)]
+    fn take_next<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<(T, u32, Option<usize>)> {
+        if !IN_ORDER {
+            if !self.used_ready(core) {
+                return None;
+            }
+            let (id_field, len_field) = self.ring.used_elem(self.last_used_idx.get());
+            let (id, len) = (id_field.load(), len_field.load());
+            let (token, ctx, _) = core.take_used(id, len, &mut self.free)?;
+            self.last_used_idx.set(self.last_used_idx.get().wrapping_add(1));
+            return Some((token, len, ctx));
+        }
+        // Each buffer, batched or not, takes one step of the published `used.idx`: a batch
+        // entry cannot return buffers the device has not published.
+        if !self.used_ready(core) {
+            return None;
+        }
+        let (batch_id, batch_len) = match self.batch_last {
+            Some(batch) => batch,
+            None => {
+                let (id_field, len_field) = self.ring.used_elem(self.last_used_idx.get());
+                let (id, len) = (id_field.load(), len_field.load());
+                if !core.check_used(id, len) {
+                    return None;
+                }
+                *self.batch_last.insert((id as u16, len))
+            }
+        };
+        let head = self.last_used.get();
+        let (token, ctx, descs, writable) = core.take_in_order(head, &mut self.free)?;
+        let len = if head == batch_id {
+            self.batch_last = None;
+            batch_len
+        } else {
+            writable
+        };
+        self.last_used.set(head.wrapping_add(descs) & (self.ring.size() - 1));
+        self.last_used_idx.set(self.last_used_idx.get().wrapping_add(1));
+        Some((token, len, ctx))
     }
 
     fn enable_interrupts<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>) {
@@ -411,43 +454,28 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
 
     #[inline(always)]
     fn get_buf<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<(T, u32, Option<usize>)> {
-        if !IN_ORDER {
-            if !self.used_ready(core) {
-                return None;
-            }
-            let (id_field, len_field) = self.ring.used_elem(self.last_used_idx.get());
-            let (id, len) = (id_field.load(), len_field.load());
-            let (token, ctx, _) = core.take_used(id, len, &mut self.free)?;
-            self.after_used(core);
-            return Some((token, len, ctx));
+        let used = self.take_next(core)?;
+        self.move_used_event(core);
+        Some(used)
+    }
+
+    #[inline(always)]
+    fn get_each<T, D: Dma, N: Notify>(
+        &mut self,
+        core: &mut DriverCore<T, D, N>,
+        max: usize,
+        f: &mut impl FnMut(T, u32, Option<usize>),
+    ) -> usize {
+        let mut n = 0;
+        while n < max {
+            let Some((token, len, ctx)) = self.take_next(core) else { break };
+            n += 1;
+            f(token, len, ctx);
         }
-        // Each buffer, batched or not, takes one step of the published `used.idx`: a batch
-        // entry cannot return buffers the device has not published.
-        if !self.used_ready(core) {
-            return None;
+        if n > 0 {
+            self.move_used_event(core);
         }
-        let (batch_id, batch_len) = match self.batch_last {
-            Some(batch) => batch,
-            None => {
-                let (id_field, len_field) = self.ring.used_elem(self.last_used_idx.get());
-                let (id, len) = (id_field.load(), len_field.load());
-                if !core.check_used(id, len) {
-                    return None;
-                }
-                *self.batch_last.insert((id as u16, len))
-            }
-        };
-        let head = self.last_used.get();
-        let (token, ctx, descs, writable) = core.take_in_order(head, &mut self.free)?;
-        let len = if head == batch_id {
-            self.batch_last = None;
-            batch_len
-        } else {
-            writable
-        };
-        self.last_used.set(head.wrapping_add(descs) & (self.ring.size() - 1));
-        self.after_used(core);
-        Some((token, len, ctx))
+        n
     }
 
     fn disable_cb<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>) {
