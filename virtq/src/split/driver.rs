@@ -169,10 +169,7 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
     /// which would steal the cache line from the device, is skipped.
     #[inline(always)]
     fn put_avail(&self, idx: u16, head: u16) {
-        let slot = self.ring.avail_ring(idx);
-        if slot.load() != head {
-            slot.store(head);
-        }
+        put_avail(&self.ring, idx, head)
     }
 
     /// Whether a used entry is waiting at `last_used_idx`: loads `used.idx` when the cached
@@ -408,18 +405,22 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         }
         let flags = if writable { DESC_F_WRITE } else { 0 };
         let first_idx = self.avail_idx_shadow.get();
+        // Copies in locals, so that they stay in registers across the stores of the loop.
+        let ring = self.ring;
+        let mut free_head = self.free.head.get();
         let mut added = 0;
         for (i, &sg) in sgs.iter().take(core.num_free as usize).enumerate() {
-            let head = self.free.head.get();
+            let head = free_head;
             let Some((addr, priv_flags)) = core.map(sg, writable, premapped) else { break };
             core.record(head, addr, sg.len, flags | priv_flags);
             let next = core.extra[head as usize].next;
-            self.ring.desc(head).write_if_changed(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
+            ring.desc(head).write_if_changed(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
             core.start_one(head, token(i), if writable { sg.len } else { 0 }, premapped);
-            self.free.head.set(next);
-            self.put_avail(first_idx.wrapping_add(added), head);
+            free_head = next;
+            put_avail(&ring, first_idx.wrapping_add(added), head);
             added += 1;
         }
+        self.free.head.set(free_head);
         if added > 0 {
             core.num_free -= added;
             // One index store publishes the batch; pairs with the device's rmb after it
@@ -563,5 +564,14 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         self.ring.used_idx().store(index);
         self.ring.used_event().store(index);
         self.ring.avail_event().store(index);
+    }
+}
+
+/// See [`SplitLayout::put_avail`].
+#[inline(always)]
+fn put_avail(ring: &SplitRing, idx: u16, head: u16) {
+    let slot = ring.avail_ring(idx);
+    if slot.load() != head {
+        slot.store(head);
     }
 }
