@@ -314,14 +314,14 @@ impl<'m> Model<'m> {
                 self.completed += 1;
                 // When the driver can see a completion: a packed ring publishes it at once;
                 // a packed in-order device holds a run of full completions back until a
-                // partial one ends it or the run reaches 8 (or `publish_used`); a split
+                // partial one ends it or the run reaches 16 (or `publish_used`); a split
                 // ring, until `used.idx`, which the device stores by itself each time the
                 // index reaches a multiple of 8 (a line of used elements).
                 self.invisible += 1;
                 let partial = written != chain_writable;
                 let published_by_itself = match self.p.layout {
                     LayoutKind::Packed => true,
-                    LayoutKind::PackedInOrder => partial || self.invisible == 8,
+                    LayoutKind::PackedInOrder => partial || self.invisible == 16,
                     LayoutKind::Split | LayoutKind::SplitInOrder => self.p.device.used_base().is_multiple_of(8),
                 };
                 if published_by_itself {

@@ -1,6 +1,7 @@
 //! When completions reach the driver without `publish_used`: the device publishes by
 //! itself each time a cache line of used entries fills (split: 8 used elements; packed: 4
-//! used descriptors), or, in order, each time a run of 8 completions shares one entry. A
+//! used descriptors), or, in a packed in-order ring, each time a run of 16 completions
+//! shares one entry. A
 //! polling device loop that publishes only when it runs out of work still hands buffers
 //! back while it drains, and the line moves to the driver once, full.
 
@@ -10,11 +11,15 @@ use common::{Pair, LAYOUTS};
 use virtq::testing::TestMemory;
 use virtq::{LayoutKind, UsedBuf};
 
+/// Entries in the test rings: two runs of the longest self-publishing interval.
+const RING: u16 = 32;
+
 /// Completions after which the device publishes by itself, per layout.
 fn publishes_every(layout: LayoutKind) -> u64 {
     match layout {
-        LayoutKind::Split | LayoutKind::SplitInOrder | LayoutKind::PackedInOrder => 8,
+        LayoutKind::Split | LayoutKind::SplitInOrder => 8,
         LayoutKind::Packed => 4,
+        LayoutKind::PackedInOrder => 16,
     }
 }
 
@@ -22,22 +27,22 @@ fn publishes_every(layout: LayoutKind) -> u64 {
 fn the_device_publishes_by_itself_a_cache_line_at_a_time() {
     for layout in LAYOUTS {
         let mem = TestMemory::new(1 << 20);
-        let mut p = Pair::of(&mem, layout, 16, true, false);
+        let mut p = Pair::of(&mem, layout, RING, true, false);
         let every = publishes_every(layout);
         let mut token = 0u64;
         let mut reaped = Vec::new();
         // Two laps, so that the used positions wrap and the second lap meets the first
         // lap's entries (in order: unchanged ones, which the device does not re-write).
         for _lap in 0..2 {
-            for _ in 0..16 {
+            for _ in 0..RING {
                 p.driver.add_inbuf(&[mem.alloc_sg(8)], token).unwrap();
                 token += 1;
             }
-            for completed in 1..=16u64 {
+            for completed in 1..=u64::from(RING) {
                 let (chain, _) = p.pop().expect("a chain");
                 p.device.complete(chain, 8);
                 p.driver.get_bufs(usize::MAX, |u: UsedBuf<u64>| reaped.push((u.token, u.len)));
-                let lap_start = token - 16;
+                let lap_start = token - u64::from(RING);
                 let visible = completed / every * every;
                 assert_eq!(
                     reaped.len() as u64,
@@ -57,7 +62,7 @@ fn the_device_publishes_by_itself_a_cache_line_at_a_time() {
 fn a_partial_line_waits_for_publish_used() {
     for layout in LAYOUTS {
         let mem = TestMemory::new(1 << 20);
-        let mut p = Pair::of(&mem, layout, 16, true, false);
+        let mut p = Pair::of(&mem, layout, RING, true, false);
         let held = publishes_every(layout) - 1;
         for token in 0..held {
             p.driver.add_inbuf(&[mem.alloc_sg(8)], token).unwrap();
