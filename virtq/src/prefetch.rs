@@ -39,16 +39,21 @@ mod x86 {
     }
 }
 
-/// Asks the CPU to fetch the line holding `p` in a state that allows writing, where it has
-/// an instruction for that (x86-64 with PREFETCHW); elsewhere, nothing.
+/// Asks the CPU to fetch, in a state that allows writing, every 64-byte line holding a byte
+/// of `start..end` (addresses), where it has an instruction for that (x86-64 with
+/// PREFETCHW); elsewhere, nothing.
 #[inline(always)]
-pub(crate) fn for_write<T>(p: *const T) {
+pub(crate) fn lines_for_write(start: usize, end: usize) {
     #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
     if x86::has_prefetchw() {
-        // SAFETY: PREFETCHW is a hint: it returns nothing, writes no memory, and does not
-        // fault whatever the address; the CPU was checked to implement it.
-        unsafe { core::arch::asm!("prefetchw [{}]", in(reg) p, options(nostack, preserves_flags, readonly)) };
+        let mut line = start & !63;
+        while line < end {
+            // SAFETY: PREFETCHW is a hint: it returns nothing, writes no memory, and does
+            // not fault whatever the address; the CPU was checked to implement it.
+            unsafe { core::arch::asm!("prefetchw [{}]", in(reg) line, options(nostack, preserves_flags, readonly)) };
+            line += 64;
+        }
     }
     #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
-    let _ = p;
+    let _ = (start, end);
 }

@@ -163,24 +163,17 @@ impl Cursor {
 /// Bytes of one descriptor.
 const DESC_SIZE: usize = core::mem::size_of::<RawDesc>();
 
-/// Calls `f` with one position per 64-byte line among the `n` descriptors from position
-/// `i` on (wrapping; at most `size` of them) of a table at address `table`: the first of
-/// them in each line (in each of the two pieces of a line a wrapping range enters twice).
+/// The byte ranges (one, or two when it wraps) that the `n` descriptors from position `i`
+/// on (at most `size` of them) fill in a table at address `table`.
 #[inline(always)]
-fn for_each_line(table: usize, size: usize, i: usize, n: usize, mut f: impl FnMut(usize)) {
-    if size == 0 {
-        return;
-    }
-    let mut pos = i % size;
-    let mut left = n.min(size);
-    while left > 0 {
-        f(pos);
-        // Descriptors are 16-aligned, so the rest of the line holds 1 to 4 of them; a line
-        // that runs past the ring's end goes on at position 0.
-        let rest_of_line = (64 - (table + pos * DESC_SIZE) % 64) / DESC_SIZE;
-        let step = rest_of_line.min(size - pos).min(left);
-        left -= step;
-        pos = if pos + step == size { 0 } else { pos + step };
+fn desc_byte_ranges(table: usize, size: usize, i: usize, n: usize) -> [(usize, usize); 2] {
+    let i = i.min(size);
+    let n = n.min(size);
+    let at = |pos: usize| table + pos * DESC_SIZE;
+    if i + n <= size {
+        [(at(i), at(i + n)), (0, 0)]
+    } else {
+        [(at(i), at(size)), (at(0), at(i + n - size))]
     }
 }
 
@@ -265,13 +258,13 @@ impl PackedRing {
     }
 
     /// Prefetches for writing the lines that hold the `n` descriptors from position `i` on
-    /// (wrapping at the ring's end; at most the whole ring), one prefetch per line.
+    /// (wrapping at the ring's end; at most the whole ring).
     #[inline(always)]
     pub(crate) fn prefetch_for_write(&self, i: u16, n: usize) {
-        let table = self.desc.as_ptr();
-        for_each_line(table as usize, usize::from(self.size), usize::from(i), n, |pos| {
-            crate::prefetch::for_write(table.wrapping_add(pos))
-        });
+        let table = self.desc.as_ptr() as usize;
+        for (start, end) in desc_byte_ranges(table, usize::from(self.size), usize::from(i), n) {
+            crate::prefetch::lines_for_write(start, end);
+        }
     }
 
     /// The `flags` of descriptor `i`.
@@ -346,34 +339,39 @@ impl PackedRing {
 
 #[cfg(test)]
 mod tests {
-    use super::{for_each_line, DESC_SIZE};
+    use super::{desc_byte_ranges, DESC_SIZE};
 
     extern crate std;
     use std::collections::BTreeSet;
     use std::vec::Vec;
 
-    /// Every line the range touches is named, by a position inside the range, once (or,
-    /// for the line a wrapping range enters at both ring ends, twice), at any alignment of
-    /// the table, ring size, start and length.
+    /// The ranges cover exactly the bytes of the descriptors asked for, wrapping included,
+    /// for any table alignment, ring size, start and length; and the lines they touch are
+    /// the lines of those descriptors.
     #[test]
-    fn one_position_per_line_the_range_touches() {
+    fn byte_ranges_cover_exactly_the_descriptors_asked_for() {
         for misalign in [0, 16, 32, 48] {
             let table = 0x1000 + misalign;
-            let line = |pos: usize| (table + pos * DESC_SIZE) / 64;
             for size in 1..=11 {
                 for start in 0..size {
                     for n in 0..=size + 2 {
-                        let range: Vec<usize> = (0..n.min(size)).map(|k| (start + k) % size).collect();
-                        let mut named = Vec::new();
-                        for_each_line(table, size, start, n, |pos| named.push(pos));
-                        let want: BTreeSet<usize> = range.iter().map(|&p| line(p)).collect();
-                        let got: BTreeSet<usize> = named.iter().map(|&p| line(p)).collect();
-                        let case = (misalign, size, start, n, &named);
-                        assert_eq!(got, want, "{case:?}");
-                        // A wrapping range may enter one line at both ends of a small ring.
-                        let wraps = start + n.min(size) > size;
-                        assert!(named.len() <= want.len() + wraps as usize, "a line named twice: {case:?}");
-                        assert!(named.iter().all(|p| range.contains(p)), "outside the range: {case:?}");
+                        let case = (misalign, size, start, n);
+                        let want: Vec<usize> = (0..n.min(size)).map(|k| (start + k) % size).collect();
+                        let mut bytes = BTreeSet::new();
+                        let mut lines = BTreeSet::new();
+                        for (from, to) in desc_byte_ranges(table, size, start, n) {
+                            assert!(
+                                from <= to && (from == to || (from >= table && to <= table + size * DESC_SIZE)),
+                                "{case:?}"
+                            );
+                            bytes.extend(from..to);
+                            lines.extend((from..to).map(|b| b / 64));
+                        }
+                        let want_bytes: BTreeSet<usize> =
+                            want.iter().flat_map(|&p| table + p * DESC_SIZE..table + (p + 1) * DESC_SIZE).collect();
+                        assert_eq!(bytes, want_bytes, "{case:?}");
+                        let want_lines: BTreeSet<usize> = want_bytes.iter().map(|b| b / 64).collect();
+                        assert_eq!(lines, want_lines, "{case:?}");
                     }
                 }
             }
