@@ -59,8 +59,11 @@ pub mod driver;
 pub mod event;
 mod features;
 pub mod memory;
-// Without `alloc` only the device side exists, which writes no descriptors.
+// Without `alloc` only the device side exists, which writes no descriptors: the driver's
+// helpers in these go unused.
+#[cfg_attr(not(feature = "alloc"), allow(dead_code))]
 pub mod packed;
+#[cfg_attr(not(feature = "alloc"), allow(dead_code))]
 mod prefetch;
 #[cfg_attr(not(feature = "alloc"), allow(dead_code))]
 mod shared;
