@@ -93,7 +93,8 @@ pub(crate) struct HeadState<T> {
     pub descs: u16,
     /// Last `DescExtra` of the chain (to relink the free list without a walk).
     pub tail: u16,
-    /// Entries of its indirect table, 0 for a direct chain.
+    /// Entries of its indirect table, 0 for a direct chain. Written only with `D::MAPS`,
+    /// like `mapped`: nothing else reads them, and an add then stores two fields fewer.
     pub indirect_entries: u16,
     /// Whether the driver mapped its segments (a mapping DMA, not premapped): only then
     /// are there private copies to walk and mappings to undo when it comes back.
@@ -387,7 +388,6 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         premapped: bool,
     ) {
         let state = &mut self.heads[head as usize];
-        state.mapped = D::MAPS && !premapped;
         state.token = Some(token);
         // A free slot holds no context (see `start_one`): no store for the usual `None`.
         debug_assert!(state.ctx.is_none());
@@ -397,7 +397,10 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         state.writable = writable;
         state.descs = plan.descs;
         state.tail = tail;
-        state.indirect_entries = if plan.indirect { plan.total } else { 0 };
+        if D::MAPS {
+            state.mapped = !premapped;
+            state.indirect_entries = if plan.indirect { plan.total } else { 0 };
+        }
         self.num_free -= plan.descs;
     }
 
@@ -408,12 +411,14 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         let state = &mut self.heads[head as usize];
         // Every way out of flight takes the context, so a free slot holds none already.
         debug_assert!(state.ctx.is_none());
-        state.mapped = D::MAPS && !premapped;
         state.token = Some(token);
         state.writable = writable;
         state.descs = 1;
         state.tail = head;
-        state.indirect_entries = 0;
+        if D::MAPS {
+            state.mapped = !premapped;
+            state.indirect_entries = 0;
+        }
     }
 
     /// Frees the buffer at `head`, which the caller found in flight: unmaps its segments,
@@ -425,7 +430,7 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
     pub fn release(&mut self, head: u16, free: &mut FreeList, relink: bool) -> Option<(T, Option<usize>, u16)> {
         let state = self.heads.get_mut(head as usize)?;
         let token = state.token.take()?;
-        let ctx = state.ctx.take();
+        let ctx = if self.context { state.ctx.take() } else { None };
         let chain = (state.descs, state.tail, state.indirect_entries, state.mapped);
         Some((token, ctx, self.free_chain(head, chain, free, relink)))
     }
@@ -495,7 +500,8 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
                 // No fault means in flight, so the token is there.
                 None => match h.token.take() {
                     Some(token) => {
-                        let ctx = h.ctx.take();
+                        // Without contexts `plan` lets none in: no store to clear one.
+                        let ctx = if self.context { h.ctx.take() } else { None };
                         let chain = (h.descs, h.tail, h.indirect_entries, h.mapped);
                         return Some((token, ctx, self.free_chain(id as u16, chain, free, true)));
                     }
