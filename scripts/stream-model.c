@@ -1,18 +1,28 @@
-// What the two CPUs of this machine allow for a packed in-order ring at batch 32, with
-// none of a library's work: the ceiling that `virtq bench`'s streaming figure sits under.
+// What the two CPUs of this machine allow for streaming at batch 32, with none of a
+// library's work: the ceiling that `virtq bench`'s streaming figure sits under.
 //
-// A 256-slot ring of 16-byte descriptors (4 KiB), driver on CPU 0 and device on CPU 1,
-// both polling. The driver waits until a batch of slots is free, writes the batch's
-// descriptors (the head's flags last) and reaps a batch when the device marks the batch's
-// first slot used; the device reads each descriptor in order and marks each batch once.
+// A 256-entry ring, driver on CPU 0 and device on CPU 1, both polling, the ring kept full:
+// the driver adds a batch of 32 single-descriptor buffers whenever 32 are free, and reaps
+// what the device has used; the device consumes in order and publishes as virtq's does.
+//
+//   packed-in-order: 16-byte descriptors, the batch's first flags written last; one used
+//     descriptor per batch, marked on the batch's first slot.
+//   split: descriptor table, avail and used rings on pages of their own; descriptors and
+//     avail entries stored only when they change (buffer n always goes back into the slot
+//     it came from, as in `virtq bench`), one avail index store per batch; the device
+//     writes used elements and publishes `used.idx` every 8 and when it runs dry; the
+//     driver keeps a free list of descriptors.
 //
 //   cc -O2 -pthread -o /tmp/stream-model scripts/stream-model.c
-//   /tmp/stream-model [bookkeeping 0|1] [prefetch 0|1] [buffers]
+//   /tmp/stream-model LAYOUT [bookkeeping 0|1] [prefetch 0|1] [fence 0|1] [buffers]
 //
 // bookkeeping=1 adds what any driver keeps per buffer in flight (token, length, chain
-// shape: seven stores on add, a check and a clear on reap) in private memory; prefetch=1
-// asks for the batch's lines with PREFETCHW before writing them (as the packed driver's
-// burst add does). Prints M buffers/s. Not part of the test suite: a measurement aid.
+// shape: seven stores on add, a check and a clear on reap) in private memory. prefetch=1
+// (packed only) asks for the batch's lines with PREFETCHW before writing them, as the
+// packed driver's burst add does. fence=1 adds the full barrier that a kick after each
+// batch costs (Linux's and virtq's `kick_prepare`, a locked no-op), and the load of the
+// device's event that follows it. Prints M buffers/s. Not part of the test suite: a
+// measurement aid.
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
@@ -20,18 +30,30 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #define SLOTS 256
 #define BATCH 32
 #define AVAIL (1u << 7)
 #define USED (1u << 15)
+#define USED_LINE 8
 
-struct desc {
+struct packed_desc {
     uint64_t addr;
     uint32_t len;
     uint16_t id;
     _Atomic uint16_t flags;
+};
+
+struct split_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags, next;
+};
+
+struct used_elem {
+    uint32_t id, len;
 };
 
 struct in_flight {
@@ -42,9 +64,22 @@ struct in_flight {
     uint8_t mapped;
 };
 
-static struct desc ring[SLOTS] __attribute__((aligned(4096)));
+static struct packed_desc packed[SLOTS] __attribute__((aligned(4096)));
+static struct split_desc table[SLOTS] __attribute__((aligned(4096)));
+static struct {
+    uint16_t flags;
+    _Atomic uint16_t idx;
+    uint16_t ring[SLOTS];
+} avail __attribute__((aligned(4096)));
+static struct {
+    uint16_t flags;
+    _Atomic uint16_t idx;
+    struct used_elem ring[SLOTS];
+} used __attribute__((aligned(4096)));
 static struct in_flight state[SLOTS] __attribute__((aligned(4096)));
+static uint16_t next_free[SLOTS];
 static long total __attribute__((aligned(128)));
+static int bookkeeping, prefetch, fence;
 
 static void pin(int cpu) {
     cpu_set_t set;
@@ -53,19 +88,41 @@ static void pin(int cpu) {
     pthread_setaffinity_np(pthread_self(), sizeof set, &set);
 }
 
+// The kick's fence, as `Barriers::mb` does it, then the device event load it orders.
+static uint16_t kick_check(const uint16_t *device_event) {
+    if (fence)
+        __asm__ volatile("lock orq $0, (%%rsp)" ::: "memory", "cc");
+    return *(volatile const uint16_t *)device_event;
+}
+
+static void track(uint16_t slot, long token) {
+    if (bookkeeping)
+        state[slot] = (struct in_flight){(uint64_t)token, 1, 64, 1, slot, 0, 0};
+}
+
+static uint64_t untrack(uint16_t slot) {
+    if (!bookkeeping)
+        return 0;
+    struct in_flight *s = &state[slot];
+    if (!s->present)
+        abort();
+    s->present = 0;
+    return s->token;
+}
+
 static uint16_t avail_flags(unsigned wrap) { return wrap ? AVAIL : USED; }
 static uint16_t used_flags(unsigned wrap) { return wrap ? (AVAIL | USED) : 0; }
 
-static void *device(void *arg) {
+static void *packed_device(void *arg) {
     (void)arg;
     pin(1);
     unsigned pos = 0, wrap = 1;
     uint64_t sum = 0;
     for (long seen = 0; seen < total;) {
-        uint16_t f = atomic_load_explicit(&ring[pos].flags, memory_order_acquire);
+        uint16_t f = atomic_load_explicit(&packed[pos].flags, memory_order_acquire);
         if ((f & (AVAIL | USED)) != avail_flags(wrap))
             continue;
-        sum += ring[pos].addr + ring[pos].len;
+        sum += packed[pos].addr + packed[pos].len;
         seen++;
         unsigned first = pos - (pos % BATCH), first_wrap = wrap;
         if (++pos == SLOTS) {
@@ -73,35 +130,21 @@ static void *device(void *arg) {
             wrap ^= 1;
         }
         if (seen % BATCH == 0)
-            atomic_store_explicit(&ring[first].flags, used_flags(first_wrap), memory_order_release);
+            atomic_store_explicit(&packed[first].flags, used_flags(first_wrap), memory_order_release);
     }
     return (void *)(uintptr_t)sum;
 }
 
-int main(int argc, char **argv) {
-    int bookkeeping = argc > 1 ? atoi(argv[1]) : 0;
-    int prefetch = argc > 2 ? atoi(argv[2]) : 0;
-    total = argc > 3 ? atol(argv[3]) : 50000000;
-    total -= total % BATCH;
-    pthread_t t;
-    pthread_create(&t, 0, device, 0);
-    pin(0);
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+static uint64_t packed_driver(void) {
     long added = 0, reaped = 0;
     unsigned apos = 0, awrap = 1, upos = 0, uwrap = 1;
     uint64_t check = 0;
+    uint16_t device_event = 0;
     while (reaped < total) {
         if (added > reaped &&
-            (atomic_load_explicit(&ring[upos].flags, memory_order_acquire) & (AVAIL | USED)) == used_flags(uwrap)) {
-            if (bookkeeping)
-                for (int i = 0; i < BATCH; i++) {
-                    struct in_flight *s = &state[upos + i];
-                    if (!s->present)
-                        abort();
-                    s->present = 0;
-                    check += s->token;
-                }
+            (atomic_load_explicit(&packed[upos].flags, memory_order_acquire) & (AVAIL | USED)) == used_flags(uwrap)) {
+            for (int i = 0; i < BATCH; i++)
+                check += untrack((uint16_t)(upos + i));
             reaped += BATCH;
             if ((upos += BATCH) == SLOTS) {
                 upos = 0;
@@ -111,29 +154,116 @@ int main(int argc, char **argv) {
         if (added < total && SLOTS - (added - reaped) >= BATCH) {
             if (prefetch)
                 for (int i = 0; i < BATCH; i += 4)
-                    __asm__ volatile("prefetchw %0" ::"m"(ring[apos + i]));
+                    __asm__ volatile("prefetchw %0" ::"m"(packed[apos + i]));
             unsigned head = apos;
             for (int i = 0; i < BATCH; i++, apos++) {
-                ring[apos].addr = (uint64_t)(added + i);
-                ring[apos].len = 64;
-                ring[apos].id = (uint16_t)apos;
-                if (bookkeeping)
-                    state[apos] = (struct in_flight){(uint64_t)(added + i), 1, 64, 1, (uint16_t)apos, 0, 0};
+                packed[apos].addr = (uint64_t)(added + i);
+                packed[apos].len = 64;
+                packed[apos].id = (uint16_t)apos;
+                track((uint16_t)apos, added + i);
                 if (i)
-                    atomic_store_explicit(&ring[apos].flags, avail_flags(awrap), memory_order_relaxed);
+                    atomic_store_explicit(&packed[apos].flags, avail_flags(awrap), memory_order_relaxed);
             }
-            atomic_store_explicit(&ring[head].flags, avail_flags(awrap), memory_order_release);
+            atomic_store_explicit(&packed[head].flags, avail_flags(awrap), memory_order_release);
             if (apos == SLOTS) {
                 apos = 0;
                 awrap ^= 1;
             }
             added += BATCH;
+            check += kick_check(&device_event);
         }
     }
+    return check;
+}
+
+static void *split_device(void *arg) {
+    (void)arg;
+    pin(1);
+    uint16_t last_avail = 0, used_idx = 0;
+    uint64_t sum = 0;
+    for (long seen = 0; seen < total;) {
+        uint16_t a = atomic_load_explicit(&avail.idx, memory_order_acquire);
+        if (a == last_avail)
+            continue;
+        while (last_avail != a) {
+            uint16_t head = avail.ring[last_avail++ % SLOTS];
+            sum += table[head].addr + table[head].len;
+            used.ring[used_idx % SLOTS] = (struct used_elem){head, 0};
+            used_idx++;
+            seen++;
+            if (used_idx % USED_LINE == 0)
+                atomic_store_explicit(&used.idx, used_idx, memory_order_release);
+        }
+        atomic_store_explicit(&used.idx, used_idx, memory_order_release);
+    }
+    return (void *)(uintptr_t)sum;
+}
+
+static uint64_t split_driver(void) {
+    for (int i = 0; i < SLOTS; i++)
+        next_free[i] = (uint16_t)((i + 1) % SLOTS);
+    long added = 0, reaped = 0;
+    uint16_t avail_idx = 0, last_used = 0, free_head = 0, free_tail = SLOTS - 1;
+    unsigned num_free = SLOTS;
+    uint64_t check = 0;
+    while (reaped < total) {
+        uint16_t u = atomic_load_explicit(&used.idx, memory_order_acquire);
+        while (last_used != u) {
+            struct used_elem e = used.ring[last_used++ % SLOTS];
+            if (e.id >= SLOTS || e.len != 0)
+                abort();
+            check += untrack((uint16_t)e.id);
+            if (num_free == 0)
+                free_head = (uint16_t)e.id;
+            else
+                next_free[free_tail] = (uint16_t)e.id;
+            free_tail = (uint16_t)e.id;
+            num_free++;
+            reaped++;
+        }
+        if (added < total && num_free >= BATCH) {
+            for (int i = 0; i < BATCH; i++) {
+                uint16_t head = free_head;
+                free_head = next_free[head];
+                struct split_desc d = {(uint64_t)head * 64, 64, 0, next_free[head]};
+                if (memcmp(&table[head], &d, sizeof d))
+                    table[head] = d;
+                track(head, added + i);
+                uint16_t *slot = &avail.ring[(uint16_t)(avail_idx + i) % SLOTS];
+                if (*slot != head)
+                    *slot = head;
+            }
+            num_free -= BATCH;
+            avail_idx += BATCH;
+            atomic_store_explicit(&avail.idx, avail_idx, memory_order_release);
+            added += BATCH;
+            check += kick_check(&used.flags);
+        }
+    }
+    return check;
+}
+
+int main(int argc, char **argv) {
+    int split = argc > 1 && !strcmp(argv[1], "split");
+    if (argc < 2 || (!split && strcmp(argv[1], "packed-in-order"))) {
+        fprintf(stderr, "usage: %s packed-in-order|split [bookkeeping] [prefetch] [fence] [buffers]\n", argv[0]);
+        return 2;
+    }
+    bookkeeping = argc > 2 ? atoi(argv[2]) : 0;
+    prefetch = argc > 3 ? atoi(argv[3]) : 0;
+    fence = argc > 4 ? atoi(argv[4]) : 0;
+    total = argc > 5 ? atol(argv[5]) : 30000000;
+    total -= total % BATCH;
+    pthread_t t;
+    pthread_create(&t, 0, split ? split_device : packed_device, 0);
+    pin(0);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    uint64_t check = split ? split_driver() : packed_driver();
     clock_gettime(CLOCK_MONOTONIC, &t1);
     pthread_join(t, 0);
     double s = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
-    printf("bookkeeping %d prefetch %d: %.1f M buffers/s (check %llu)\n", bookkeeping, prefetch, (double)total / s / 1e6,
-           (unsigned long long)(check & 1));
+    printf("%s bookkeeping %d prefetch %d fence %d: %.1f M buffers/s (check %llu)\n", argv[1], bookkeeping, prefetch,
+           fence, (double)total / s / 1e6, (unsigned long long)(check & 1));
     return 0;
 }
