@@ -107,6 +107,18 @@ impl<T> Default for HeadState<T> {
     }
 }
 
+/// A buffer taken back from an in-order ring ([`DriverCore::take_in_order`]).
+pub(crate) struct InOrderTake<T> {
+    pub token: T,
+    /// Bytes the device wrote.
+    pub len: u32,
+    pub ctx: Option<usize>,
+    /// Ring descriptors the buffer occupied.
+    pub descs: u16,
+    /// Whether it was the buffer the used entry named, the last of its batch.
+    pub ends_batch: bool,
+}
+
 /// A buffer about to be added: its segments, by direction.
 pub(crate) enum Buffer<'a> {
     /// One list, all readable or all writable (`add_outbuf`, `add_inbuf`): the common case,
@@ -513,14 +525,20 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         None
     }
 
-    /// Takes back the oldest buffer of an in-order ring, at `head`, and its writable
-    /// length. A buffer missing there (only `detach_unused_buf` on a live queue can do
-    /// that) latches the queue broken.
+    /// Takes back the oldest buffer of an in-order ring, at `head`, for a used entry that
+    /// names buffer `batch.0` with length `batch.1`. In order, one entry returns its own
+    /// buffer and every one before it, which the device used whole: the entry's buffer
+    /// gets the entry's length, the others their writable size. A buffer missing at
+    /// `head` (only `detach_unused_buf` on a live queue can do that) latches the queue
+    /// broken.
     #[inline(always)]
-    pub fn take_in_order(&mut self, head: u16, free: &mut FreeList) -> Option<(T, Option<usize>, u16, u32)> {
+    pub fn take_in_order(&mut self, head: u16, batch: (u16, u32), free: &mut FreeList) -> Option<InOrderTake<T>> {
         let writable = self.heads.get(head as usize).map_or(0, |h| h.writable);
         match self.release(head, free, false) {
-            Some((token, ctx, descs)) => Some((token, ctx, descs, writable)),
+            Some((token, ctx, descs)) => {
+                let ends_batch = head == batch.0;
+                Some(InOrderTake { token, len: if ends_batch { batch.1 } else { writable }, ctx, descs, ends_batch })
+            }
             None => {
                 self.fail(Fault::UsedIdNotInFlight { id: head as u32 });
                 None

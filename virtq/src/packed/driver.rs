@@ -463,7 +463,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             self.after_used(core, self.used.advance(descs, self.ring.size()));
             return Some((token, len, ctx));
         }
-        let (batch_id, batch_len) = match self.batch_last {
+        let batch = match self.batch_last {
             Some(batch) => batch,
             None => {
                 let (id, len) = self.read_used(core)?;
@@ -473,16 +473,12 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
                 *self.batch_last.insert((id, len))
             }
         };
-        let head = self.used.pos();
-        let (token, ctx, descs, writable) = core.take_in_order(head, &mut self.free)?;
-        let len = if head == batch_id {
+        let taken = core.take_in_order(self.used.pos(), batch, &mut self.free)?;
+        if taken.ends_batch {
             self.batch_last = None;
-            batch_len
-        } else {
-            writable
-        };
-        self.after_used(core, self.used.advance(descs, self.ring.size()));
-        Some((token, len, ctx))
+        }
+        self.after_used(core, self.used.advance(taken.descs, self.ring.size()));
+        Some((taken.token, taken.len, taken.ctx))
     }
 
     #[inline(always)]
@@ -502,7 +498,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
         let mut n = 0;
         let mut broke = false;
         while n < max && !broke {
-            let (batch_id, batch_len) = match self.batch_last.take() {
+            let batch = match self.batch_last.take() {
                 Some(batch) => batch,
                 None => {
                     let Some((id, len)) = self.read_used(core) else { break };
@@ -515,21 +511,19 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             let mut used = self.used;
             let mut rest = None;
             loop {
-                let head = used.pos();
-                let Some((token, ctx, descs, writable)) = core.take_in_order(head, &mut self.free) else {
+                let Some(taken) = core.take_in_order(used.pos(), batch, &mut self.free) else {
                     // Latched broken: stop here, as `get_buf` would from now on.
                     broke = true;
                     break;
                 };
-                used = used.advance(descs, size);
+                used = used.advance(taken.descs, size);
                 n += 1;
-                if head == batch_id {
-                    f(token, batch_len, ctx);
+                f(taken.token, taken.len, taken.ctx);
+                if taken.ends_batch {
                     break;
                 }
-                f(token, writable, ctx);
                 if n == max {
-                    rest = Some((batch_id, batch_len));
+                    rest = Some(batch);
                     break;
                 }
             }

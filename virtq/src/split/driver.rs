@@ -226,7 +226,7 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
         if !self.used_ready(core) {
             return None;
         }
-        let (batch_id, batch_len) = match self.batch_last {
+        let batch = match self.batch_last {
             Some(batch) => batch,
             None => {
                 let (id_field, len_field) = self.ring.used_elem(self.last_used_idx.get());
@@ -238,16 +238,13 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
             }
         };
         let head = self.last_used.get();
-        let (token, ctx, descs, writable) = core.take_in_order(head, &mut self.free)?;
-        let len = if head == batch_id {
+        let taken = core.take_in_order(head, batch, &mut self.free)?;
+        if taken.ends_batch {
             self.batch_last = None;
-            batch_len
-        } else {
-            writable
-        };
-        self.last_used.set(head.wrapping_add(descs) & (self.ring.size() - 1));
+        }
+        self.last_used.set(head.wrapping_add(taken.descs) & (self.ring.size() - 1));
         self.last_used_idx.set(self.last_used_idx.get().wrapping_add(1));
-        Some((token, len, ctx))
+        Some((taken.token, taken.len, taken.ctx))
     }
 
     fn enable_interrupts<T, D: Dma, N: Notify>(&self, core: &DriverCore<T, D, N>) {
