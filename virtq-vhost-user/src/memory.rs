@@ -3,6 +3,8 @@
 //! A userspace driver has no guest: "guest memory" is whatever the driver shares with the
 //! back end. Here it is one or more memfd regions, each mapped `MAP_SHARED` in this process
 //! and passed by file descriptor in `SET_MEM_TABLE`, so the back end maps the same pages.
+//! Each memfd is sealed against any change of size before it is shared: the back end
+//! cannot shrink it under our mappings, which would turn our next access into SIGBUS.
 //!
 //! Every region gets a guest-physical address (GPA). The regions sit one after another from
 //! [`GPA_BASE`] upwards, each starting on a 2 MiB boundary, so that a GPA is never the
@@ -62,7 +64,7 @@ impl MemfdRegion {
     fn new(name: &str, size: usize, gpa: u64) -> io::Result<Self> {
         let cname = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: `cname` is a valid NUL-terminated string; memfd_create has no other inputs.
-        let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -70,6 +72,14 @@ impl MemfdRegion {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: ftruncate on a descriptor we own; no memory is involved.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The back end gets this file, writable. Were it to shrink it, our next access to
+        // the ring or a buffer past the new end would raise SIGBUS: a hostile device
+        // could kill the driver. Sealed, the size can no longer change, nor the seals.
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on a descriptor we own, with an integer argument; no memory is involved.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a new shared mapping of the whole file at an address the kernel chooses;
@@ -459,6 +469,35 @@ mod tests {
         assert_eq!(f.free.len(), 1);
         assert_eq!(f.in_use, 0);
         assert!(f.alloc(2048, 64).is_none());
+    }
+
+    /// What a back end holding the memfd could try, through a file description of its
+    /// own (as it gets one from the socket): every change of size fails, and the memory
+    /// stays there.
+    #[test]
+    fn a_back_end_can_neither_shrink_nor_grow_the_memory() {
+        let mem = SharedMemory::new(MemoryConfig { size: 2 << 20, regions: 1 }).unwrap();
+        let r = &mem.regions()[0];
+        let theirs = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{}", r.fd()))
+            .expect("reopen the memfd as a peer would see it");
+        for len in [0, r.size() as u64 / 2, r.size() as u64 * 2] {
+            let err = theirs.set_len(len).expect_err("a sealed memfd keeps its size");
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM), "set_len({len})");
+        }
+        // SAFETY: fcntl on a descriptor the region owns, with an integer argument.
+        let added = unsafe { libc::fcntl(r.fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(added, -1, "the seals themselves are sealed");
+        assert_eq!(theirs.metadata().unwrap().len(), r.size() as u64);
+        // The last byte of the mapping is still there to write and read.
+        let last = (r.host_addr() + r.size() as u64 - 1) as *mut u8;
+        // SAFETY: inside the region's live shared mapping, which nothing else touches here.
+        unsafe {
+            last.write_volatile(0xa5);
+            assert_eq!(last.read_volatile(), 0xa5);
+        }
     }
 
     #[test]
