@@ -12,7 +12,7 @@ use core::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use super::{AddError, AddErrorKind, CreateError, Fault, Notify, QueueConfig, Sg, Shared};
 use crate::memory::{Direction, Dma, DmaRegion};
-use crate::shared::RawDesc;
+use crate::shared::{word1, RawDesc};
 use crate::{Barriers, Features};
 
 /// Private flag in [`DescExtra::flags`]: the segment was premapped, never unmap it.
@@ -378,11 +378,11 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
             if D::MAPS && !premapped {
                 self.indirect_extra[first + n] = DescExtra { addr, len: sg.len, flags: flags | priv_flags, next: 0 };
             }
-            if split_links {
-                table[n].write(crate::split::Descriptor { addr, len: sg.len, flags, next: n as u16 + 1 });
-            } else {
-                table[n].write(crate::packed::Descriptor { addr, len: sg.len, id: 0, flags });
-            }
+            // The formats differ only in the two `u16`s of word 1: split `flags, next`
+            // (`split::Descriptor`), packed `id, flags` (`packed::Descriptor`, id unused in
+            // a table). Choosing them before one store keeps the loop branch-free.
+            let (at12, at14) = if split_links { (flags, n as u16 + 1) } else { (0, flags) };
+            table[n].write_words((addr, word1(sg.len, at12, at14)));
             Ok(())
         })?;
         Ok((table_addr, writable))
