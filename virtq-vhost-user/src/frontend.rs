@@ -34,8 +34,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
@@ -45,6 +44,7 @@ use virtq::{CreateError, Direction, Dma, DmaRegion, Features, Notify, NotifyData
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::{MemoryConfig, SharedMemory};
+use crate::watchdog::WatchdogThread;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`: the back end speaks the protocol-feature extension.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -168,66 +168,12 @@ impl Default for ConnectOptions {
     }
 }
 
-/// Shuts the socket down when a control request overruns its deadline (see the module
-/// documentation for why).
-struct Watchdog {
-    state: Mutex<WatchState>,
-    cv: Condvar,
-}
-
-#[derive(Default)]
-struct WatchState {
-    deadline: Option<Instant>,
-    fired: bool,
-    stop: bool,
-}
-
-impl Watchdog {
-    fn lock(&self) -> MutexGuard<'_, WatchState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn run(&self, fd: RawFd) {
-        let mut s = self.lock();
-        while !s.stop {
-            match s.deadline {
-                None => s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        // SAFETY: `fd` is the connection's socket, open until this thread
-                        // has been joined (`ConnInner::drop`); shutdown touches no memory.
-                        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-                        s.fired = true;
-                        s.deadline = None;
-                    } else {
-                        s = self.cv.wait_timeout(s, d - now).unwrap_or_else(|e| e.into_inner()).0;
-                    }
-                }
-            }
-        }
-    }
-
-    fn arm(&self, deadline: Instant) {
-        self.lock().deadline = Some(deadline);
-        self.cv.notify_one();
-    }
-
-    /// Disarms; returns whether it fired.
-    fn disarm(&self) -> bool {
-        let mut s = self.lock();
-        s.deadline = None;
-        std::mem::take(&mut s.fired)
-    }
-}
-
 /// The state shared by a connection and its queues.
 struct ConnInner {
     path: PathBuf,
     frontend: Mutex<Frontend>,
     sock: RawFd,
-    watchdog: Arc<Watchdog>,
-    watchdog_thread: Option<JoinHandle<()>>,
+    watchdog: WatchdogThread,
     timeout: Duration,
     dead: AtomicBool,
     memory: Arc<SharedMemory>,
@@ -246,9 +192,9 @@ impl ConnInner {
             return Err(Error::Disconnected);
         }
         let mut fe = self.frontend.lock().unwrap_or_else(|e| e.into_inner());
-        self.watchdog.arm(Instant::now() + self.timeout);
+        self.watchdog.get().arm(Instant::now() + self.timeout);
         let r = f(&mut fe);
-        let fired = self.watchdog.disarm();
+        let fired = self.watchdog.get().disarm();
         r.map_err(|e| {
             if fired {
                 self.dead.store(true, Ordering::Relaxed);
@@ -280,11 +226,8 @@ impl ConnInner {
 
 impl Drop for ConnInner {
     fn drop(&mut self) {
-        self.watchdog.lock().stop = true;
-        self.watchdog.cv.notify_one();
-        if let Some(t) = self.watchdog_thread.take() {
-            let _ = t.join();
-        }
+        // Before the socket (in `frontend`) is closed.
+        self.watchdog.stop();
     }
 }
 
@@ -340,14 +283,8 @@ impl Connection {
         let stream = UnixStream::connect(&path).map_err(|source| Error::Connect { path: path.clone(), source })?;
         let sock = stream.as_raw_fd();
         let memory = SharedMemory::new(opts.memory).map_err(Error::Memory)?;
-        let watchdog = Arc::new(Watchdog { state: Mutex::new(WatchState::default()), cv: Condvar::new() });
-        let thread = {
-            let w = watchdog.clone();
-            std::thread::Builder::new()
-                .name("vhost-user-watchdog".into())
-                .spawn(move || w.run(sock))
-                .map_err(|e| Error::Connect { path: path.clone(), source: e })?
-        };
+        let watchdog = WatchdogThread::spawn("vhost-user-watchdog", sock)
+            .map_err(|e| Error::Connect { path: path.clone(), source: e })?;
         let mut inner = ConnInner {
             path: path.clone(),
             // A generous queue limit until GET_QUEUE_NUM says otherwise (devices without MQ,
@@ -355,7 +292,6 @@ impl Connection {
             frontend: Mutex::new(Frontend::from_stream(stream, 256)),
             sock,
             watchdog,
-            watchdog_thread: Some(thread),
             timeout: opts.timeout,
             dead: AtomicBool::new(false),
             memory,
