@@ -61,6 +61,9 @@ pub fn blk_options(layout: Layout, queues: u16, queue_size: u16) -> BlkOptions {
         queues,
         queue_size,
         required_features: layout.features().bits(),
+        // Exactly the layout's ring features: serve-blk offers all of them.
+        ring_packed: layout.features().contains(Features::RING_PACKED),
+        in_order: layout.features().contains(Features::IN_ORDER),
         memory: MemoryConfig { size: 32 << 20, regions: 2 },
         request_timeout: Duration::from_secs(20),
         control_timeout: Duration::from_secs(5),
