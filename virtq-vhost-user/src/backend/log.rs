@@ -1,5 +1,6 @@
 //! Logging to standard error: `virtq-backend: LEVEL: connection N: message`. Debug lines
-//! appear with `VIRTQ_LOG=debug`.
+//! appear with `VIRTQ_LOG=debug`; `VIRTQ_LOG=off` silences every line (for the fuzz target,
+//! which makes thousands of connections a second).
 //!
 //! A guest that sends malformed requests in a loop would otherwise get one error line each,
 //! so every connection has a rate limit, shared by its control thread and its ring workers
@@ -23,9 +24,32 @@ pub const INTERVAL: Duration = Duration::from_secs(5);
 /// Lines one connection may log per window (Linux's `DEFAULT_RATELIMIT_BURST`).
 pub const BURST: u32 = 10;
 
+/// `VIRTQ_LOG`: debug lines on, or every line off.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Normal,
+    Debug,
+    Off,
+}
+
+fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| match std::env::var("VIRTQ_LOG") {
+        Ok(v) if v.eq_ignore_ascii_case("debug") => Level::Debug,
+        Ok(v) if v.eq_ignore_ascii_case("off") => Level::Off,
+        _ => Level::Normal,
+    })
+}
+
 pub(crate) fn debug_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("VIRTQ_LOG").is_ok_and(|v| v.eq_ignore_ascii_case("debug")))
+    level() == Level::Debug
+}
+
+/// Writes one line to standard error unless `VIRTQ_LOG=off`.
+fn print(args: fmt::Arguments<'_>) {
+    if level() != Level::Off {
+        eprintln!("{args}");
+    }
 }
 
 /// The log of one connection (or of the server's own accept loop): its name and its rate
@@ -58,7 +82,7 @@ impl ConnLog {
             w.printed = 0;
             let n = std::mem::take(&mut w.suppressed);
             if n > 0 {
-                eprintln!("virtq-backend: warning: {}: {n} log lines suppressed", self.name);
+                print(format_args!("virtq-backend: warning: {}: {n} log lines suppressed", self.name));
             }
         }
         if w.printed >= BURST {
@@ -69,14 +93,14 @@ impl ConnLog {
         w.printed += 1;
         drop(w);
         self.stats.log_lines.fetch_add(1, Ordering::Relaxed);
-        eprintln!("virtq-backend: {level}: {}: {args}", self.name);
+        print(format_args!("virtq-backend: {level}: {}: {args}", self.name));
     }
 
     /// Reports lines still suppressed (the connection is ending).
     pub fn flush(&self) {
         let n = std::mem::take(&mut self.window.lock().unwrap_or_else(|e| e.into_inner()).suppressed);
         if n > 0 {
-            eprintln!("virtq-backend: warning: {}: {n} log lines suppressed", self.name);
+            print(format_args!("virtq-backend: warning: {}: {n} log lines suppressed", self.name));
         }
     }
 }
@@ -107,8 +131,8 @@ impl Drop for EnterGuard {
 pub(crate) fn emit(level: &str, limited: bool, args: fmt::Arguments<'_>) {
     CURRENT.with(|c| match &*c.borrow() {
         Some(log) if limited => log.emit(level, args),
-        Some(log) => eprintln!("virtq-backend: {level}: {}: {args}", log.name),
-        None => eprintln!("virtq-backend: {level}: {args}"),
+        Some(log) => print(format_args!("virtq-backend: {level}: {}: {args}", log.name)),
+        None => print(format_args!("virtq-backend: {level}: {args}")),
     })
 }
 
