@@ -138,9 +138,14 @@ struct Frontend {
 impl Frontend {
     /// A new memfd of 4 KiB to 64 KiB, attached to the message.
     fn attach_memfd(&mut self, input: &mut Input) {
-        let len = 4096 * (1 + input.u8() as u64 % 16);
+        let len = memfd_len(input);
+        self.attach_file(len, input);
+    }
+
+    /// A new memfd of `len` bytes holding some of the input (ring contents), attached to
+    /// the message.
+    fn attach_file(&mut self, len: u64, input: &mut Input) {
         let f = memfd(len);
-        // Ring contents: some of the input, somewhere in the file.
         let at = 64 * (input.u8() as u64 % 64);
         let n = input.u8() as usize;
         let _ = f.write_at(input.bytes(n), at);
@@ -200,6 +205,11 @@ impl Frontend {
     }
 }
 
+/// A memfd's length: 4 KiB to 64 KiB.
+fn memfd_len(input: &mut Input) -> u64 {
+    4096 * (1 + input.u8() as u64 % 16)
+}
+
 /// One time in eight: take an arbitrary value instead of the usual one.
 fn rare(input: &mut Input) -> bool {
     input.u8().is_multiple_of(8)
@@ -242,19 +252,14 @@ fn body(fe: &mut Frontend, code: u32, input: &mut Input) -> Vec<u8> {
             put32(&mut b, n);
             put32(&mut b, 0);
             for k in 0..n as u64 {
-                let len = 4096 * (1 + input.u8() as u64 % 16);
+                let len = memfd_len(input);
                 let size = if rare(input) { input.u64() } else { len };
                 put64(&mut b, if rare(input) { input.u64() } else { GPA_STEP * k });
                 put64(&mut b, size);
                 put64(&mut b, if rare(input) { input.u64() } else { VA + VA_STEP * k });
                 put64(&mut b, if rare(input) { input.u64() } else { 0 });
                 // The file, `len` bytes (the table may claim more).
-                let f = memfd(len);
-                let at = 64 * (input.u8() as u64 % 64);
-                let n = input.u8() as usize;
-                let _ = f.write_at(input.bytes(n), at);
-                fe.fds.push(f.try_clone().expect("dup"));
-                fe.memfds.push(f);
+                fe.attach_file(len, input);
             }
             // Sometimes one fd too many or too few.
             match input.u8() % 16 {

@@ -52,7 +52,7 @@ pub struct BlkArgs {
     no_in_order: bool,
 
     /// Time allowed for each vhost-user control message and, times 6, for requests
-    /// in flight without progress (e.g. 5s, 500ms).
+    /// in flight without progress (`info`'s GET_ID: once) (e.g. 5s, 500ms).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
 

@@ -257,8 +257,9 @@ impl ConnInner {
         const GET_CONFIG: u32 = 24;
         /// `VhostUserConfig`: offset, size, flags.
         const CONFIG_HEADER: usize = 12;
-        if size as usize > CONFIG_SPACE_MAX {
-            return Err(Error::BadReply { request: REQUEST, detail: format!("{size} bytes asked, at most 256") });
+        if offset as usize + size as usize > CONFIG_SPACE_MAX {
+            let source = vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::InvalidParam);
+            return Err(Error::Protocol { request: REQUEST, source });
         }
         if self.dead.load(Ordering::Relaxed) {
             return Err(Error::Disconnected);
