@@ -31,6 +31,7 @@ pub mod blk;
 pub mod frontend;
 pub mod memory;
 pub mod virtio_blk;
+mod watchdog;
 
 /// The core crate, re-exported for its types (`Features`, `Sg`, ...).
 pub use virtq;
