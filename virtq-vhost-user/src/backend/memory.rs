@@ -229,7 +229,8 @@ impl GuestMemoryMap {
                 Ok(()) => {}
                 Err(RegionError::Overlap) => return Err(MemoryError::Overlap(index)),
                 Err(RegionError::TableFull) => return Err(MemoryError::TooManyRegions(regions.len())),
-                Err(RegionError::InvalidRange) => return Err(MemoryError::InvalidRange { index, gpa, size, offset }),
+                // `InvalidRange`, and whatever the table may refuse in the future.
+                Err(_) => return Err(MemoryError::InvalidRange { index, gpa, size, offset }),
             }
         }
         // The files may be closed: a mapping keeps its file alive.
