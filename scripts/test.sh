@@ -37,8 +37,14 @@ echo "== fuzzing, each target ${VIRTQ_FUZZ_SECS:-60} s with AddressSanitizer (lo
 echo "== the no_std core builds without alloc"
 cargo build -p virtq --no-default-features
 
-echo "== lints"
+echo "== lints, formatting and documentation"
+cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+
+echo "== the crates package and build as crates.io would see them"
+# --allow-dirty: the suites above may leave files behind; what is checked is packaging.
+cargo publish --dry-run --allow-dirty -p virtq -p virtq-vhost-user -p virtq-vm-memory
 
 echo "== virtq bench --quick (smoke run, no thresholds)"
 cargo run --release -p virtq-cli -- bench --quick
