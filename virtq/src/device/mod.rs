@@ -171,8 +171,7 @@ pub(crate) fn single_segment<'m, M: GuestMemory + ?Sized, S: SegmentSink<'m>>(
 /// [`single_segment`] without a sink: the chain and its one segment. Each is built
 /// where it is returned, not from a tuple made inside: the compiler assembled such a
 /// tuple on the stack with 4- and 8-byte stores and read the chain back with a load
-/// spanning two of them, which cannot be forwarded and stalled every `pop` (3.7 ns a
-/// chain, `virtq bench --ringtest`'s single-thread device cost).
+/// spanning two of them, which cannot be forwarded and stalled every `pop`.
 #[inline(always)]
 pub(crate) fn one_segment<'m, M: GuestMemory + ?Sized>(
     mem: &'m M,

@@ -64,9 +64,8 @@ impl Index {
 /// The free list through [`DescExtra::next`]: split descriptors, or packed buffer ids (one
 /// per descriptor of a chain). `add` takes from the front and a freed chain goes to the
 /// back, so an entry freed just now is reused last. Reusing it at once (a stack, as Linux
-/// does) runs the same instructions but made a polling round trip with one buffer
-/// outstanding on a packed ring 113 ns instead of 85 (`virtq bench`, 64 ns cache-line
-/// round trip).
+/// does) runs the same instructions but makes a polling round trip slower: the entry's
+/// line is still on its way back from the device when the driver writes it again.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct FreeList {
     /// The first free entry (when one is free).
@@ -130,9 +129,9 @@ pub(crate) enum Buffer<'a> {
 
 impl Buffer<'_> {
     /// Calls `f(n, segment, device_writes_it)` for each segment in order, stopping at the
-    /// first error. Plain loops: iterator adapters cost a fifth of `add` here. One call
+    /// first error. Plain loops: iterator adapters cost measurably more in `add`. One call
     /// site of `f` for both shapes: with two, the compiler stopped inlining packed `add`'s
-    /// closure into the run-time dispatching queue (packed round trip 456 instructions, not 371).
+    /// closure into the run-time dispatching queue.
     #[inline(always)]
     pub fn try_for_each(&self, mut f: impl FnMut(usize, Sg, bool) -> Result<(), ()>) -> Result<(), ()> {
         // The lists to walk now, whether the device writes them, and the writable lists
