@@ -53,6 +53,8 @@
 extern crate alloc;
 
 mod barrier;
+#[cfg(feature = "alloc")]
+pub mod completion;
 pub mod device;
 #[cfg(feature = "alloc")]
 pub mod driver;
@@ -77,6 +79,8 @@ pub mod testing;
 pub struct ReadmeDoctests;
 
 pub use barrier::Barriers;
+#[cfg(feature = "alloc")]
+pub use completion::{AsyncQueue, Submit, SubmitError};
 pub use device::{Chain, DeviceConfig, DeviceError, DeviceQueue, Segment, SegmentSink, Segments};
 #[cfg(feature = "alloc")]
 pub use driver::any::{AnyLayout, Virtqueue};
