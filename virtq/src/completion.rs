@@ -8,8 +8,8 @@
 //! `enable_cb_prepare` / `poll` re-check, so that a buffer used meanwhile is never left
 //! without an interrupt. Whoever runs it (an interrupt handler, a thread sleeping on an
 //! eventfd, a task of an async runtime) is the reactor; this module depends on no
-//! executor. Each descriptor id has one slot, allocated with the queue, that holds the
-//! buffer and its future's waker.
+//! executor. Each buffer has a slot, allocated with the queue (twice as many as ring
+//! entries), that holds the buffer and its future's waker; the slot's id is the ring token.
 //!
 //! ## Ownership and cancellation (the model of tokio-uring)
 //!
@@ -39,8 +39,8 @@
 //! ## Waiting for space
 //!
 //! A submission that finds the ring full waits, first in first out, behind earlier ones:
-//! each buffer the device returns, and each slot a future gives back, wakes the next
-//! waiter. The wait list is allocated with the queue for as many waiters as the ring has
+//! each buffer the device returns gives the next waiter its turn (so does a slot given
+//! back when none was free). The wait list is allocated with the queue for as many waiters as the ring has
 //! entries, and grows (allocates) only if more futures than that wait at once.
 //!
 //! ## Locks and wakers
@@ -205,11 +205,17 @@ impl<R, T> Lock<R, T> {
 enum Slot<B> {
     Free,
     /// In the ring; its future is alive.
-    Pending { buf: B, waker: Option<Waker> },
+    Pending {
+        buf: B,
+        waker: Option<Waker>,
+    },
     /// In the ring; its future was dropped.
     Orphaned(B),
     /// Returned by the device; its future has yet to take it.
-    Used { buf: B, len: u32 },
+    Used {
+        buf: B,
+        len: u32,
+    },
     /// In the ring when it broke; its future has yet to see the error. `None` once
     /// [`AsyncQueue::reclaim`] took the buffer.
     Failed(Option<B>),
@@ -218,18 +224,27 @@ enum Slot<B> {
 }
 
 /// Futures waiting for ring space, first in first out. Each waiter has a ticket, its
-/// position counted from the first waiter ever; a dropped waiter leaves a hole.
+/// position counted from the first waiter ever; a dropped waiter leaves a hole. A waiter
+/// taken off the list has the turn until it polls (or, dropped, passes it on): meanwhile a
+/// new submission queues behind it rather than take the space it was woken for.
 struct WaitList {
     wakers: VecDeque<Option<Waker>>,
     /// Ticket of `wakers[0]`.
     head: u64,
     /// Entries that are not holes.
     live: usize,
+    /// Waiters woken for their turn that have not polled yet.
+    turns: usize,
 }
 
 impl WaitList {
     fn with_capacity(n: usize) -> Self {
-        Self { wakers: VecDeque::with_capacity(n), head: 0, live: 0 }
+        Self { wakers: VecDeque::with_capacity(n), head: 0, live: 0, turns: 0 }
+    }
+
+    /// Whether a new submission must queue.
+    fn is_busy(&self) -> bool {
+        self.live > 0 || self.turns > 0
     }
 
     fn push(&mut self, waker: Waker) -> u64 {
@@ -238,28 +253,36 @@ impl WaitList {
         self.head + self.wakers.len() as u64 - 1
     }
 
-    /// The entry of `ticket`, if it is still waiting (not yet woken).
-    fn entry(&mut self, ticket: u64) -> Option<&mut Option<Waker>> {
-        let i = ticket.checked_sub(self.head)?;
-        self.wakers.get_mut(usize::try_from(i).ok()?)
+    /// Whether `ticket` was taken off the list: woken for its turn (or by a broken ring).
+    fn had_turn(&self, ticket: u64) -> bool {
+        ticket < self.head
     }
 
-    /// Leaves the list; returns the waker if `ticket` was still waiting, `None` if it was
-    /// already woken.
+    /// The waker of `ticket`, if it is still waiting.
+    fn waiting(&mut self, ticket: u64) -> Option<&mut Option<Waker>> {
+        let i = usize::try_from(ticket.checked_sub(self.head)?).ok()?;
+        self.wakers.get_mut(i).filter(|w| w.is_some())
+    }
+
+    /// A waiter that was still waiting leaves; returns its waker.
     fn cancel(&mut self, ticket: u64) -> Option<Waker> {
-        let waker = self.entry(ticket)?.take();
-        if waker.is_some() {
-            self.live -= 1;
-        }
+        let waker = self.waiting(ticket)?.take();
+        self.live -= 1;
         waker
     }
 
-    /// The first waiter, taken off the list.
+    /// A waiter that had the turn polled, or left.
+    fn end_turn(&mut self) {
+        self.turns = self.turns.saturating_sub(1);
+    }
+
+    /// Gives the turn to the first waiter: takes it off the list and returns its waker.
     fn pop(&mut self) -> Option<Waker> {
         while let Some(entry) = self.wakers.pop_front() {
             self.head += 1;
             if let Some(w) = entry {
                 self.live -= 1;
+                self.turns += 1;
                 return Some(w);
             }
         }
@@ -354,13 +377,14 @@ impl<B, Q: AsDriverQueue> Inner<B, Q> {
         Ok(slot)
     }
 
-    /// Gives a slot back, which may let a waiter for space in (one per lock hold).
+    /// Gives a slot back. If none was free, a waiter for space may have waited for it:
+    /// the next one gets the turn.
     fn free_slot(&mut self, slot: u16, d: &mut Deferred<B>) {
         self.slots[slot as usize] = Slot::Free;
-        self.free.push(slot);
-        if d.turn.is_none() {
+        if self.free.is_empty() && d.turn.is_none() {
             d.turn = self.waiters.pop();
         }
+        self.free.push(slot);
     }
 
     /// Takes up to `ROUND` used buffers off the ring into their slots. Returns how many.
@@ -446,7 +470,9 @@ pub struct AsyncQueue<B, Q: AsDriverQueue, R: RawMutex = SpinLock> {
 
 impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
     /// Wraps an empty queue (`Err` gives it back if buffers are in flight) and enables its
-    /// interrupts. Allocates a slot per ring entry, and room for as many waiters for space.
+    /// interrupts. Allocates two slots per ring entry (a buffer the device returned keeps
+    /// its slot until its future takes it, while the ring fills again), and room for as
+    /// many waiters for space as the ring has entries.
     pub fn new(mut queue: Q) -> Result<Self, Q> {
         let q = queue.driver_queue_mut();
         let size = q.vring_size();
@@ -455,10 +481,12 @@ impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
         }
         // Empty: nothing can be pending, whatever this returns.
         q.enable_cb();
+        // Ids 0 .. 2 * size fit the u16 token (sizes go up to 32768).
+        let slots = 2 * size as usize;
         let handle = q.handle();
         let inner = Inner {
-            slots: (0..size).map(|_| Slot::Free).collect(),
-            free: (0..size).rev().collect(),
+            slots: (0..slots).map(|_| Slot::Free).collect(),
+            free: (0..slots).rev().map(|id| id as u16).collect(),
             waiters: WaitList::with_capacity(size as usize),
             in_ring: 0,
             swept: false,
@@ -478,12 +506,7 @@ impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
     }
 
     /// Like [`Self::submit`], with device addresses that are never mapped or unmapped.
-    pub fn submit_premapped<'a>(
-        &'a self,
-        out: &'a [&'a [Sg]],
-        ins: &'a [&'a [Sg]],
-        buf: B,
-    ) -> Submit<'a, B, Q, R> {
+    pub fn submit_premapped<'a>(&'a self, out: &'a [&'a [Sg]], ins: &'a [&'a [Sg]], buf: B) -> Submit<'a, B, Q, R> {
         self.start(Segments::Lists { out, ins, premapped: true }, buf)
     }
 
@@ -503,8 +526,8 @@ impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
         let mut d = Deferred::new();
         let state = {
             let mut inner = self.inner.lock();
-            if inner.waiters.live > 0 {
-                // Behind those already waiting.
+            if inner.waiters.is_busy() && inner.in_ring > 0 {
+                // Behind those already waiting (who wait for buffers in the ring).
                 State::NeedsSpace { segs, buf, ticket: None }
             } else {
                 match inner.try_add(segs, buf, &mut d) {
@@ -739,10 +762,7 @@ pub struct SubmitError<B> {
 
 impl<B> fmt::Debug for SubmitError<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SubmitError")
-            .field("kind", &self.kind)
-            .field("buf_returned", &self.buf.is_some())
-            .finish()
+        f.debug_struct("SubmitError").field("kind", &self.kind).field("buf_returned", &self.buf.is_some()).finish()
     }
 }
 
@@ -754,8 +774,14 @@ impl<B> fmt::Display for SubmitError<B> {
 
 enum State<'a, B> {
     /// Not in the ring yet: waiting for space, with a place in the wait list once polled.
-    NeedsSpace { segs: Segments<'a>, buf: B, ticket: Option<u64> },
-    InRing { slot: u16 },
+    NeedsSpace {
+        segs: Segments<'a>,
+        buf: B,
+        ticket: Option<u64>,
+    },
+    InRing {
+        slot: u16,
+    },
     Refused(SubmitError<B>),
     Done,
 }
@@ -851,21 +877,28 @@ fn poll_space<'a, B, Q: AsDriverQueue>(
     ticket: Option<u64>,
     waker: &Waker,
 ) -> (State<'a, B>, Poll<Result<UsedBuf<B>, SubmitError<B>>>) {
+    let had_turn = ticket.is_some_and(|t| inner.waiters.had_turn(t));
     if inner.queue.driver_queue().is_broken() {
-        if let Some(t) = ticket {
-            d.stale = inner.waiters.cancel(t);
+        match ticket {
+            Some(_) if had_turn => inner.waiters.end_turn(),
+            Some(t) => d.stale = inner.waiters.cancel(t),
+            None => {}
         }
         return (State::Done, Poll::Ready(Err(SubmitError { kind: AddErrorKind::Broken, buf: Some(buf) })));
     }
-    if let Some(entry) = ticket.and_then(|t| inner.waiters.entry(t)).filter(|e| e.is_some()) {
-        // Still waiting its turn.
-        if !entry.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            d.stale = entry.replace(waker.clone());
+    if let Some(t) = ticket.filter(|_| !had_turn) {
+        if let Some(entry) = inner.waiters.waiting(t) {
+            // Still waiting its turn.
+            if !entry.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                d.stale = entry.replace(waker.clone());
+            }
+            return (State::NeedsSpace { segs, buf, ticket }, Poll::Pending);
         }
-        return (State::NeedsSpace { segs, buf, ticket }, Poll::Pending);
     }
-    // Woken for its turn, or first polled with nobody ahead of it.
-    if ticket.is_none() && inner.waiters.live > 0 {
+    if had_turn {
+        inner.waiters.end_turn();
+    } else if inner.waiters.is_busy() && inner.in_ring > 0 {
+        // First polled, with others ahead of it.
         let ticket = Some(inner.waiters.push(waker.clone()));
         return (State::NeedsSpace { segs, buf, ticket }, Poll::Pending);
     }
@@ -905,10 +938,14 @@ impl<B, Q: AsDriverQueue, R: RawMutex> Drop for Submit<'_, B, Q, R> {
                 }
             }),
             State::NeedsSpace { ticket: Some(t), buf, .. } => {
-                self.queue.locked(|inner, d| match inner.waiters.cancel(t) {
-                    Some(waker) => d.stale = Some(waker),
-                    // Woken for its turn but gone without using it: pass the turn on.
-                    None => d.turn = inner.waiters.pop(),
+                self.queue.locked(|inner, d| {
+                    if inner.waiters.had_turn(t) {
+                        // Woken for its turn but gone without using it: pass the turn on.
+                        inner.waiters.end_turn();
+                        d.turn = inner.waiters.pop();
+                    } else {
+                        d.stale = inner.waiters.cancel(t);
+                    }
                 });
                 drop(buf);
             }
