@@ -65,7 +65,7 @@
 //! let features = Features::VERSION_1 | Features::EVENT_IDX | Features::RING_PACKED;
 //! let ring = Virtqueue::<u16, _, _>::new(QueueConfig::new(0, 8, features), &mem, ()).unwrap();
 //! let mut device = MockDevice::for_driver(&mem, &ring, features).unwrap();
-//! let queue: AsyncQueue<Vec<u8>, _> = AsyncQueue::new(ring).ok().unwrap();
+//! let queue: AsyncQueue<Vec<u8>, _> = AsyncQueue::new(ring).unwrap();
 //!
 //! // Two requests in flight; each owns its buffer (here a label) until it completes.
 //! let (a, b) = ([mem.alloc_sg(16)], [mem.alloc_sg(16)]);
@@ -469,15 +469,15 @@ pub struct AsyncQueue<B, Q: AsDriverQueue, R: RawMutex = SpinLock> {
 }
 
 impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
-    /// Wraps an empty queue (`Err` gives it back if buffers are in flight) and enables its
-    /// interrupts. Allocates two slots per ring entry (a buffer the device returned keeps
+    /// Wraps an empty queue ([`NotEmpty`] gives it back if buffers are in flight) and
+    /// enables its interrupts. Allocates two slots per ring entry (a buffer the device returned keeps
     /// its slot until its future takes it, while the ring fills again), and room for as
     /// many waiters for space as the ring has entries.
-    pub fn new(mut queue: Q) -> Result<Self, Q> {
+    pub fn new(mut queue: Q) -> Result<Self, NotEmpty<Q>> {
         let q = queue.driver_queue_mut();
         let size = q.vring_size();
         if q.num_free() != size {
-            return Err(queue);
+            return Err(NotEmpty(queue));
         }
         // Empty: nothing can be pending, whatever this returns.
         q.enable_cb();
@@ -750,6 +750,24 @@ impl<B, Q: AsDriverQueue, R: RawMutex> fmt::Debug for AsyncQueue<B, Q, R> {
     }
 }
 
+/// [`AsyncQueue::new`] refused a queue with buffers in flight, whose tokens are not its
+/// slots; the queue comes back.
+pub struct NotEmpty<Q>(pub Q);
+
+impl<Q> fmt::Debug for NotEmpty<Q> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NotEmpty")
+    }
+}
+
+impl<Q> fmt::Display for NotEmpty<Q> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an async queue needs a driver queue without buffers in flight")
+    }
+}
+
+impl<Q> core::error::Error for NotEmpty<Q> {}
+
 /// A submission that did not complete: why, and the buffer if the device never saw it.
 pub struct SubmitError<B> {
     /// Why: [`AddErrorKind::Broken`] for a broken ring, or what `add` refused (never
@@ -771,6 +789,8 @@ impl<B> fmt::Display for SubmitError<B> {
         self.kind.fmt(f)
     }
 }
+
+impl<B> core::error::Error for SubmitError<B> {}
 
 enum State<'a, B> {
     /// Not in the ring yet: waiting for space, with a place in the wait list once polled.

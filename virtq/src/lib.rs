@@ -80,7 +80,7 @@ pub struct ReadmeDoctests;
 
 pub use barrier::Barriers;
 #[cfg(feature = "alloc")]
-pub use completion::{AsyncQueue, Submit, SubmitError};
+pub use completion::{AsyncQueue, NotEmpty, Submit, SubmitError};
 pub use device::{Chain, DeviceConfig, DeviceError, DeviceQueue, Segment, SegmentSink, Segments};
 #[cfg(feature = "alloc")]
 pub use driver::any::{AnyLayout, Virtqueue};

@@ -149,7 +149,7 @@ fn run(layout: LayoutKind, n: usize, seed: u64) {
     let ring = Ring::new(QueueConfig::new(0, RING, features), IdentityDma, ()).expect("ring");
     let config = DeviceConfig::new(RING, features, ring.desc_addr(), ring.avail_addr(), ring.used_addr());
     let mut device = DeviceQueue::new(&PROCESS, config).expect("device");
-    let queue: Queue = AsyncQueue::new(ring).ok().expect("empty ring");
+    let queue: Queue = AsyncQueue::new(ring).expect("empty ring");
 
     let ledger = Arc::new(Ledger {
         returns: (0..n).map(|_| AtomicU32::new(0)).collect(),

@@ -271,7 +271,7 @@ fn setup_async(layout: LayoutKind, size: u16, event_idx: bool) -> AsyncSetup {
         config.avail_base = SPLIT_START;
     }
     let mut device = DeviceQueue::new(mem, config).unwrap();
-    let queue: &'static Async = Box::leak(Box::new(AsyncQueue::new(ring).ok().unwrap()));
+    let queue: &'static Async = Box::leak(Box::new(AsyncQueue::new(ring).unwrap()));
     let sg: &'static [Sg] = Box::leak(Box::new([mem.alloc_sg(8)]));
     let mut fut = queue.submit_inbuf(sg, 0);
     let chain = pop(&mut device).unwrap();

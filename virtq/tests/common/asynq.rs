@@ -105,7 +105,7 @@ pub fn setup(mem: &TestMemory, layout: LayoutKind, size: u16, event_idx: bool) -
     let ring = Ring::new(QueueConfig::new(0, size, features), mem, bell.clone()).expect("ring");
     let config = DeviceConfig::new(size, features, ring.desc_addr(), ring.avail_addr(), ring.used_addr());
     let device = DeviceQueue::new(mem, config).expect("device");
-    let queue = AsyncQueue::new(ring).ok().expect("an empty ring");
+    let queue = AsyncQueue::new(ring).expect("an empty ring");
     (queue, Dev { mem, device, bell, layout })
 }
 
