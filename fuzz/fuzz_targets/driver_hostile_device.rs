@@ -321,12 +321,13 @@ impl<'m, D: Dma> Harness<'m, D> {
             let new = if step & 0x80 != 0 { input.u16() } else { idx.wrapping_add(1 + (step & 1) as u16) };
             self.mem.write_u16(used + 2, new);
         } else {
-            let (mut pos, mut wrap) = match (step >> 6, &self.device) {
-                (0, DeviceQueue::Packed(d)) => {
-                    let b = d.used_base();
+            let (mut pos, mut wrap) = match step >> 6 {
+                // This branch is packed: the device's used base has the wrap counter in bit 15.
+                0 => {
+                    let b = self.device.used_base();
                     (b & 0x7fff, b & 0x8000 != 0)
                 }
-                (1, _) => (input.u8() as u16 % size, input.bool()),
+                1 => (input.u8() as u16 % size, input.bool()),
                 _ => self.forge,
             };
             let at = self.q.desc_addr() + 16 * pos as u64;

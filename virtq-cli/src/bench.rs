@@ -13,11 +13,12 @@ use virtq::testing::TestMemory;
 use crate::affinity;
 use crate::device_side;
 use crate::driver_side::{self, DriverOutcome};
-use crate::layout::{with_layout, BenchLayout, Layout, BASE_FEATURE_NAMES};
+use crate::layout::{with_layout, BenchLayout, BASE_FEATURES};
 use crate::notify::Control;
 use crate::pingpong::{self, CachelineRtt};
 use crate::report::{self, Latency, LayoutInfo, Report, Throughput};
 use crate::stats::median;
+use virtq::LayoutKind;
 
 /// Bytes in each buffer (one segment; the device does not touch them).
 pub const BUF_LEN: u32 = 64;
@@ -63,7 +64,7 @@ pub enum Workload {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub ring_size: u16,
-    pub layouts: Vec<Layout>,
+    pub layouts: Vec<LayoutKind>,
     pub batches: Vec<u16>,
     pub modes: Vec<Mode>,
     /// Measured time per cell.
@@ -95,7 +96,7 @@ impl Settings {
     /// The cells in the order they run: per mode, each batch size on every layout in turn,
     /// then latency on every layout. Neighbouring cells are close in time, so layouts are
     /// compared under the same conditions even when the machine's speed drifts.
-    fn cells(&self) -> Vec<(Layout, Mode, Workload)> {
+    fn cells(&self) -> Vec<(LayoutKind, Mode, Workload)> {
         let mut cells = Vec::new();
         for &mode in &self.modes {
             for &batch in &self.batches {
@@ -163,7 +164,7 @@ pub fn run(settings: &Settings) -> Result<Report, String> {
     let rtt_medians: Vec<f64> = rtts.iter().map(|r| r.ns).collect();
     Ok(Report {
         ring_size: settings.ring_size,
-        features: BASE_FEATURE_NAMES.to_vec(),
+        features: BASE_FEATURES.names().collect(),
         layouts: settings.layouts.iter().map(|&l| LayoutInfo::new(l)).collect(),
         buffer_bytes: BUF_LEN,
         duration_ms: settings.duration.as_millis() as u64,
@@ -351,7 +352,7 @@ fn watchdog<A, B>(ctl: &Control, driver: &ScopedJoinHandle<'_, A>, device: &Scop
 mod tests {
     use super::*;
 
-    fn settings(layouts: Vec<Layout>, batches: Vec<u16>, modes: Vec<Mode>) -> Settings {
+    fn settings(layouts: Vec<LayoutKind>, batches: Vec<u16>, modes: Vec<Mode>) -> Settings {
         Settings {
             ring_size: 64,
             layouts,
@@ -365,21 +366,21 @@ mod tests {
 
     #[test]
     fn cells_interleave_layouts_within_each_batch() {
-        let s = settings(vec![Layout::Split, Layout::Packed], vec![1, 8], vec![Mode::Poll, Mode::Sleep]);
+        let s = settings(vec![LayoutKind::Split, LayoutKind::Packed], vec![1, 8], vec![Mode::Poll, Mode::Sleep]);
         let cells = s.cells();
         assert_eq!(cells.len(), 2 * (2 + 1) * 2);
-        assert_eq!(cells[0], (Layout::Split, Mode::Poll, Workload::Stream { batch: 1 }));
-        assert_eq!(cells[1], (Layout::Packed, Mode::Poll, Workload::Stream { batch: 1 }));
-        assert_eq!(cells[2], (Layout::Split, Mode::Poll, Workload::Stream { batch: 8 }));
-        assert_eq!(cells[4], (Layout::Split, Mode::Poll, Workload::Latency));
-        assert_eq!(cells[11], (Layout::Packed, Mode::Sleep, Workload::Latency));
+        assert_eq!(cells[0], (LayoutKind::Split, Mode::Poll, Workload::Stream { batch: 1 }));
+        assert_eq!(cells[1], (LayoutKind::Packed, Mode::Poll, Workload::Stream { batch: 1 }));
+        assert_eq!(cells[2], (LayoutKind::Split, Mode::Poll, Workload::Stream { batch: 8 }));
+        assert_eq!(cells[4], (LayoutKind::Split, Mode::Poll, Workload::Latency));
+        assert_eq!(cells[11], (LayoutKind::Packed, Mode::Sleep, Workload::Latency));
     }
 
     /// Every layout, both modes, a batch that is not a divisor of the ring and one that
     /// fills it: every buffer must come back exactly once (checked inside `run_cell`).
     #[test]
     fn every_layout_streams_and_round_trips_correctly() {
-        let s = settings(Layout::ALL.to_vec(), vec![3, 64], vec![Mode::Poll, Mode::Sleep]);
+        let s = settings(LayoutKind::ALL.to_vec(), vec![3, 64], vec![Mode::Poll, Mode::Sleep]);
         let timing = s.timing();
         for (layout, mode, workload) in s.cells() {
             let name = format!("{layout} {mode} {workload:?}");

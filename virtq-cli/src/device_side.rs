@@ -6,10 +6,10 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 
 use virtq::testing::TestMemory;
-use virtq::{Chain, DeviceConfig, Segment, Segments};
+use virtq::{Chain, Device, DeviceConfig, DeviceLayout, Segment, Segments};
 
 use crate::bench::{Mode, BUF_LEN};
-use crate::layout::{BenchLayout, RingDevice};
+use crate::layout::{self, BenchLayout};
 use crate::notify::Control;
 
 /// Runs the device side of one cell; returns the number of chains popped. On failure it
@@ -24,7 +24,7 @@ pub fn run<L: BenchLayout>(
     let Ok(config) = from_driver.recv() else {
         return Ok(0);
     };
-    let result = L::attach(mem, config)
+    let result = layout::attach::<L>(mem, config)
         .map_err(|e| format!("device: cannot attach to the ring: {e}"))
         .and_then(|mut device| serve(&mut device, ctl, mode));
     if result.is_err() {
@@ -33,7 +33,7 @@ pub fn run<L: BenchLayout>(
     result
 }
 
-fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, mode: Mode) -> Result<u64, String> {
+fn serve<D: DeviceLayout>(device: &mut Device<'_, TestMemory, D>, ctl: &Control, mode: Mode) -> Result<u64, String> {
     // Every buffer is one readable segment: a sink of one is enough, and a longer chain
     // is a bug the pop reports (as `SinkFull`).
     let mut segs = Segments::<1>::new();

@@ -123,7 +123,7 @@ fn setup<'a, L: BenchLayout>(
     mode: Mode,
     size: u16,
 ) -> Result<Driver<'a, L>, String> {
-    let features = L::LAYOUT.features();
+    let features = crate::layout::features(L::KIND);
     let mut config = QueueConfig::new(0, size, features);
     // Poll mode never wants an interrupt: start with them suppressed, as Linux does for a
     // queue without a callback.

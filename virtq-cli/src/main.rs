@@ -28,7 +28,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::bench::{Mode, Settings};
-use crate::layout::Layout;
+use virtq::LayoutKind;
 
 #[derive(Debug, Parser)]
 #[command(name = "virtq", version, about = "Virtio virtqueue tools")]
@@ -69,8 +69,8 @@ struct BenchArgs {
     json: bool,
 
     /// Layouts to measure, comma-separated [default: all four].
-    #[arg(long, value_name = "LAYOUT,..", value_delimiter = ',', value_enum)]
-    layout: Vec<Layout>,
+    #[arg(long, value_name = "LAYOUT,..", value_delimiter = ',', value_parser = layout::layout_parser())]
+    layout: Vec<LayoutKind>,
 
     /// Measured time per cell in milliseconds, after a warm-up of a fifth of it (at most
     /// 200 ms) [default: 750, or 100 with --quick].
@@ -150,9 +150,9 @@ fn parse_ring_size(s: &str) -> Result<u16, String> {
 
 impl BenchArgs {
     /// The layouts asked for, each once, in the order given; all four by default.
-    fn layouts(&self) -> Vec<Layout> {
+    fn layouts(&self) -> Vec<LayoutKind> {
         let mut layouts = Vec::new();
-        for &l in if self.layout.is_empty() { &Layout::ALL[..] } else { &self.layout[..] } {
+        for &l in if self.layout.is_empty() { &LayoutKind::ALL[..] } else { &self.layout[..] } {
             if !layouts.contains(&l) {
                 layouts.push(l);
             }

@@ -5,8 +5,8 @@
 use std::fmt::Write as _;
 
 use crate::bench::Mode;
-use crate::layout::Layout;
 use crate::report::Report;
+use virtq::LayoutKind;
 
 const WIDTH: f64 = 960.0;
 const HEIGHT: f64 = 460.0;
@@ -52,7 +52,7 @@ pub fn throughput_svg(report: &Report) -> String {
             modes.push(t.mode);
         }
     }
-    let style = |l: Layout| Layout::ALL.iter().position(|&x| x == l).unwrap_or(0);
+    let style = |l: LayoutKind| LayoutKind::ALL.iter().position(|&x| x == l).unwrap_or(0);
     let panels = modes
         .iter()
         .map(|&mode| Panel {

@@ -6,9 +6,9 @@ use serde::Serialize;
 
 use crate::bench::Mode;
 use crate::driver_side::{DriverOutcome, LATENCY_BLOCK};
-use crate::layout::Layout;
 use crate::pingpong::CachelineRtt;
 use crate::stats::{median, percentile, ratio};
+use virtq::LayoutKind;
 
 /// Everything one `virtq bench` run measured (the `--json` output).
 #[derive(Debug, Serialize)]
@@ -48,20 +48,20 @@ pub struct Cpus {
 /// A layout and the features that select it (on top of [`Report::features`]).
 #[derive(Debug, Serialize)]
 pub struct LayoutInfo {
-    pub layout: Layout,
-    pub features: &'static [&'static str],
+    pub layout: LayoutKind,
+    pub features: Vec<&'static str>,
 }
 
 impl LayoutInfo {
-    pub fn new(layout: Layout) -> Self {
-        Self { layout, features: layout.layout_feature_names() }
+    pub fn new(layout: LayoutKind) -> Self {
+        Self { layout, features: layout.features().names().collect() }
     }
 }
 
 /// One streaming cell.
 #[derive(Debug, Serialize)]
 pub struct Throughput {
-    pub layout: Layout,
+    pub layout: LayoutKind,
     pub mode: Mode,
     /// Buffers added per kick.
     pub batch: u16,
@@ -86,7 +86,7 @@ pub struct Throughput {
 
 impl Throughput {
     pub fn new(
-        layout: Layout,
+        layout: LayoutKind,
         mode: Mode,
         batch: u16,
         d: &DriverOutcome,
@@ -118,7 +118,7 @@ impl Throughput {
 /// One request/response cell.
 #[derive(Debug, Serialize)]
 pub struct Latency {
-    pub layout: Layout,
+    pub layout: LayoutKind,
     pub mode: Mode,
     /// Requests timed one by one (each time includes one clock read).
     pub samples: usize,
@@ -160,7 +160,7 @@ pub struct Latency {
 pub const STABLE_PLACEMENT: f64 = 1.5;
 
 impl Latency {
-    pub fn new(layout: Layout, mode: Mode, d: &DriverOutcome, preemptions: Option<u64>) -> Self {
+    pub fn new(layout: LayoutKind, mode: Mode, d: &DriverOutcome, preemptions: Option<u64>) -> Self {
         let mut samples = d.samples.clone();
         samples.sort_unstable();
         let (a, b) = d.window;
@@ -229,7 +229,7 @@ impl Report {
         let layouts: Vec<String> = self
             .layouts
             .iter()
-            .map(|l| match l.features {
+            .map(|l| match l.features.as_slice() {
                 [] => l.layout.to_string(),
                 f => format!("{} ({})", l.layout, f.join(" | ")),
             })
@@ -374,7 +374,7 @@ mod tests {
         let at = Instant::now();
         let snap = Snapshot { at, buffers: 0, kicks: 0, interrupts: 0 };
         let d = DriverOutcome { added: 0, returned: TokenCheck::default(), window: (snap, snap), samples, block_means };
-        Latency::new(Layout::Packed, Mode::Poll, &d, Some(3))
+        Latency::new(LayoutKind::Packed, Mode::Poll, &d, Some(3))
     }
 
     fn rtt(ns: f64) -> Option<CachelineRtt> {

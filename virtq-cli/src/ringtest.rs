@@ -37,11 +37,12 @@ use virtq::{DeviceConfig, QueueConfig, Segments, Sg};
 use crate::affinity;
 use crate::bench::{ring_memory, run_pair, BUF_LEN};
 use crate::driver_side::{device_config, Queue};
-use crate::layout::{with_layout, BenchLayout, Layout, RingDevice, BASE_FEATURE_NAMES};
+use crate::layout::{self, with_layout, BenchLayout, BASE_FEATURES};
 use crate::notify::{Control, Kicker};
 use crate::pingpong::{self, CachelineRtt};
 use crate::report::{Cpus, LayoutInfo};
 use crate::stats::median;
+use virtq::{Device, DeviceLayout, LayoutKind};
 
 /// The progress counters the watchdog reads are updated every this many buffers (a power
 /// of two), to keep even that store out of most iterations.
@@ -54,7 +55,7 @@ pub struct Settings {
     /// Buffers per run (ringtest's `--run-cycles`).
     pub run_cycles: u64,
     pub rounds: u32,
-    pub layouts: Vec<Layout>,
+    pub layouts: Vec<LayoutKind>,
     /// Measured time of the cache-line ping-pong before each run.
     pub pingpong: Duration,
     /// Spin with the CPU's spin hint (`pause`), as ringtest's `--relax`; by default a
@@ -65,7 +66,7 @@ pub struct Settings {
 /// One run of one layout.
 #[derive(Clone, Debug, Serialize)]
 pub struct Run {
-    pub layout: Layout,
+    pub layout: LayoutKind,
     /// 1-based.
     pub round: u32,
     pub seconds: f64,
@@ -89,7 +90,7 @@ pub struct Run {
 /// One layout over all rounds.
 #[derive(Debug, Serialize)]
 pub struct Summary {
-    pub layout: Layout,
+    pub layout: LayoutKind,
     pub median_mbufs_per_sec: f64,
     /// `1000 / median_mbufs_per_sec`.
     pub median_ns_per_buffer: f64,
@@ -215,7 +216,7 @@ pub fn run(settings: &Settings) -> Result<Report, String> {
         rounds: settings.rounds,
         relax: settings.relax,
         buffer_bytes: BUF_LEN,
-        features: BASE_FEATURE_NAMES.to_vec(),
+        features: BASE_FEATURES.names().collect(),
         layouts: settings.layouts.iter().map(|&l| LayoutInfo::new(l)).collect(),
         cpus: cpus.map(|(driver, device)| Cpus { driver, device }),
         pinned,
@@ -228,7 +229,7 @@ pub fn run(settings: &Settings) -> Result<Report, String> {
 }
 
 /// Per layout, in the given order: the median, min and max over its runs.
-pub fn summarize(layouts: &[Layout], runs: &[Run], costs: &[(Layout, SingleThreadCost)]) -> Vec<Summary> {
+pub fn summarize(layouts: &[LayoutKind], runs: &[Run], costs: &[(LayoutKind, SingleThreadCost)]) -> Vec<Summary> {
     layouts
         .iter()
         .filter_map(|&layout| {
@@ -340,7 +341,7 @@ fn guest<L: BenchLayout>(
     cycles: u64,
     relax: bool,
 ) -> Result<DriverDone, String> {
-    let features = L::LAYOUT.features();
+    let features = layout::features(L::KIND);
     // No callback: interrupts suppressed from the start, and never enabled.
     let mut queue = Queue::<L>::new(ringtest_config(size, features), mem, Kicker(&ctl.device_bell))
         .map_err(|e| format!("driver: cannot create the queue: {e}"))?;
@@ -422,12 +423,17 @@ fn host<L: BenchLayout>(
     let Ok(config) = from_driver.recv() else {
         return Ok(DeviceDone { completed: 0, empty_polls: 0, preemptions: None });
     };
-    let mut device = L::attach(mem, config).map_err(|e| format!("device: cannot attach to the ring: {e}"))?;
+    let mut device = layout::attach::<L>(mem, config).map_err(|e| format!("device: cannot attach to the ring: {e}"))?;
     ready.send(()).map_err(|_| "device: the driver thread is gone".to_string())?;
     serve(&mut device, ctl, cycles, relax)
 }
 
-fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, cycles: u64, relax: bool) -> Result<DeviceDone, String> {
+fn serve<D: DeviceLayout>(
+    device: &mut Device<'_, TestMemory, D>,
+    ctl: &Control,
+    cycles: u64,
+    relax: bool,
+) -> Result<DeviceDone, String> {
     let switches = affinity::involuntary_switches();
     let done = |completed, empty_polls| DeviceDone { completed, empty_polls, preemptions: preempted_since(switches) };
     let mut segs = Segments::<1>::new();
@@ -478,11 +484,11 @@ fn serve<'m, D: RingDevice<'m>>(device: &mut D, ctl: &Control, cycles: u64, rela
 fn single_thread_cost<L: BenchLayout>(size: u16, laps: u32) -> Result<SingleThreadCost, String> {
     let mem = TestMemory::new(ring_memory(size));
     let ctl = Control::default();
-    let features = L::LAYOUT.features();
+    let features = layout::features(L::KIND);
     let mut queue = Queue::<L>::new(ringtest_config(size, features), &mem, Kicker(&ctl.device_bell))
         .map_err(|e| format!("driver: cannot create the queue: {e}"))?;
-    let mut device =
-        L::attach(&mem, device_config(&queue, features)).map_err(|e| format!("device: cannot attach: {e}"))?;
+    let mut device = layout::attach::<L>(&mem, device_config(&queue, features))
+        .map_err(|e| format!("device: cannot attach: {e}"))?;
     let bufs: Vec<Sg> = (0..size).map(|_| mem.alloc_sg(BUF_LEN)).collect();
     let mask = u64::from(size) - 1;
     let mut segs = Segments::<1>::new();
@@ -635,7 +641,7 @@ impl Report {
 mod tests {
     use super::*;
 
-    fn run_of(layout: Layout, round: u32, mbufs_per_sec: f64) -> Run {
+    fn run_of(layout: LayoutKind, round: u32, mbufs_per_sec: f64) -> Run {
         Run {
             layout,
             round,
@@ -653,27 +659,35 @@ mod tests {
     #[test]
     fn summary_is_the_median_per_layout_in_order() {
         let runs = [
-            run_of(Layout::Packed, 1, 30.0),
-            run_of(Layout::Split, 1, 10.0),
-            run_of(Layout::Packed, 2, 5.0),
-            run_of(Layout::Split, 2, 20.0),
-            run_of(Layout::Packed, 3, 28.0),
-            run_of(Layout::Split, 3, 15.0),
+            run_of(LayoutKind::Packed, 1, 30.0),
+            run_of(LayoutKind::Split, 1, 10.0),
+            run_of(LayoutKind::Packed, 2, 5.0),
+            run_of(LayoutKind::Split, 2, 20.0),
+            run_of(LayoutKind::Packed, 3, 28.0),
+            run_of(LayoutKind::Split, 3, 15.0),
         ];
         let cost = SingleThreadCost { driver_ns: 1.0, device_ns: 2.0, buffers: 3 };
-        let s = summarize(&[Layout::Split, Layout::Packed, Layout::PackedInOrder], &runs, &[(Layout::Packed, cost)]);
+        let s = summarize(
+            &[LayoutKind::Split, LayoutKind::Packed, LayoutKind::PackedInOrder],
+            &runs,
+            &[(LayoutKind::Packed, cost)],
+        );
         assert!(s[0].single_thread.is_none());
         assert_eq!(s[1].single_thread.map(|c| c.device_ns), Some(2.0));
         assert_eq!(s.len(), 2, "a layout without runs is left out");
-        assert_eq!((s[0].layout, s[0].median_mbufs_per_sec, s[0].runs), (Layout::Split, 15.0, 3));
-        assert_eq!((s[1].layout, s[1].median_mbufs_per_sec), (Layout::Packed, 28.0));
+        assert_eq!((s[0].layout, s[0].median_mbufs_per_sec, s[0].runs), (LayoutKind::Split, 15.0, 3));
+        assert_eq!((s[1].layout, s[1].median_mbufs_per_sec), (LayoutKind::Packed, 28.0));
         assert_eq!((s[1].min_mbufs_per_sec, s[1].max_mbufs_per_sec), (5.0, 30.0));
         assert!((s[0].median_ns_per_buffer - 1e3 / 15.0).abs() < 1e-9);
     }
 
     #[test]
     fn table_and_json_show_every_run_and_the_medians() {
-        let runs = vec![run_of(Layout::Split, 1, 12.5), run_of(Layout::Split, 2, 14.0), run_of(Layout::Split, 3, 13.0)];
+        let runs = vec![
+            run_of(LayoutKind::Split, 1, 12.5),
+            run_of(LayoutKind::Split, 2, 14.0),
+            run_of(LayoutKind::Split, 3, 13.0),
+        ];
         let cost = SingleThreadCost { driver_ns: 10.4, device_ns: 8.5, buffers: 1000 };
         let report = Report {
             benchmark: "ringtest",
@@ -683,13 +697,13 @@ mod tests {
             rounds: 3,
             relax: false,
             buffer_bytes: BUF_LEN,
-            features: BASE_FEATURE_NAMES.to_vec(),
-            layouts: vec![LayoutInfo::new(Layout::Split)],
+            features: BASE_FEATURES.names().collect(),
+            layouts: vec![LayoutInfo::new(LayoutKind::Split)],
             cpus: Some(Cpus { driver: 0, device: 1 }),
             pinned: true,
             cacheline_rtt_ns: Some(61.0),
             cacheline_rtts: vec![],
-            summary: summarize(&[Layout::Split], &runs, &[(Layout::Split, cost)]),
+            summary: summarize(&[LayoutKind::Split], &runs, &[(LayoutKind::Split, cost)]),
             runs,
             total_seconds: 1.5,
         };
@@ -716,11 +730,11 @@ mod tests {
             ring_size: 64,
             run_cycles: 70_000,
             rounds: 1,
-            layouts: Layout::ALL.to_vec(),
+            layouts: LayoutKind::ALL.to_vec(),
             pingpong: Duration::ZERO,
             relax: false,
         };
-        for layout in Layout::ALL {
+        for layout in LayoutKind::ALL {
             let (outcome, _) = with_layout!(layout, L => run_once::<L>(&settings, None, "test"))
                 .unwrap_or_else(|e| panic!("{layout}: {e}"));
             assert!(outcome.elapsed > Duration::ZERO);

@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use virtq::completion::{AsDriverQueue, AsyncQueue};
-use virtq::AnyLayout;
+use virtq::AnyDriverLayout;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::frontend::{Kicker, Queue, QueueDma, VhostVirtqueue};
@@ -58,7 +58,7 @@ pub type AsyncVhostQueue<B> = AsyncQueue<B, Queue<u16>, parking_lot::RawMutex>;
 impl AsDriverQueue for Queue<u16> {
     type Dma = QueueDma;
     type Notify = Kicker;
-    type Layout = AnyLayout;
+    type Layout = AnyDriverLayout;
 
     fn driver_queue(&self) -> &VhostVirtqueue<u16> {
         self.vq()

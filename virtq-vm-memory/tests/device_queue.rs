@@ -15,13 +15,7 @@ const RING: u64 = RAM;
 const BUFS: u64 = RAM + 0x8000;
 
 fn features(layout: LayoutKind) -> Features {
-    let base = Features::VERSION_1 | Features::EVENT_IDX;
-    match layout {
-        LayoutKind::Split => base,
-        LayoutKind::SplitInOrder => base | Features::IN_ORDER,
-        LayoutKind::Packed => base | Features::RING_PACKED,
-        LayoutKind::PackedInOrder => base | Features::RING_PACKED | Features::IN_ORDER,
-    }
+    layout.apply(Features::VERSION_1 | Features::EVENT_IDX)
 }
 
 /// A driver queue whose ring is at guest address `RING`, as a guest driver would place it.

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use criterion::Criterion;
 use virtq::testing::TestMemory;
 use virtq::{
-    DeviceConfig, Features, PackedDevice, PackedDriver, PackedInOrderDriver, QueueConfig, Segments, Sg, SplitDevice,
-    SplitDriver, SplitInOrderDriver,
+    Device, DeviceConfig, DriverLayout, DriverQueue, Features, LayoutKind, PackedDriverLayout, QueueConfig, Segments,
+    Sg, SplitDriverLayout,
 };
 
 #[path = "../examples/cycle_baseline.rs"]
@@ -29,7 +29,7 @@ use virtq::{
 mod baseline;
 
 const SIZE: u16 = baseline::SIZE as u16;
-const LAYOUTS: [&str; 4] = ["split", "split-in-order", "packed", "packed-in-order"];
+
 /// (segments, indirect)
 const BUFFERS: [(usize, bool); 5] = [(1, false), (4, false), (16, false), (4, true), (16, true)];
 const BASELINES: [&str; 2] = ["baseline", "baseline-nn"];
@@ -68,54 +68,42 @@ fn median(id: &str) -> Option<f64> {
     })
 }
 
-// The streaming half of the module (`pop_complete`, `publish`) serves `examples/cycle.rs` only.
-#[allow(dead_code)]
 #[path = "../examples/support/cycle.rs"]
 mod support;
 use support::round_trip as virtq_cycle;
 
-fn bench_virtq(c: &mut Criterion, layout: &str, segments: usize, indirect: bool) {
-    let mut features = Features::VERSION_1 | Features::EVENT_IDX;
-    match layout {
-        "split" => {}
-        "split-in-order" => features |= Features::IN_ORDER,
-        "packed" => features |= Features::RING_PACKED,
-        "packed-in-order" => features |= Features::RING_PACKED | Features::IN_ORDER,
-        _ => unreachable!(),
-    }
+fn bench_virtq(c: &mut Criterion, layout: LayoutKind, segments: usize, indirect: bool) {
+    let mut features = layout.apply(Features::VERSION_1 | Features::EVENT_IDX);
     if indirect {
         features |= Features::INDIRECT_DESC;
     }
+    let id = format!("cycle/{layout}/{}", buffer_name(segments, indirect));
+    match layout {
+        LayoutKind::Split => bench_layout::<SplitDriverLayout<false>>(c, &id, features, segments),
+        LayoutKind::SplitInOrder => bench_layout::<SplitDriverLayout<true>>(c, &id, features, segments),
+        LayoutKind::Packed => bench_layout::<PackedDriverLayout<false>>(c, &id, features, segments),
+        LayoutKind::PackedInOrder => bench_layout::<PackedDriverLayout<true>>(c, &id, features, segments),
+    }
+}
+
+fn bench_layout<L: DriverLayout>(c: &mut Criterion, id: &str, features: Features, segments: usize) {
     let mem = TestMemory::new(1 << 20);
     let sgs: Vec<Sg> = (0..segments).map(|_| mem.alloc_sg(baseline::SEG_LEN as u32)).collect();
     let mut config = QueueConfig::new(0, SIZE, features);
     config.callbacks = false;
-    let device_config = |d: [u64; 3]| DeviceConfig::new(SIZE, features, d[0], d[1], d[2]);
-    let id = format!("cycle/{layout}/{}", buffer_name(segments, indirect));
+    let mut driver = DriverQueue::<u64, _, (), L>::new(config, &mem, ()).unwrap();
+    let device_config = DeviceConfig::new(SIZE, features, driver.desc_addr(), driver.avail_addr(), driver.used_addr());
+    let mut device = Device::<_, L::Device>::new(&mem, device_config).unwrap();
     let mut segs = Segments::<16>::new();
     let mut token = 0u64;
-
-    macro_rules! run {
-        ($driver:ident, $device:ident) => {{
-            let mut driver = $driver::<u64, _, ()>::new(config, &mem, ()).unwrap();
-            let addrs = [driver.desc_addr(), driver.avail_addr(), driver.used_addr()];
-            let mut device = $device::new(&mem, device_config(addrs)).unwrap();
-            c.bench_function(&id, |b| {
-                b.iter_custom(|iters| {
-                    timed(&id, iters, || {
-                        virtq_cycle(&mut driver, &mut device, &mut segs, &sgs, token);
-                        token = token.wrapping_add(1);
-                    })
-                })
-            });
-        }};
-    }
-    match layout {
-        "split" => run!(SplitDriver, SplitDevice),
-        "split-in-order" => run!(SplitInOrderDriver, SplitDevice),
-        "packed" => run!(PackedDriver, PackedDevice),
-        _ => run!(PackedInOrderDriver, PackedDevice),
-    }
+    c.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            timed(id, iters, || {
+                virtq_cycle(&mut driver, &mut device, &mut segs, &sgs, token);
+                token = token.wrapping_add(1);
+            })
+        })
+    });
 }
 
 fn bench_baseline(c: &mut Criterion, name: &str, segments: usize, indirect: bool) {
@@ -132,14 +120,15 @@ fn print_ratios() {
         (Some(a), Some(b)) => format!("{:.3}", a / b),
         _ => "-".to_string(),
     };
-    let header =
-        format!("{:<12} {:>8} {:>15} {:>8} {:>16}", "segments", LAYOUTS[0], LAYOUTS[1], LAYOUTS[2], LAYOUTS[3]);
+    let [l0, l1, l2, l3] = LayoutKind::ALL.map(LayoutKind::name);
+    let header = format!("{:<12} {:>8} {:>15} {:>8} {:>16}", "segments", l0, l1, l2, l3);
     println!();
     println!("ns per cycle (median of the means of criterion's sample batches)");
     println!("{header} {:>9} {:>12}", BASELINES[0], BASELINES[1]);
     for (segments, indirect) in BUFFERS {
         let buf = buffer_name(segments, indirect);
-        let t: Vec<String> = LAYOUTS.iter().chain(&BASELINES).map(|name| ns(get(name, &buf))).collect();
+        let names = LayoutKind::ALL.map(LayoutKind::name);
+        let t: Vec<String> = names.iter().chain(&BASELINES).map(|name| ns(get(name, &buf))).collect();
         println!("{:<12} {:>8} {:>15} {:>8} {:>16} {:>9} {:>12}", buf, t[0], t[1], t[2], t[3], t[4], t[5]);
     }
     for (base, what) in [
@@ -151,7 +140,7 @@ fn print_ratios() {
         println!("{header}");
         for (segments, indirect) in BUFFERS {
             let buf = buffer_name(segments, indirect);
-            let r: Vec<String> = LAYOUTS.iter().map(|l| ratio(get(l, &buf), get(base, &buf))).collect();
+            let r: Vec<String> = LayoutKind::ALL.iter().map(|l| ratio(get(l.name(), &buf), get(base, &buf))).collect();
             println!("{:<12} {:>8} {:>15} {:>8} {:>16}", buf, r[0], r[1], r[2], r[3]);
         }
     }
@@ -163,7 +152,7 @@ fn main() {
         .measurement_time(Duration::from_secs(1))
         .configure_from_args();
     for (segments, indirect) in BUFFERS {
-        for layout in LAYOUTS {
+        for layout in LayoutKind::ALL {
             bench_virtq(&mut c, layout, segments, indirect);
         }
         for name in BASELINES {

@@ -16,19 +16,19 @@ use std::hint::black_box;
 
 use virtq::testing::TestMemory;
 use virtq::{
-    DeviceConfig, DeviceQueue, DriverQueue, Features, PackedDevice, PackedLayout, QueueConfig, RingLayout, Segments,
-    Sg, SplitDevice, SplitLayout, Virtqueue,
+    AnyDriverLayout, Device, DeviceConfig, DeviceLayout, DriverLayout, DriverQueue, Features, LayoutKind,
+    PackedDriverLayout, QueueConfig, Segments, Sg, SplitDriverLayout,
 };
 
 const SIZE: u16 = 256;
 
 #[path = "support/cycle.rs"]
 mod support;
-use support::{round_trip, Device};
+use support::{pop_complete, round_trip};
 
-fn cycles<'m, L: RingLayout>(
+fn cycles<'m, L: DriverLayout>(
     driver: &mut DriverQueue<u64, &'m TestMemory, (), L>,
-    device: &mut impl Device<'m>,
+    device: &mut Device<'m, TestMemory, L::Device>,
     sgs: &[Sg],
     n: u64,
 ) {
@@ -40,9 +40,9 @@ fn cycles<'m, L: RingLayout>(
 
 /// Streaming: `batch` adds, one kick_prepare, the device's half (`device_batch`), then
 /// `batch` get_bufs; `n` buffers in all.
-fn streams<'m, L: RingLayout>(
+fn streams<'m, L: DriverLayout>(
     driver: &mut DriverQueue<u64, &'m TestMemory, (), L>,
-    device: &mut impl Device<'m>,
+    device: &mut Device<'m, TestMemory, L::Device>,
     sgs: &[Sg],
     n: u64,
     batch: u64,
@@ -76,76 +76,65 @@ fn streams<'m, L: RingLayout>(
     }
 }
 
-/// The device's half of a streamed batch: pop and complete `batch` chains, then publish.
-/// Never inlined, so that callgrind counts it apart from the driver's half.
+/// The device's half of a streamed batch: pop and complete `batch` chains, then publish
+/// (or one `serve` call with `burst`). Never inlined, so that callgrind counts it apart
+/// from the driver's half.
 #[inline(never)]
-fn device_batch<'m>(device: &mut impl Device<'m>, segs: &mut Segments<'m, 16>, batch: u64, burst: bool) {
+fn device_batch<'m, L: DeviceLayout>(
+    device: &mut Device<'m, TestMemory, L>,
+    segs: &mut Segments<'m, 16>,
+    batch: u64,
+    burst: bool,
+) {
     if burst {
-        assert_eq!(device.serve_full(segs, batch as usize) as u64, batch);
+        let served = device.serve(batch as usize, segs, |chain, _| chain.writable_len());
+        assert_eq!(served, Ok(batch as usize));
         return;
     }
     for _ in 0..batch {
-        assert!(device.pop_complete(segs));
+        assert!(pop_complete(device, segs));
     }
-    device.publish();
+    device.publish_used();
+}
+
+/// Creates both ends of layout `L` and runs `n` round trips, or streams them in batches.
+fn run<L: DriverLayout>(mem: &TestMemory, features: Features, sgs: &[Sg], n: u64, batch: u64) {
+    let mut config = QueueConfig::new(0, SIZE, features);
+    config.callbacks = false;
+    let mut driver = DriverQueue::<u64, _, (), L>::new(config, mem, ()).unwrap();
+    let device_config = DeviceConfig::new(SIZE, features, driver.desc_addr(), driver.avail_addr(), driver.used_addr());
+    let mut device = Device::<_, L::Device>::new(mem, device_config).unwrap();
+    if batch > 0 {
+        streams(&mut driver, &mut device, sgs, n, batch)
+    } else {
+        cycles(&mut driver, &mut device, sgs, n)
+    }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: cycle <split|split-in-order|packed|packed-in-order> <static|dynamic> <cycles> [segments]";
     let (layout, dispatch) = (args.get(1).expect(usage).as_str(), args.get(2).expect(usage).as_str());
+    let layout: LayoutKind = layout.parse().expect(usage);
     let n: u64 = args.get(3).expect(usage).parse().expect(usage);
     let nsegs: usize = args.get(4).map_or(1, |s| s.parse().expect(usage));
-    let mut features = Features::VERSION_1 | Features::EVENT_IDX;
-    match layout {
-        "split" => {}
-        "split-in-order" => features |= Features::IN_ORDER,
-        "packed" => features |= Features::RING_PACKED,
-        "packed-in-order" => features |= Features::RING_PACKED | Features::IN_ORDER,
-        _ => panic!("{usage}"),
-    }
+    let mut features = layout.apply(Features::VERSION_1 | Features::EVENT_IDX);
     if args.get(5).is_some_and(|s| s == "indirect") {
         features |= Features::INDIRECT_DESC;
     }
     let mem = TestMemory::new(16 << 20);
     let sgs: Vec<Sg> = (0..nsegs).map(|_| mem.alloc_sg(64)).collect();
-    let mut config = QueueConfig::new(0, SIZE, features);
-    config.callbacks = false;
-    let device_config = |d: [u64; 3]| DeviceConfig::new(SIZE, features, d[0], d[1], d[2]);
     let batch: u64 = std::env::var("CYCLE_BATCH").map_or(0, |b| b.parse().expect("CYCLE_BATCH: a number"));
     assert!(
         batch <= u64::from(SIZE) && n.is_multiple_of(batch.max(1)),
         "CYCLE_BATCH: at most {SIZE}, dividing <cycles>"
     );
-    macro_rules! run {
-        ($driver:expr, $device:expr) => {
-            if batch > 0 {
-                streams($driver, $device, &sgs, n, batch)
-            } else {
-                cycles($driver, $device, &sgs, n)
-            }
-        };
-    }
-
-    macro_rules! run_static {
-        ($layout:ty, $device:ident) => {{
-            let mut driver = DriverQueue::<u64, _, (), $layout>::new(config, &mem, ()).unwrap();
-            let addrs = [driver.desc_addr(), driver.avail_addr(), driver.used_addr()];
-            let mut device = $device::new(&mem, device_config(addrs)).unwrap();
-            run!(&mut driver, &mut device);
-        }};
-    }
     match (layout, dispatch) {
-        ("split", "static") => run_static!(SplitLayout<false>, SplitDevice),
-        ("split-in-order", "static") => run_static!(SplitLayout<true>, SplitDevice),
-        ("packed", "static") => run_static!(PackedLayout<false>, PackedDevice),
-        ("packed-in-order", "static") => run_static!(PackedLayout<true>, PackedDevice),
-        (_, "dynamic") => {
-            let mut driver = Virtqueue::<u64, _, ()>::new(config, &mem, ()).unwrap();
-            let addrs = [driver.desc_addr(), driver.avail_addr(), driver.used_addr()];
-            let mut device = DeviceQueue::new(&mem, device_config(addrs)).unwrap();
-            run!(&mut driver, &mut device);
-        }
+        (LayoutKind::Split, "static") => run::<SplitDriverLayout<false>>(&mem, features, &sgs, n, batch),
+        (LayoutKind::SplitInOrder, "static") => run::<SplitDriverLayout<true>>(&mem, features, &sgs, n, batch),
+        (LayoutKind::Packed, "static") => run::<PackedDriverLayout<false>>(&mem, features, &sgs, n, batch),
+        (LayoutKind::PackedInOrder, "static") => run::<PackedDriverLayout<true>>(&mem, features, &sgs, n, batch),
+        (_, "dynamic") => run::<AnyDriverLayout>(&mem, features, &sgs, n, batch),
         _ => panic!("{usage}"),
     }
 }

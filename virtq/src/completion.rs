@@ -92,7 +92,7 @@ use core::pin::Pin;
 use core::sync::atomic::{AtomicBool, Ordering};
 use core::task::{Context, Poll, Waker};
 
-use crate::driver::{AddErrorKind, DriverQueue, Kick, Notify, QueueHandle, RingLayout, Sg, UsedBuf};
+use crate::driver::{AddErrorKind, DriverQueue, Kick, Notify, QueueHandle, DriverLayout, Sg, UsedBuf};
 use crate::memory::Dma;
 
 pub use lock_api::RawMutex;
@@ -109,14 +109,14 @@ pub trait AsDriverQueue: Send {
     /// The queue's notifier.
     type Notify: Notify;
     /// The queue's ring layout.
-    type Layout: RingLayout;
+    type Layout: DriverLayout;
     /// The driver queue.
     fn driver_queue(&self) -> &DriverQueue<u16, Self::Dma, Self::Notify, Self::Layout>;
     /// The driver queue, to add and take buffers.
     fn driver_queue_mut(&mut self) -> &mut DriverQueue<u16, Self::Dma, Self::Notify, Self::Layout>;
 }
 
-impl<D: Dma + Send, N: Notify, L: RingLayout> AsDriverQueue for DriverQueue<u16, D, N, L> {
+impl<D: Dma + Send, N: Notify, L: DriverLayout> AsDriverQueue for DriverQueue<u16, D, N, L> {
     type Dma = D;
     type Notify = N;
     type Layout = L;

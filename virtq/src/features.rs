@@ -70,6 +70,11 @@ impl Features {
         Self(self.0 | other.0)
     }
 
+    /// The bits of `self` that are not in `other`.
+    pub const fn difference(self, other: Self) -> Self {
+        Self(self.0 & !other.0)
+    }
+
     /// Clears the transport bits this library does not implement, keeping device-class bits.
     #[doc(alias = "vring_transport_features")]
     pub const fn transport_filter(self) -> Self {
@@ -104,19 +109,30 @@ impl Not for Features {
     }
 }
 
+/// The ring-level bits with their spec names (without the `VIRTIO_F_` / `VIRTIO_RING_F_`
+/// prefix), in bit order.
+const NAMES: [(Features, &str); 9] = [
+    (Features::INDIRECT_DESC, "INDIRECT_DESC"),
+    (Features::EVENT_IDX, "EVENT_IDX"),
+    (Features::VERSION_1, "VERSION_1"),
+    (Features::ACCESS_PLATFORM, "ACCESS_PLATFORM"),
+    (Features::RING_PACKED, "RING_PACKED"),
+    (Features::IN_ORDER, "IN_ORDER"),
+    (Features::ORDER_PLATFORM, "ORDER_PLATFORM"),
+    (Features::NOTIFICATION_DATA, "NOTIFICATION_DATA"),
+    (Features::RING_RESET, "RING_RESET"),
+];
+
+impl Features {
+    /// The names of the ring-level bits that are set, in bit order (`EVENT_IDX`,
+    /// `RING_PACKED`, ...); device-class bits have no name here.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        NAMES.into_iter().filter(move |&(bit, _)| self.contains(bit)).map(|(_, name)| name)
+    }
+}
+
 impl fmt::Debug for Features {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(Features, &str); 9] = [
-            (Features::INDIRECT_DESC, "INDIRECT_DESC"),
-            (Features::EVENT_IDX, "EVENT_IDX"),
-            (Features::VERSION_1, "VERSION_1"),
-            (Features::ACCESS_PLATFORM, "ACCESS_PLATFORM"),
-            (Features::RING_PACKED, "RING_PACKED"),
-            (Features::IN_ORDER, "IN_ORDER"),
-            (Features::ORDER_PLATFORM, "ORDER_PLATFORM"),
-            (Features::NOTIFICATION_DATA, "NOTIFICATION_DATA"),
-            (Features::RING_RESET, "RING_RESET"),
-        ];
         let mut rest = self.0;
         let mut list = f.debug_set();
         for (bit, name) in NAMES {

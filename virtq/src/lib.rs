@@ -60,6 +60,7 @@ pub mod device;
 pub mod driver;
 pub mod event;
 mod features;
+mod layout;
 pub mod memory;
 // Without `alloc` only the device side exists, which writes no descriptors: the driver's
 // helpers in these go unused.
@@ -81,22 +82,26 @@ pub struct ReadmeDoctests;
 pub use barrier::Barriers;
 #[cfg(feature = "alloc")]
 pub use completion::{AsyncQueue, NotEmpty, Submit, SubmitError};
-pub use device::{Chain, DeviceConfig, DeviceError, DeviceQueue, Segment, SegmentSink, Segments};
+pub use device::{
+    AnyDeviceLayout, Chain, Device, DeviceConfig, DeviceError, DeviceLayout, DeviceQueue, PackedDevice,
+    PackedInOrderDevice, Segment, SegmentSink, Segments, SplitDevice, SplitInOrderDevice,
+};
 #[cfg(feature = "alloc")]
-pub use driver::any::{AnyLayout, Virtqueue};
+pub use driver::any::{AnyDriverLayout, Virtqueue};
 #[cfg(feature = "alloc")]
 pub use driver::{
-    AddError, AddErrorKind, CreateError, DriverQueue, Fault, InterruptAction, Kick, LayoutKind, Notify, NotifyData,
-    NotifyFn, QueueConfig, QueueHandle, RingLayout, Sg, UsedBuf, UsedSnapshot,
+    AddError, AddErrorKind, CreateError, DriverLayout, DriverQueue, Fault, InterruptAction, Kick, Notify, NotifyData,
+    NotifyFn, QueueConfig, QueueHandle, Sg, UsedBuf, UsedSnapshot,
 };
 pub use event::need_event;
 pub use features::Features;
+pub use layout::{LayoutKind, UnknownLayout};
 #[cfg(feature = "alloc")]
 pub use memory::IdentityDma;
 pub use memory::{Direction, Dma, DmaRegion, GuestMemory, GuestRegions};
-pub use packed::device::PackedDevice;
+pub use packed::device::PackedDeviceLayout;
 #[cfg(feature = "alloc")]
-pub use packed::driver::{PackedDriver, PackedInOrderDriver, PackedLayout};
-pub use split::device::SplitDevice;
+pub use packed::driver::{PackedDriver, PackedDriverLayout, PackedInOrderDriver};
+pub use split::device::SplitDeviceLayout;
 #[cfg(feature = "alloc")]
-pub use split::driver::{SplitDriver, SplitInOrderDriver, SplitLayout};
+pub use split::driver::{SplitDriver, SplitDriverLayout, SplitInOrderDriver};

@@ -100,71 +100,82 @@ le_field!(Le64, u64, AtomicU64);
 /// One 16-byte descriptor, viewed as two 8-byte words so that a reader fetches it in two
 /// loads and a writer publishes it in two stores.
 ///
-/// Word 0 is the buffer address. Word 1 holds, from its low bits up, `len: u32` and then
-/// two `u16` fields: split rings use them as `flags, next`, packed rings as `id, flags`.
-/// Ring descriptor tables are 16-byte aligned (VIRTIO 1.3, 2.7.5 and 2.8.13); indirect
-/// tables need only 8 for both words to be naturally aligned.
+/// Word 0 is the buffer address. Word 1 holds, from its low bits up, `len: u32` and two
+/// `u16` fields whose meaning depends on the ring format: split `flags, next`, packed
+/// `id, flags`. Only the formats' typed views ([`crate::split::Descriptor`],
+/// [`crate::packed::Descriptor`]) give them names. Ring descriptor tables are 16-byte
+/// aligned (VIRTIO 1.3, 2.7.5 and 2.8.13); a `RawDesc` needs 8, for both words to be
+/// naturally aligned.
 #[repr(C, align(8))]
 pub struct RawDesc {
     addr: Le64,
     word1: Le64,
 }
 
-/// The fields of one descriptor, copied out of shared memory.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DescWords {
-    /// Buffer address.
-    pub addr: u64,
-    /// Buffer length in bytes.
-    pub len: u32,
-    /// Bits 32..48 of word 1: split `flags`, packed `id`.
-    pub lo16: u16,
-    /// Bits 48..64 of word 1: split `next`, packed `flags`.
-    pub hi16: u16,
+/// A ring format's typed view of a descriptor: how its fields sit in the two words.
+pub(crate) trait DescFormat: Copy + PartialEq {
+    /// The view of a descriptor whose words are `addr` and `word1`.
+    fn from_words(addr: u64, word1: u64) -> Self;
+    /// The two words that hold this view.
+    fn to_words(self) -> (u64, u64);
+}
+
+/// Word 1 of a descriptor from its fields: `len`, then the `u16`s at bytes 12 and 14.
+#[inline(always)]
+pub(crate) const fn word1(len: u32, at12: u16, at14: u16) -> u64 {
+    len as u64 | (at12 as u64) << 32 | (at14 as u64) << 48
+}
+
+/// The fields of word 1: `(len, u16 at byte 12, u16 at byte 14)`.
+#[inline(always)]
+pub(crate) const fn word1_fields(word1: u64) -> (u32, u16, u16) {
+    (word1 as u32, (word1 >> 32) as u16, (word1 >> 48) as u16)
 }
 
 impl RawDesc {
     /// Reads the whole descriptor: exactly one load per word.
     #[inline(always)]
     #[cfg(not(loom))]
-    pub fn read(&self) -> DescWords {
+    pub(crate) fn read<F: DescFormat>(&self) -> F {
         let addr = self.addr.load();
-        let w1 = self.word1.load();
-        DescWords { addr, len: w1 as u32, lo16: (w1 >> 32) as u16, hi16: (w1 >> 48) as u16 }
+        F::from_words(addr, self.word1.load())
     }
 
     /// Under loom, field by field: a weaker view than the real two-word read, so every
     /// ordering it allows is still checked.
     #[cfg(loom)]
-    pub fn read(&self) -> DescWords {
-        DescWords { addr: self.addr.load(), len: self.len().load(), lo16: self.lo16().load(), hi16: self.hi16().load() }
+    pub(crate) fn read<F: DescFormat>(&self) -> F {
+        let addr = self.addr.load();
+        F::from_words(addr, word1(self.len().load(), self.at12().load(), self.at14().load()))
     }
 
     /// The address word alone.
     #[inline(always)]
-    pub fn addr(&self) -> &Le64 {
+    pub(crate) fn addr(&self) -> &Le64 {
         &self.addr
     }
 
     /// The `u32` at bytes 8..12: `len`.
     #[inline(always)]
-    pub fn len(&self) -> &Le32 {
+    pub(crate) fn len(&self) -> &Le32 {
         // SAFETY: `word1` is an 8-aligned 8-byte atomic at offset 8; its first four bytes
         // are a 4-aligned, in-bounds `u32` location. The ring protocol has the two ends
         // access these bytes both as fields and as whole words; every access is atomic.
         unsafe { &*(self as *const Self as *const u8).add(8).cast::<Le32>() }
     }
 
-    /// The `u16` at bytes 12..14: split `flags`, packed `id`.
+    /// The `u16` at bytes 12..14, for a format's named accessor (split `flags`, packed
+    /// `id`).
     #[inline(always)]
-    pub fn lo16(&self) -> &Le16 {
+    pub(crate) fn at12(&self) -> &Le16 {
         // SAFETY: as in `len`, for the 2-aligned bytes 12..14.
         unsafe { &*(self as *const Self as *const u8).add(12).cast::<Le16>() }
     }
 
-    /// The `u16` at bytes 14..16: split `next`, packed `flags`.
+    /// The `u16` at bytes 14..16, for a format's named accessor (split `next`, packed
+    /// `flags`).
     #[inline(always)]
-    pub fn hi16(&self) -> &Le16 {
+    pub(crate) fn at14(&self) -> &Le16 {
         // SAFETY: as in `len`, for the 2-aligned bytes 14..16.
         unsafe { &*(self as *const Self as *const u8).add(14).cast::<Le16>() }
     }
@@ -172,9 +183,21 @@ impl RawDesc {
     /// Writes the whole descriptor.
     #[inline(always)]
     #[cfg(not(loom))]
-    pub fn write(&self, d: DescWords) {
-        self.addr.store(d.addr);
-        self.word1.store(d.len as u64 | (d.lo16 as u64) << 32 | (d.hi16 as u64) << 48);
+    pub(crate) fn write<F: DescFormat>(&self, d: F) {
+        let (addr, word1) = d.to_words();
+        self.addr.store(addr);
+        self.word1.store(word1);
+    }
+
+    /// Under loom, field by field (see `read`).
+    #[cfg(loom)]
+    pub(crate) fn write<F: DescFormat>(&self, d: F) {
+        let (addr, word1) = d.to_words();
+        let (len, at12, at14) = word1_fields(word1);
+        self.addr.store(addr);
+        self.len().store(len);
+        self.at12().store(at12);
+        self.at14().store(at14);
     }
 
     /// Writes the descriptor unless it already holds `d`. A driver that posts the same
@@ -183,43 +206,59 @@ impl RawDesc {
     /// device instead of taking it back. The load hits: the driver wrote the line itself.
     #[inline(always)]
     #[cfg(not(loom))]
-    pub fn write_if_changed(&self, d: DescWords) {
-        let word1 = d.len as u64 | (d.lo16 as u64) << 32 | (d.hi16 as u64) << 48;
-        if self.addr.load() != d.addr || self.word1.load() != word1 {
-            self.addr.store(d.addr);
+    pub(crate) fn write_if_changed<F: DescFormat>(&self, d: F) {
+        let (addr, word1) = d.to_words();
+        if self.addr.load() != addr || self.word1.load() != word1 {
+            self.addr.store(addr);
             self.word1.store(word1);
         }
     }
 
     /// Under loom, through `read` and `write` (see `read`).
     #[cfg(loom)]
-    pub fn write_if_changed(&self, d: DescWords) {
-        if self.read() != d {
+    pub(crate) fn write_if_changed<F: DescFormat>(&self, d: F) {
+        if self.read::<F>() != d {
             self.write(d);
         }
     }
 
-    /// Whether `len` and the low 16-bit field (split `flags`, packed `id`) hold these
-    /// values: one load of word 1.
+    /// Whether `len` and the `u16` at byte 12 hold these values: one load of word 1.
     #[inline(always)]
     #[cfg(not(loom))]
-    pub fn holds_len_lo16(&self, len: u32, lo16: u16) -> bool {
-        self.word1.load() & 0xffff_ffff_ffff == len as u64 | (lo16 as u64) << 32
+    pub(crate) fn holds_len_at12(&self, len: u32, at12: u16) -> bool {
+        self.word1.load() & 0xffff_ffff_ffff == word1(len, at12, 0)
     }
 
     /// Under loom, field by field (see `read`).
     #[cfg(loom)]
-    pub fn holds_len_lo16(&self, len: u32, lo16: u16) -> bool {
-        self.len().load() == len && self.lo16().load() == lo16
+    pub(crate) fn holds_len_at12(&self, len: u32, at12: u16) -> bool {
+        self.len().load() == len && self.at12().load() == at12
     }
+}
 
-    /// Under loom, field by field (see `read`).
-    #[cfg(loom)]
-    pub fn write(&self, d: DescWords) {
-        self.addr.store(d.addr);
-        self.len().store(d.len);
-        self.lo16().store(d.lo16);
-        self.hi16().store(d.hi16);
+/// Reads descriptor `i` of a table that may sit at any address: indirect tables have no
+/// alignment requirement (VIRTIO 1.3, 2.7.5.3 and 2.8.19 set none). An 8-aligned table is
+/// read as two atomic words; otherwise the 16 bytes are copied out with one volatile read,
+/// so each byte is still fetched once.
+///
+/// # Safety
+///
+/// `table` is valid for reads of `16 * (i + 1)` bytes for the duration of the call.
+#[inline(always)]
+pub(crate) unsafe fn read_table_entry<F: DescFormat>(table: core::ptr::NonNull<u8>, i: usize) -> F {
+    // SAFETY: entry `i` lies inside the table, by the caller's promise.
+    let entry = unsafe { table.as_ptr().add(16 * i) };
+    if (entry as usize).is_multiple_of(core::mem::align_of::<RawDesc>()) {
+        // SAFETY: 16 valid bytes, 8-aligned: a `RawDesc`, whose fields are atomics, so a
+        // shared reference to memory the peer may write is sound.
+        unsafe { &*entry.cast::<RawDesc>() }.read()
+    } else {
+        // SAFETY: 16 valid bytes; `[u8; 16]` has alignment 1. The read copies a snapshot
+        // that the peer cannot change afterwards.
+        let bytes = unsafe { core::ptr::read_volatile(entry.cast::<[u8; 16]>()) };
+        let (lo, hi) = bytes.split_at(8);
+        let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+        F::from_words(word(lo), word(hi))
     }
 }
 
@@ -230,13 +269,20 @@ mod tests {
     #[test]
     fn descriptor_words_have_the_spec_byte_layout() {
         let d = RawDesc { addr: Le64(AtomicU64::new(0)), word1: Le64(AtomicU64::new(0)) };
-        d.write(DescWords { addr: 0x1122_3344_5566_7788, len: 0xaabb_ccdd, lo16: 0x0102, hi16: 0x0304 });
+        let split =
+            crate::split::Descriptor { addr: 0x1122_3344_5566_7788, len: 0xaabb_ccdd, flags: 0x0102, next: 0x0304 };
+        d.write(split);
         // SAFETY: RawDesc is 16 plain bytes and nothing else touches `d` meanwhile.
         let bytes: [u8; 16] = unsafe { core::mem::transmute_copy(&d) };
         assert_eq!(
             bytes,
             [0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0xdd, 0xcc, 0xbb, 0xaa, 0x02, 0x01, 0x04, 0x03]
         );
-        assert_eq!(d.read(), DescWords { addr: 0x1122_3344_5566_7788, len: 0xaabb_ccdd, lo16: 0x0102, hi16: 0x0304 });
+        assert_eq!(d.read::<crate::split::Descriptor>(), split);
+        // The same bytes in the packed format: the id where split has its flags.
+        let packed: crate::packed::Descriptor = d.read();
+        assert_eq!((packed.addr, packed.len, packed.id, packed.flags), (split.addr, split.len, 0x0102, 0x0304));
+        assert!(d.holds_len_at12(0xaabb_ccdd, 0x0102));
+        assert!(!d.holds_len_at12(0xaabb_ccdd, 0x0304));
     }
 }

@@ -257,7 +257,7 @@ pub struct MockDevice<'m> {
 
 impl<'m> MockDevice<'m> {
     /// Attaches to the ring of `driver`, which lives in `mem`.
-    pub fn for_driver<T, D: Dma, N: crate::Notify, L: crate::RingLayout>(
+    pub fn for_driver<T, D: Dma, N: crate::Notify, L: crate::DriverLayout>(
         mem: &'m TestMemory,
         driver: &crate::DriverQueue<T, D, N, L>,
         features: crate::Features,

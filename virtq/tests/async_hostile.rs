@@ -107,7 +107,7 @@ fn a_device_that_breaks_the_ring_mid_stream_fails_every_future_and_loses_no_buff
 fn forge_last_used_len(queue: &asynq::Queue<'_>, dev: &asynq::Dev<'_>, len: u32) {
     let (desc, used) = queue.with_queue(|q| (q.desc_addr(), q.used_addr()));
     let last = dev.device.used_base().wrapping_sub(1) & (SIZE - 1);
-    let addr = if matches!(dev.device, virtq::DeviceQueue::Split(_)) {
+    let addr = if matches!(dev.layout, virtq::LayoutKind::Split | virtq::LayoutKind::SplitInOrder) {
         // struct vring_used_elem { le32 id; le32 len; } after flags and idx.
         used + 4 + 8 * last as u64 + 4
     } else {

@@ -20,7 +20,7 @@ fn bursts_cross_the_ring_end_lap_after_lap_and_come_back_in_order() {
     for layout in LAYOUTS {
         // 5 entries: packed rings need not be powers of two, and bursts of 3 then straddle
         // the end at a different place on every lap.
-        let size = if matches!(layout, LayoutKind::Split | LayoutKind::SplitInOrder) { 4 } else { 5 };
+        let size = if !layout.is_packed() { 4 } else { 5 };
         let mem = TestMemory::new(1 << 20);
         let mut p = Pair::of(&mem, layout, size, true, false);
         let mut next = 0u64;
@@ -228,7 +228,7 @@ fn a_mapping_failure_anywhere_around_the_ring_end_leaves_a_working_ring() {
     for layout in LAYOUTS {
         // 5 entries on packed rings, so that the burst's start, its failure and the ring's
         // end fall at every relative place.
-        let size: u16 = if matches!(layout, LayoutKind::Split | LayoutKind::SplitInOrder) { 4 } else { 5 };
+        let size: u16 = if !layout.is_packed() { 4 } else { 5 };
         for start in 0..size {
             for fail_after in 0..size as u64 {
                 let mem = TestMemory::new(1 << 20);

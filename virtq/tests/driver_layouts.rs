@@ -514,10 +514,10 @@ fn caller_memory_queues_work_in_every_layout() {
     each_layout(|layout| {
         let mem = TestMemory::new(1 << 20);
         let features = layout_features(layout, true, false);
-        let total = if matches!(layout, LayoutKind::Split | LayoutKind::SplitInOrder) {
-            virtq::split::ContiguousLayout::new(8, 64).total
+        let total = if !layout.is_packed() {
+            virtq::split::ContiguousAreas::new(8, 64).total
         } else {
-            virtq::packed::ContiguousLayout::new(8).total
+            virtq::packed::ContiguousAreas::new(8).total
         };
         let addr = mem.alloc(total, 4096).unwrap();
         let region = virtq::DmaRegion {
@@ -684,4 +684,23 @@ fn reposting_into_the_same_slots_delivers_every_change_and_repairs_overwritten_e
         lap(&mut p, &chains, 64, &format!("{layout:?}: two-descriptor chains"));
         lap(&mut p, &inbufs(&a), 10, &format!("{layout:?}: single descriptors again"));
     });
+}
+
+/// Each fixed device type attaches only to rings whose features select its layout; the
+/// run-time `DeviceQueue` attaches to all four and reports which it runs.
+#[test]
+fn device_types_attach_only_to_their_layout() {
+    use virtq::{DeviceConfig, DeviceError, PackedDevice, PackedInOrderDevice, SplitDevice, SplitInOrderDevice};
+    let mem = TestMemory::new(1 << 20);
+    for layout in LayoutKind::ALL {
+        let features = layout.apply(Features::VERSION_1 | Features::EVENT_IDX);
+        let driver = Virtqueue::<u32, _, _>::new(QueueConfig::new(0, 8, features), &mem, ()).unwrap();
+        let config = DeviceConfig::new(8, features, driver.desc_addr(), driver.avail_addr(), driver.used_addr());
+        let expect = |kind: LayoutKind| if kind == layout { Ok(kind) } else { Err(DeviceError::WrongLayout) };
+        assert_eq!(SplitDevice::new(&mem, config).map(|d| d.layout()), expect(LayoutKind::Split));
+        assert_eq!(SplitInOrderDevice::new(&mem, config).map(|d| d.layout()), expect(LayoutKind::SplitInOrder));
+        assert_eq!(PackedDevice::new(&mem, config).map(|d| d.layout()), expect(LayoutKind::Packed));
+        assert_eq!(PackedInOrderDevice::new(&mem, config).map(|d| d.layout()), expect(LayoutKind::PackedInOrder));
+        assert_eq!(DeviceQueue::new(&mem, config).map(|d| d.layout()), Ok(layout));
+    }
 }

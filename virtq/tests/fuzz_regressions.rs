@@ -75,7 +75,7 @@ fn full_indirect_ring_reports_no_space_for_a_buffer_longer_than_the_ring() {
 /// `NEXT` and the one after it is not available) latches broken with
 /// `BadDescriptorFlags`. The API promises "on error ... nothing was published".
 ///
-/// Cause: `PackedLayout::add` (`virtq/src/packed/driver.rs`), the direct-chain loop:
+/// Cause: `PackedDriverLayout::add` (`virtq/src/packed/driver.rs`), the direct-chain loop:
 /// `desc.write(DescWords { .., hi16: flags })` for `n > 0` publishes before the whole
 /// chain is mapped, and the `NoMemory` path (`core.unmap_chain(id, n)`) does not take
 /// those flags back. Linux's `virtqueue_add_packed` has the same shape. Fix: on that path,

@@ -14,7 +14,9 @@ use virtq::packed::{
     EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE, WRAP_BIT,
 };
 use virtq::testing::TestMemory;
-use virtq::{AddErrorKind, DeviceConfig, DeviceError, Fault, Features, LayoutKind, PackedDevice, Segments};
+use virtq::{
+    AddErrorKind, DeviceConfig, DeviceError, DeviceQueue, Fault, Features, LayoutKind, PackedDevice, Segments,
+};
 
 /// Both packed layouts: every driver-side case must hold on each.
 const PACKED_LAYOUTS: [LayoutKind; 2] = [LayoutKind::Packed, LayoutKind::PackedInOrder];
@@ -331,8 +333,9 @@ struct HandRing<'m> {
 }
 
 impl<'m> HandRing<'m> {
+    /// A ring whose driver negotiated `INDIRECT_DESC`.
     fn new(mem: &'m TestMemory, size: u16) -> Self {
-        Self::with_features(mem, size, Features::empty())
+        Self::with_features(mem, size, Features::INDIRECT_DESC)
     }
 
     fn with_features(mem: &'m TestMemory, size: u16, extra: Features) -> Self {
@@ -353,12 +356,12 @@ impl<'m> HandRing<'m> {
         DeviceConfig { avail_base: base, used_base: base, ..self.config() }
     }
 
-    fn device(&self) -> PackedDevice<'m, TestMemory> {
-        PackedDevice::new(self.mem, self.config()).unwrap()
+    fn device(&self) -> DeviceQueue<'m, TestMemory> {
+        DeviceQueue::new(self.mem, self.config()).unwrap()
     }
 
-    fn device_at(&self, pos: u16, wrap: bool) -> PackedDevice<'m, TestMemory> {
-        PackedDevice::new(self.mem, self.config_at(pos, wrap)).unwrap()
+    fn device_at(&self, pos: u16, wrap: bool) -> DeviceQueue<'m, TestMemory> {
+        DeviceQueue::new(self.mem, self.config_at(pos, wrap)).unwrap()
     }
 
     /// Writes ring descriptor `pos`, flags last.
@@ -399,7 +402,7 @@ fn write_desc(mem: &TestMemory, at: u64, addr: u64, len: u32, id: u16, flags: u1
 }
 
 /// Pops once expecting `expected`, then checks the queue latched broken.
-fn assert_device_fails(mut device: PackedDevice<'_, TestMemory>, expected: DeviceError) {
+fn assert_device_fails(mut device: DeviceQueue<'_, TestMemory>, expected: DeviceError) {
     let mut segs = Segments::<16>::new();
     assert_eq!(device.pop(&mut segs).unwrap_err(), expected);
     assert!(device.is_broken());
@@ -759,7 +762,11 @@ fn packed_invalid_device_configs_are_rejected() {
         assert_eq!(err(DeviceConfig { avail_base: base, ..good }), Some(DeviceError::InvalidSize), "{base:#x}");
         assert_eq!(err(DeviceConfig { used_base: base, ..good }), Some(DeviceError::InvalidSize), "{base:#x}");
     }
-    assert_eq!(err(DeviceConfig { features: Features::VERSION_1, ..good }), Some(DeviceError::InvalidSize));
+    // Split or in-order features on a packed (not in-order) device.
+    for layout in [LayoutKind::Split, LayoutKind::SplitInOrder, LayoutKind::PackedInOrder] {
+        let features = layout.apply(good.features);
+        assert_eq!(err(DeviceConfig { features, ..good }), Some(DeviceError::WrongLayout), "{layout}");
+    }
     // Descriptor ring 16-aligned, event areas 4-aligned (VIRTIO 1.3, 2.8.10.1).
     assert_eq!(err(DeviceConfig { desc_addr: good.desc_addr + 8, ..good }), Some(DeviceError::Misaligned));
     assert_eq!(err(DeviceConfig { desc_addr: good.desc_addr + 4, ..good }), Some(DeviceError::Misaligned));
@@ -891,5 +898,50 @@ fn packed_size_3_pair_fills_the_ring_with_a_chain_and_a_single_across_the_end() 
             assert_eq!(p.driver.num_free(), 3);
             assert!(!p.driver.is_broken() && !p.device.is_broken());
         }
+    }
+}
+
+/// VIRTIO 1.3, 2.8.19 sets no alignment for an indirect table: a table at any address is
+/// read as a plain array of descriptors.
+#[test]
+fn packed_2_8_19_indirect_tables_at_any_alignment_are_walked() {
+    for misalign in [0u64, 1, 2, 4, 7, 8, 12, 15] {
+        let mem = TestMemory::new(1 << 20);
+        let ring = HandRing::new(&mem, 4);
+        let (r, w) = (ring.buf(8), ring.buf(32));
+        let table = mem.alloc(48, 16).unwrap() + misalign;
+        write_desc(&mem, table, r, 8, 0, 0);
+        write_desc(&mem, table + 16, w, 32, 0, DESC_F_WRITE);
+        ring.desc(0, table, 32, 6, LAP1 | DESC_F_INDIRECT);
+        let mut device = ring.device();
+        let mut segs = Segments::<16>::new();
+        let chain = device.pop(&mut segs).unwrap().expect("a chain");
+        assert_eq!((chain.id(), chain.readable_len(), chain.writable_len()), (6, 8, 32), "misalign {misalign}");
+        assert_eq!(segments(&segs), vec![(r, 8, false), (w, 32, true)], "misalign {misalign}");
+        device.complete(chain, 32);
+        device.publish_used();
+        assert_eq!((ring.id(0), ring.len(0), ring.flags(0)), (6, 32, USED1 | DESC_F_WRITE));
+        assert!(!device.is_broken());
+    }
+}
+
+/// An `INDIRECT` descriptor without `VIRTIO_RING_F_INDIRECT_DESC` negotiated breaks the
+/// driver's side of the contract (VIRTIO 1.3, 2.8.19): the device reports it, latches
+/// broken, and reads nothing of the table.
+#[test]
+fn packed_2_8_19_indirect_without_the_feature_is_refused() {
+    for in_order in [false, true] {
+        let mem = TestMemory::new(1 << 20);
+        let extra = if in_order { Features::IN_ORDER } else { Features::empty() };
+        let ring = HandRing::with_features(&mem, 4, extra);
+        let table = mem.alloc(16, 16).unwrap();
+        write_desc(&mem, table, ring.buf(8), 8, 0, 0);
+        ring.desc(0, table, 16, 0, LAP1 | DESC_F_INDIRECT);
+        assert_device_fails(ring.device(), DeviceError::IndirectNotNegotiated);
+        // A direct chain is still served without the feature.
+        let ring = HandRing::with_features(&mem, 4, extra);
+        ring.desc(0, ring.buf(8), 8, 0, LAP1);
+        let mut segs = Segments::<16>::new();
+        assert!(ring.device().pop(&mut segs).unwrap().is_some());
     }
 }

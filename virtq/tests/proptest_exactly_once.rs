@@ -436,7 +436,7 @@ proptest! {
         ops in prop::collection::vec(op(), 1..300),
     ) {
         let mem = TestMemory::new(4 << 20);
-        let split = matches!(layout, LayoutKind::Split | LayoutKind::SplitInOrder);
+        let split = !layout.is_packed();
         let size = if split { 1 << size_log } else { packed_size };
         let mut config = QueueConfig::new(0, size, common::layout_features(layout, event_idx, indirect));
         config.indirect_max = 4;

@@ -213,7 +213,7 @@ fn introspection_matches_the_ring_layout() {
     let mut config = QueueConfig::new(0, 16, features(false, false));
     config.vring_align = 4096;
     let p = Pair::new(&mem, config);
-    let layout = virtq::split::ContiguousLayout::new(16, 4096);
+    let layout = virtq::split::ContiguousAreas::new(16, 4096);
     assert_eq!(p.driver.vring_size(), 16);
     assert_eq!(p.driver.avail_addr() - p.driver.desc_addr(), layout.avail_offset as u64);
     assert_eq!(p.driver.used_addr() - p.driver.desc_addr(), 4096);

@@ -136,7 +136,7 @@ impl<'m> HandRing<'m> {
         let desc = mem.alloc(16 * size as usize, 16).unwrap();
         let avail = mem.alloc(6 + 2 * size as usize, 2).unwrap();
         let used = mem.alloc(6 + 8 * size as usize, 4).unwrap();
-        Self { mem, size, desc, avail, used, features: Features::VERSION_1 }
+        Self { mem, size, desc, avail, used, features: Features::VERSION_1 | Features::INDIRECT_DESC }
     }
 
     fn config(&self) -> DeviceConfig {
@@ -437,4 +437,57 @@ fn each_avail_entry_is_read_once_so_a_rewritten_head_cannot_be_popped_twice() {
     assert!(device.pop(&mut segs).unwrap().is_none());
     ring.publish(1, &[1]);
     assert_eq!(device.pop(&mut segs).unwrap().unwrap().id(), 1);
+}
+
+/// Segments as `(addr, len, writable)`.
+fn segs_of(segs: &Segments<'_, 16>) -> Vec<(u64, u32, bool)> {
+    segs.iter().map(|s| (s.addr(), s.len(), s.is_writable())).collect()
+}
+
+/// VIRTIO 1.3, 2.7.5.3 sets no alignment for an indirect table: a table at any address is
+/// walked, entry by entry, with its `next` links.
+#[test]
+fn split_2_7_5_3_indirect_tables_at_any_alignment_are_walked() {
+    for misalign in [0u64, 1, 2, 4, 7, 8, 12, 15] {
+        let mem = TestMemory::new(1 << 20);
+        let ring = HandRing::new(&mem, 4);
+        let (r, w) = (ring.buf(8), ring.buf(32));
+        let table = mem.alloc(64, 16).unwrap() + misalign;
+        // Entry 0 -> entry 2 (readable, then writable); entry 1 is never reached.
+        write_desc(&mem, table, r, 8, DESC_F_NEXT, 2);
+        write_desc(&mem, table + 16, 0xdead_0000, 4, 0, 0);
+        write_desc(&mem, table + 32, w, 32, DESC_F_WRITE, 0);
+        ring.desc(1, table, 48, DESC_F_INDIRECT, 0);
+        ring.publish(0, &[1]);
+        let mut device = ring.device();
+        let mut segs = Segments::<16>::new();
+        let chain = device.pop(&mut segs).unwrap().expect("a chain");
+        assert_eq!((chain.id(), chain.readable_len(), chain.writable_len()), (1, 8, 32), "misalign {misalign}");
+        assert_eq!(segs_of(&segs), vec![(r, 8, false), (w, 32, true)], "misalign {misalign}");
+        device.complete(chain, 32);
+        device.publish_used();
+        assert!(!device.is_broken());
+    }
+}
+
+/// An `INDIRECT` descriptor without `VIRTIO_RING_F_INDIRECT_DESC` negotiated breaks the
+/// driver's side of the contract (VIRTIO 1.3, 2.7.5.3.1): the device reports it, latches
+/// broken, and reads nothing of the table.
+#[test]
+fn split_2_7_5_3_1_indirect_without_the_feature_is_refused() {
+    let mem = TestMemory::new(1 << 20);
+    let mut ring = HandRing::new(&mem, 4);
+    ring.features = Features::VERSION_1;
+    let table = mem.alloc(16, 16).unwrap();
+    write_desc(&mem, table, ring.buf(8), 8, 0, 0);
+    ring.desc(0, table, 16, DESC_F_INDIRECT, 0);
+    ring.publish(0, &[0]);
+    assert_pop_fails(&ring, DeviceError::IndirectNotNegotiated);
+    // A direct chain is still served without the feature.
+    let ring2 = HandRing { features: Features::VERSION_1, ..HandRing::new(&mem, 4) };
+    let b = ring2.buf(8);
+    ring2.desc(0, b, 8, 0, 0);
+    ring2.publish(0, &[0]);
+    let mut segs = Segments::<16>::new();
+    assert!(ring2.device().pop(&mut segs).unwrap().is_some());
 }

@@ -248,17 +248,11 @@ struct Config {
 
 impl Config {
     fn in_order(&self) -> bool {
-        matches!(self.layout, LayoutKind::SplitInOrder | LayoutKind::PackedInOrder)
+        self.layout.is_in_order()
     }
 
     fn features(&self) -> Features {
-        let mut f = Features::VERSION_1;
-        match self.layout {
-            LayoutKind::Split => {}
-            LayoutKind::SplitInOrder => f |= Features::IN_ORDER,
-            LayoutKind::Packed => f |= Features::RING_PACKED,
-            LayoutKind::PackedInOrder => f |= Features::RING_PACKED | Features::IN_ORDER,
-        }
+        let mut f = self.layout.apply(Features::VERSION_1);
         if self.event_idx {
             f |= Features::EVENT_IDX;
         }
@@ -558,7 +552,7 @@ fn run(cfg: Config) -> u64 {
     qc.indirect_max = MAX_SEGS as u16;
     let mut q: Driver<'_> = Virtqueue::new(qc, &mem, &sh.device_bell).expect("driver queue");
     let mut dc = DeviceConfig::new(cfg.size, cfg.features(), q.desc_addr(), q.avail_addr(), q.used_addr());
-    if matches!(cfg.layout, LayoutKind::Split | LayoutKind::SplitInOrder) {
+    if !cfg.layout.is_packed() {
         q.start_at(cfg.start);
         dc.avail_base = cfg.start;
     }
@@ -651,7 +645,7 @@ fn seed() -> u64 {
 /// Both `EVENT_IDX` settings of `layout`, with indirect descriptors on one of them, at
 /// ring sizes drawn from the seed (packed sizes need not be powers of two).
 fn stress(layout: LayoutKind) {
-    let split = matches!(layout, LayoutKind::Split | LayoutKind::SplitInOrder);
+    let split = !layout.is_packed();
     let mut rng = Rng::new(seed() ^ layout as u64);
     for event_idx in [false, true] {
         let size = if split { 1 << rng.range(1, 6) } else { rng.range(1, 48) as u16 };

@@ -281,10 +281,8 @@ impl WorkerCtx {
             self.call.signal();
         }
         exit.avail_base = q.avail_base();
-        exit.used_base = match &q {
-            DeviceQueue::Packed(p) => p.used_base(),
-            DeviceQueue::Split(_) => 0,
-        };
+        // A split ring's used index lives in the ring; the frontend reads it there.
+        exit.used_base = if q.layout().is_packed() { q.used_base() } else { 0 };
         exit.fault = q.fault();
         exit
     }

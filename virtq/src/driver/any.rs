@@ -2,68 +2,67 @@
 //! queue is created, and every operation is one `match` away from the specialised code.
 
 use super::core::{Buffer, DriverCore};
-use super::queue::{LayoutKind, RingLayout, Sealed};
+use super::queue::{DriverLayout, Sealed};
 use super::{AddError, CreateError, DriverQueue, Notify, QueueConfig, Sg};
 use crate::memory::{Dma, DmaRegion};
-use crate::packed::driver::PackedLayout;
-use crate::split::driver::SplitLayout;
-use crate::Features;
+use crate::packed::driver::PackedDriverLayout;
+use crate::split::driver::SplitDriverLayout;
+use crate::LayoutKind;
 
 /// Any of the four layouts, chosen from the features at creation.
-pub enum AnyLayout {
+pub enum AnyDriverLayout {
     /// Split ring.
-    Split(SplitLayout<false>),
+    Split(SplitDriverLayout<false>),
     /// Split ring, in order.
-    SplitInOrder(SplitLayout<true>),
+    SplitInOrder(SplitDriverLayout<true>),
     /// Packed ring.
-    Packed(PackedLayout<false>),
+    Packed(PackedDriverLayout<false>),
     /// Packed ring, in order.
-    PackedInOrder(PackedLayout<true>),
+    PackedInOrder(PackedDriverLayout<true>),
 }
 
 /// A driver queue whose layout the negotiated features choose at run time: the type to
 /// use when the transport negotiates (`RING_PACKED`, `IN_ORDER`).
-pub type Virtqueue<T, D, N> = DriverQueue<T, D, N, AnyLayout>;
+pub type Virtqueue<T, D, N> = DriverQueue<T, D, N, AnyDriverLayout>;
 
-impl Sealed for AnyLayout {}
+impl Sealed for AnyDriverLayout {}
 
 macro_rules! dispatch {
     ($self:expr, $l:ident => $e:expr) => {
         match $self {
-            AnyLayout::Split($l) => $e,
-            AnyLayout::SplitInOrder($l) => $e,
-            AnyLayout::Packed($l) => $e,
-            AnyLayout::PackedInOrder($l) => $e,
+            AnyDriverLayout::Split($l) => $e,
+            AnyDriverLayout::SplitInOrder($l) => $e,
+            AnyDriverLayout::Packed($l) => $e,
+            AnyDriverLayout::PackedInOrder($l) => $e,
         }
     };
 }
 
 #[allow(private_interfaces)]
-impl RingLayout for AnyLayout {
+impl DriverLayout for AnyDriverLayout {
+    type Device = crate::AnyDeviceLayout;
+
     fn kind(&self) -> LayoutKind {
         dispatch!(self, l => l.kind())
     }
 
     fn create<D: Dma>(config: &QueueConfig, dma: &D) -> Result<Self, CreateError> {
-        let f = config.features;
-        Ok(match (f.contains(Features::RING_PACKED), f.contains(Features::IN_ORDER)) {
-            (false, false) => Self::Split(SplitLayout::create(config, dma)?),
-            (false, true) => Self::SplitInOrder(SplitLayout::create(config, dma)?),
-            (true, false) => Self::Packed(PackedLayout::create(config, dma)?),
-            (true, true) => Self::PackedInOrder(PackedLayout::create(config, dma)?),
+        Ok(match LayoutKind::from_features(config.features) {
+            LayoutKind::Split => Self::Split(SplitDriverLayout::create(config, dma)?),
+            LayoutKind::SplitInOrder => Self::SplitInOrder(SplitDriverLayout::create(config, dma)?),
+            LayoutKind::Packed => Self::Packed(PackedDriverLayout::create(config, dma)?),
+            LayoutKind::PackedInOrder => Self::PackedInOrder(PackedDriverLayout::create(config, dma)?),
         })
     }
 
     unsafe fn create_in(config: &QueueConfig, memory: DmaRegion) -> Result<Self, CreateError> {
-        let f = config.features;
-        let (packed, in_order) = (f.contains(Features::RING_PACKED), f.contains(Features::IN_ORDER));
         // SAFETY: the caller's promise about `memory`, passed on unchanged to one layout.
         unsafe {
-            Ok(match (packed, in_order) {
-                (false, false) => Self::Split(SplitLayout::create_in(config, memory)?),
-                (false, true) => Self::SplitInOrder(SplitLayout::create_in(config, memory)?),
-                (true, false) => Self::Packed(PackedLayout::create_in(config, memory)?),
-                (true, true) => Self::PackedInOrder(PackedLayout::create_in(config, memory)?),
+            Ok(match LayoutKind::from_features(config.features) {
+                LayoutKind::Split => Self::Split(SplitDriverLayout::create_in(config, memory)?),
+                LayoutKind::SplitInOrder => Self::SplitInOrder(SplitDriverLayout::create_in(config, memory)?),
+                LayoutKind::Packed => Self::Packed(PackedDriverLayout::create_in(config, memory)?),
+                LayoutKind::PackedInOrder => Self::PackedInOrder(PackedDriverLayout::create_in(config, memory)?),
             })
         }
     }

@@ -12,7 +12,7 @@ use core::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use super::{AddError, AddErrorKind, CreateError, Fault, Notify, QueueConfig, Sg, Shared};
 use crate::memory::{Direction, Dma, DmaRegion};
-use crate::shared::{DescWords, RawDesc};
+use crate::shared::RawDesc;
 use crate::{Barriers, Features};
 
 /// Private flag in [`DescExtra::flags`]: the segment was premapped, never unmap it.
@@ -378,9 +378,11 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
             if D::MAPS && !premapped {
                 self.indirect_extra[first + n] = DescExtra { addr, len: sg.len, flags: flags | priv_flags, next: 0 };
             }
-            let next = if split_links { n as u16 + 1 } else { 0 };
-            let (lo16, hi16) = if split_links { (flags, next) } else { (0, flags) };
-            table[n].write(DescWords { addr, len: sg.len, lo16, hi16 });
+            if split_links {
+                table[n].write(crate::split::Descriptor { addr, len: sg.len, flags, next: n as u16 + 1 });
+            } else {
+                table[n].write(crate::packed::Descriptor { addr, len: sg.len, id: 0, flags });
+            }
             Ok(())
         })?;
         Ok((table_addr, writable))

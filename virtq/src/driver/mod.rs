@@ -5,7 +5,7 @@ pub(crate) mod any;
 pub(crate) mod core;
 pub(crate) mod queue;
 
-pub use queue::{DriverQueue, LayoutKind, RingLayout};
+pub use queue::{DriverLayout, DriverQueue};
 
 use ::core::fmt;
 use ::core::sync::atomic::{AtomicBool, Ordering};

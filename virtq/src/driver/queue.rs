@@ -1,9 +1,9 @@
 //! The driver queue: Linux's virtqueue API, written once over a ring layout.
 //!
 //! [`DriverQueue`] holds the layout-independent bookkeeping and a layout `L`. Each layout
-//! ([`crate::SplitLayout`], [`crate::PackedLayout`], with or without in-order) is a
+//! ([`crate::SplitDriverLayout`], [`crate::PackedDriverLayout`], with or without in-order) is a
 //! separate type, so a queue whose layout is known at compile time runs code specialised
-//! for it. [`crate::AnyLayout`] chooses at run time from the negotiated features: one
+//! for it. [`crate::AnyDriverLayout`] chooses at run time from the negotiated features: one
 //! `match` per operation, each arm calling the specialised code.
 
 use super::core::{Buffer, DriverCore};
@@ -13,6 +13,7 @@ use super::{
     Sg, UsedBuf, UsedSnapshot,
 };
 use crate::memory::{Dma, DmaRegion};
+use crate::LayoutKind;
 use alloc::sync::Arc;
 
 mod sealed {
@@ -20,22 +21,14 @@ mod sealed {
 }
 pub(crate) use sealed::Sealed;
 
-/// Which of Linux's four ring layouts a queue runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LayoutKind {
-    /// Split ring (VIRTIO 1.3, 2.7).
-    Split,
-    /// Split ring with `VIRTIO_F_IN_ORDER`.
-    SplitInOrder,
-    /// Packed ring (VIRTIO 1.3, 2.8).
-    Packed,
-    /// Packed ring with `VIRTIO_F_IN_ORDER`.
-    PackedInOrder,
-}
-
-/// The ring-format half of a driver queue. Implemented by this crate's layouts only.
+/// The ring-format half of a driver queue. Implemented by this crate's layouts only:
+/// [`crate::SplitDriverLayout`], [`crate::PackedDriverLayout`] (each with or without
+/// `IN_ORDER`) and [`crate::AnyDriverLayout`].
 #[allow(private_interfaces)]
-pub trait RingLayout: Sized + Send + Sync + Sealed {
+pub trait DriverLayout: Sized + Send + Sync + Sealed {
+    /// The device side of the same layout, for code that runs both ends of one ring
+    /// (tests, benchmarks): `Device<'m, M, L::Device>` serves a `DriverQueue<.., L>`.
+    type Device: crate::DeviceLayout;
     /// Which layout this is.
     fn kind(&self) -> LayoutKind;
     #[doc(hidden)]
@@ -148,9 +141,9 @@ impl<N: Notify> Drop for BreakOnUnwind<N> {
     }
 }
 
-/// [`RingLayout::get_each`] as repeated `get_buf`s.
+/// [`DriverLayout::get_each`] as repeated `get_buf`s.
 #[inline(always)]
-pub(crate) fn get_one_by_one<L: RingLayout, T, D: Dma, N: Notify>(
+pub(crate) fn get_one_by_one<L: DriverLayout, T, D: Dma, N: Notify>(
     layout: &mut L,
     core: &mut DriverCore<T, D, N>,
     max: usize,
@@ -172,12 +165,12 @@ pub(crate) fn get_one_by_one<L: RingLayout, T, D: Dma, N: Notify>(
 /// serialized take `&mut self`; those it documents as "need not be serialized" take
 /// `&self` (`disable_cb`, `poll`, `vring_size`, `is_broken`, `interrupt`), and `notify` is
 /// also on the [`QueueHandle`], which needs no borrow of the queue at all.
-pub struct DriverQueue<T, D: Dma, N: Notify, L: RingLayout> {
+pub struct DriverQueue<T, D: Dma, N: Notify, L: DriverLayout> {
     core: DriverCore<T, D, N>,
     layout: L,
 }
 
-impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
+impl<T, D: Dma, N: Notify, L: DriverLayout> DriverQueue<T, D, N, L> {
     /// Allocates and initialises a ring (Linux's `vring_create_virtqueue`).
     #[doc(alias = "vring_create_virtqueue")]
     pub fn new(config: QueueConfig, dma: D, notifier: N) -> Result<Self, CreateError> {
@@ -193,7 +186,7 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
 
     /// Builds a split queue in memory the caller provides and keeps (Linux's
     /// `vring_new_virtqueue`), using the contiguous layout of
-    /// [`crate::split::ContiguousLayout::new`]`(config.size, config.vring_align)`.
+    /// [`crate::split::ContiguousAreas::new`]`(config.size, config.vring_align)`.
     ///
     /// # Safety
     ///
@@ -641,7 +634,7 @@ impl<T, D: Dma, N: Notify, L: RingLayout> DriverQueue<T, D, N, L> {
     }
 }
 
-impl<T, D: Dma, N: Notify, L: RingLayout> Drop for DriverQueue<T, D, N, L> {
+impl<T, D: Dma, N: Notify, L: DriverLayout> Drop for DriverQueue<T, D, N, L> {
     fn drop(&mut self) {
         if D::MAPS {
             while self.detach_unused_buf().is_some() {}

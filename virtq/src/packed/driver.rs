@@ -12,19 +12,19 @@
 use core::sync::atomic::{AtomicU16, Ordering::Relaxed};
 
 use super::{
-    avail_bits, is_used, ContiguousLayout, Cursor, PackedRing, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED,
-    DESC_F_WRITE, EVENT_FLAGS_DESC, EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE, WRAP_BIT,
+    avail_bits, is_used, ContiguousAreas, Cursor, Descriptor, PackedRing, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT,
+    DESC_F_USED, DESC_F_WRITE, EVENT_FLAGS_DESC, EVENT_FLAGS_DISABLE, EVENT_FLAGS_ENABLE, WRAP_BIT,
 };
 use crate::driver::core::{Buffer, DriverCore, FreeList, PRIV_PREMAPPED, PRIV_TABLE};
-use crate::driver::queue::{get_one_by_one, LayoutKind, RingLayout, Sealed};
+use crate::driver::queue::{get_one_by_one, DriverLayout, Sealed};
 use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Notify, QueueConfig, Sg};
 use crate::event::need_event;
 use crate::memory::{Dma, DmaRegion};
-use crate::shared::DescWords;
 use crate::Features;
+use crate::LayoutKind;
 
 /// The packed ring layout, for [`DriverQueue`]. `IN_ORDER` selects `VIRTIO_F_IN_ORDER`.
-pub struct PackedLayout<const IN_ORDER: bool> {
+pub struct PackedDriverLayout<const IN_ORDER: bool> {
     ring: PackedRing,
     region: Option<DmaRegion>,
     addrs: [u64; 3],
@@ -41,13 +41,13 @@ pub struct PackedLayout<const IN_ORDER: bool> {
 }
 
 /// A driver queue on a packed ring.
-pub type PackedDriver<T, D, N> = DriverQueue<T, D, N, PackedLayout<false>>;
+pub type PackedDriver<T, D, N> = DriverQueue<T, D, N, PackedDriverLayout<false>>;
 /// A driver queue on a packed ring with `VIRTIO_F_IN_ORDER`.
-pub type PackedInOrderDriver<T, D, N> = DriverQueue<T, D, N, PackedLayout<true>>;
+pub type PackedInOrderDriver<T, D, N> = DriverQueue<T, D, N, PackedDriverLayout<true>>;
 
-impl<const IN_ORDER: bool> Sealed for PackedLayout<IN_ORDER> {}
+impl<const IN_ORDER: bool> Sealed for PackedDriverLayout<IN_ORDER> {}
 
-impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
+impl<const IN_ORDER: bool> PackedDriverLayout<IN_ORDER> {
     /// The private half of adding one single-segment buffer at ring position `pos`: maps
     /// it, takes its id and records it in flight with the token `token()` makes, which is
     /// called only once nothing can fail. Returns the id and the device address, or, if the
@@ -77,10 +77,7 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
     /// The head descriptor of a batch of single-segment buffers, but for its flags.
     #[inline(always)]
     fn write_head(&self, head: u16, id: u16, addr: u64, len: u32) {
-        let desc = self.ring.desc(head);
-        desc.addr().store(addr);
-        desc.len().store(len);
-        desc.lo16().store(id);
+        self.ring.write_but_flags(head, addr, len, id);
     }
 
     /// Makes the `added` single-descriptor buffers written from `head` on available, with
@@ -116,10 +113,10 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
 
     /// # Safety
     ///
-    /// `region` holds `ContiguousLayout::new(size).total` bytes, 16-aligned, valid for as
+    /// `region` holds `ContiguousAreas::new(size).total` bytes, 16-aligned, valid for as
     /// long as the layout exists.
     unsafe fn build(region: Option<DmaRegion>, view: &DmaRegion, size: u16) -> Self {
-        let layout = ContiguousLayout::new(size);
+        let layout = ContiguousAreas::new(size);
         let base = view.cpu;
         // SAFETY: offsets from the same layout: descriptors at 0 (16-aligned), the two event
         // areas at multiples of 64, all inside the region the caller vouches for.
@@ -164,11 +161,10 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
         // The id and length only after the flags that published them; pairs with the
         // device's wmb before it writes the flags (`PackedDevice::complete`).
         core.barriers.rmb();
-        let desc = self.ring.desc(pos);
-        let id = desc.lo16().load();
+        let id = self.ring.id(pos).load();
         // "Element Length is reserved for used descriptors without the VIRTQ_DESC_F_WRITE
         // flag, and is ignored by drivers" (VIRTIO 1.3, 2.8.4): nothing was written.
-        let len = if flags & DESC_F_WRITE != 0 { desc.len().load() } else { 0 };
+        let len = if flags & DESC_F_WRITE != 0 { self.ring.desc(pos).len().load() } else { 0 };
         Some((id, len))
     }
 
@@ -182,7 +178,9 @@ impl<const IN_ORDER: bool> PackedLayout<IN_ORDER> {
 }
 
 #[allow(private_interfaces)]
-impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
+impl<const IN_ORDER: bool> DriverLayout for PackedDriverLayout<IN_ORDER> {
+    type Device = crate::packed::device::PackedDeviceLayout<crate::device::Fixed<IN_ORDER>>;
+
     fn kind(&self) -> LayoutKind {
         if IN_ORDER {
             LayoutKind::PackedInOrder
@@ -193,7 +191,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
 
     fn create<D: Dma>(config: &QueueConfig, dma: &D) -> Result<Self, CreateError> {
         Self::check(config)?;
-        let region = dma.alloc_zeroed(ContiguousLayout::new(config.size).total, 64).ok_or(CreateError::NoMemory)?;
+        let region = dma.alloc_zeroed(ContiguousAreas::new(config.size).total, 64).ok_or(CreateError::NoMemory)?;
         let view = DmaRegion { cpu: region.cpu, device_addr: region.device_addr, size: region.size };
         // SAFETY: allocated for this layout, 64-aligned, freed only in `free`.
         Ok(unsafe { Self::build(Some(region), &view, config.size) })
@@ -201,8 +199,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
 
     unsafe fn create_in(config: &QueueConfig, memory: DmaRegion) -> Result<Self, CreateError> {
         Self::check(config)?;
-        if memory.size < ContiguousLayout::new(config.size).total || !(memory.cpu.as_ptr() as usize).is_multiple_of(16)
-        {
+        if memory.size < ContiguousAreas::new(config.size).total || !(memory.cpu.as_ptr() as usize).is_multiple_of(16) {
             return Err(CreateError::NoMemory);
         }
         // SAFETY: checked size and alignment; validity is the caller's promise.
@@ -254,10 +251,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
             };
             let len = 16 * plan.total as u32;
             core.record(id, table, len, DESC_F_INDIRECT | PRIV_TABLE);
-            let desc = self.ring.desc(head);
-            desc.addr().store(table);
-            desc.len().store(len);
-            desc.lo16().store(id);
+            self.ring.write_but_flags(head, table, len, id);
             head_flags = DESC_F_INDIRECT | lap_flags;
             writable = w;
             curr = core.extra[id as usize].next;
@@ -300,15 +294,12 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
                 if is_in {
                     writable = writable.saturating_add(sg.len);
                 }
-                let desc = self.ring.desc(pos);
                 if n == 0 {
                     // The head's flags make the whole chain available: written last.
                     head_flags = flags;
-                    desc.addr().store(addr);
-                    desc.len().store(sg.len);
-                    desc.lo16().store(id);
+                    self.ring.write_but_flags(pos, addr, sg.len, id);
                 } else {
-                    desc.write(DescWords { addr, len: sg.len, lo16: id, hi16: flags });
+                    self.ring.desc(pos).write(Descriptor { addr, len: sg.len, id, flags });
                 }
                 tail = curr;
                 curr = core.extra[curr as usize].next;
@@ -380,7 +371,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
                 let Ok((id, addr)) = self.fill_one(core, pos, sg, writable, premapped, extra_flags, || token(i)) else {
                     break 'runs;
                 };
-                desc.write(DescWords { addr, len: sg.len, lo16: id, hi16: flags_now | dir_flags });
+                desc.write(Descriptor { addr, len: sg.len, id, flags: flags_now | dir_flags });
                 pos += 1;
                 added += 1;
             }
@@ -598,7 +589,7 @@ impl<const IN_ORDER: bool> RingLayout for PackedLayout<IN_ORDER> {
 
     fn reset<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) {
         for i in 0..self.ring.size() {
-            self.ring.desc(i).write(DescWords::default());
+            self.ring.desc(i).write(Descriptor::default());
         }
         self.avail = Cursor::new(0, true);
         self.free = FreeList::full(self.ring.size());

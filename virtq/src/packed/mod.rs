@@ -42,7 +42,7 @@ pub mod driver;
 
 use core::ptr::NonNull;
 
-use crate::shared::{Le16, Le32, RawDesc};
+use crate::shared::{word1, word1_fields, DescFormat, Le16, Le32, RawDesc};
 
 pub use crate::split::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 
@@ -58,6 +58,34 @@ pub const EVENT_FLAGS_DISABLE: u16 = 1;
 pub const EVENT_FLAGS_DESC: u16 = 2;
 /// The wrap-counter bit of `off_wrap` (and of a packed `NotifyData::next`).
 pub const WRAP_BIT: u16 = 1 << 15;
+
+/// A packed descriptor (VIRTIO 1.3, 2.8.13), copied out of the ring or to be written into
+/// it. The driver writes the buffer's `id` in an available descriptor; the device writes
+/// it back, with the used length, in a used one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Guest address of the buffer.
+    pub addr: u64,
+    /// Length of the buffer (available) or bytes written (used).
+    pub len: u32,
+    /// Buffer id.
+    pub id: u16,
+    /// `DESC_F_NEXT`, `DESC_F_WRITE`, `DESC_F_INDIRECT`, `DESC_F_AVAIL`, `DESC_F_USED`.
+    pub flags: u16,
+}
+
+impl DescFormat for Descriptor {
+    #[inline(always)]
+    fn from_words(addr: u64, word: u64) -> Self {
+        let (len, id, flags) = word1_fields(word);
+        Self { addr, len, id, flags }
+    }
+
+    #[inline(always)]
+    fn to_words(self) -> (u64, u64) {
+        (self.addr, word1(self.len, self.id, self.flags))
+    }
+}
 
 /// Largest packed queue size (VIRTIO 1.3, 2.8: "Queue Size ... up to 2^15").
 pub const MAX_SIZE: u16 = 32768;
@@ -180,7 +208,7 @@ fn desc_byte_ranges(table: usize, size: usize, i: usize, n: usize) -> [(usize, u
 /// Where the three areas sit in one allocation made by the driver: descriptors, then the
 /// driver area and the device area on cache lines of their own (the two sides write them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ContiguousLayout {
+pub struct ContiguousAreas {
     /// Byte offset of the driver event-suppression area.
     pub driver_offset: usize,
     /// Byte offset of the device event-suppression area.
@@ -189,7 +217,7 @@ pub struct ContiguousLayout {
     pub total: usize,
 }
 
-impl ContiguousLayout {
+impl ContiguousAreas {
     /// The layout for `size` descriptors.
     pub const fn new(size: u16) -> Self {
         let driver_offset = (16 * size as usize + 63) & !63;
@@ -270,7 +298,28 @@ impl PackedRing {
     /// The `flags` of descriptor `i`.
     #[inline(always)]
     pub(crate) fn flags(&self, i: u16) -> &Le16 {
-        self.desc(i).hi16()
+        self.desc(i).at14()
+    }
+
+    /// Writes descriptor `i` but for its flags, which make it available and so go last.
+    #[inline(always)]
+    pub(crate) fn write_but_flags(&self, i: u16, addr: u64, len: u32, id: u16) {
+        let desc = self.desc(i);
+        desc.addr().store(addr);
+        desc.len().store(len);
+        desc.at12().store(id);
+    }
+
+    /// The `id` of descriptor `i`.
+    #[inline(always)]
+    pub(crate) fn id(&self, i: u16) -> &Le16 {
+        self.desc(i).at12()
+    }
+
+    /// Whether descriptor `i` holds this length and id already: one load.
+    #[inline(always)]
+    pub(crate) fn holds_len_id(&self, i: u16, len: u32, id: u16) -> bool {
+        self.desc(i).holds_len_at12(len, id)
     }
 
     /// The driver area in one load: `(off_wrap, flags)` from the same moment.

@@ -1,32 +1,28 @@
-//! The device half of the split ring (the role of Linux's vringh).
-//!
-//! Everything the driver wrote is untrusted: each shared field is loaded once, into a
-//! local, and validated before use. A malformed ring gives a [`DeviceError`] and latches
-//! the queue broken; no driver input can make the device read or write outside guest
-//! memory, loop, or panic.
+//! The device half of the split ring: the steps in which it differs from the packed ring,
+//! for [`crate::Device`].
 
-use super::{SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY};
+use super::{
+    Descriptor, SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY,
+};
+use crate::device::queue::{order_for, DeviceRing, Head, OrderMode};
 use crate::device::{
-    one_segment, push_segment, single_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, Segment,
-    SegmentSink, Segments,
+    indirect_table, push_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, SegmentSink,
 };
 use crate::event::need_event;
 use crate::memory::GuestMemory;
-use crate::shared::{DescWords, RawDesc};
+use crate::shared::read_table_entry;
 use crate::{Barriers, Features};
 
-/// Longest indirect table accepted. The spec sets no bound; this one keeps a hostile table
-/// from costing more than a few hundred microseconds to walk.
-pub const MAX_INDIRECT_ENTRIES: u32 = 65535;
-
-/// The device's end of a split virtqueue, borrowing guest memory for `'m`.
-pub struct SplitDevice<'m, M: GuestMemory + ?Sized> {
-    mem: &'m M,
+/// The split ring's half of a device queue. [`crate::SplitDevice`] and
+/// [`crate::SplitInOrderDevice`] fix the order in the type, [`crate::DeviceQueue`] takes it
+/// from the features ([`OrderMode`]).
+#[derive(Clone, Copy)]
+pub struct SplitDeviceLayout<O: OrderMode> {
+    order: O,
     ring: SplitRing,
     size: u16,
     event_idx: bool,
-    in_order: bool,
-    barriers: Barriers,
+    indirect: bool,
     last_avail_idx: u16,
     /// The last `avail.idx` read and validated; entries before it need no new fence.
     avail_idx_cache: u16,
@@ -35,20 +31,14 @@ pub struct SplitDevice<'m, M: GuestMemory + ?Sized> {
     /// `used.idx` at the last interrupt decision (vringh's `last_used_idx`).
     signalled_used_idx: u16,
     used_flags_shadow: u16,
-    fault: Option<DeviceError>,
 }
 
 /// Used elements per 64-byte cache line. `complete` publishes `used.idx` each time the
 /// line fills, so that a device draining a long run hands buffers back along the way and
-/// the line moves to the driver once, full, rather than once per completion. (Against
-/// ringtest publishing after every completion, as Linux's `virtio_ring_0_9.c` does: split
-/// 0.91 to 1.25 and split in-order 1.02 to 1.42 times the buffers/s, medians of three
-/// sets of 10 to 20 alternating rounds; streaming at batch 32, 1.01 to 1.18.)
+/// the line moves to the driver once, full, rather than once per completion.
 const USED_LINE: u16 = 8;
 
-/// The used half of the device's state. Apart from the rest so that `serve` can work on a
-/// copy that the compiler keeps in registers (the ring's fences would make it reload
-/// fields of `self` for every chain).
+/// The used half of the device's state.
 #[derive(Clone, Copy)]
 struct UsedSide {
     /// Next used index to hand out (entries up to it are written or in `run`).
@@ -57,304 +47,182 @@ struct UsedSide {
     published_idx: u16,
     /// Completions since the last interrupt decision: past 0xffff the event window aliases.
     unsignalled: u32,
-    run: Option<InOrderRun>,
+    run: InOrderRun,
 }
 
-impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
-    /// Attaches to a ring the driver set up. The three areas are translated and checked
-    /// once here; the queue keeps the host pointers for `'m`.
-    ///
-    /// `used.idx` is read from memory, so a device that reconnects to a running ring
-    /// continues where the previous one stopped.
-    pub fn new(mem: &'m M, config: DeviceConfig) -> Result<Self, DeviceError> {
+impl<O: OrderMode> SplitDeviceLayout<O> {
+    /// Walks the indirect table of the chain's head `table` (VIRTIO 1.3, 2.7.5.3): a chain
+    /// of its own, linked by `next` within the table.
+    fn walk_indirect<'m, M: GuestMemory + ?Sized, S: SegmentSink<'m>>(
+        mem: &'m M,
+        table: Descriptor,
+        chain: &mut Chain,
+        segs: &mut S,
+    ) -> Result<(), DeviceError> {
+        let (host, entries) = indirect_table(mem, table.addr, table.len)?;
+        let mut i = 0u32;
+        for _ in 0..entries {
+            // SAFETY: `i < entries` and the table was translated for `16 * entries` bytes,
+            // valid for 'm (the `GuestMemory` contract).
+            let d: Descriptor = unsafe { read_table_entry(host, i as usize) };
+            if d.flags & DESC_F_INDIRECT != 0 {
+                return Err(DeviceError::NestedIndirect);
+            }
+            push_segment(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0, chain, segs)?;
+            if d.flags & DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            if d.next as u32 >= entries {
+                return Err(DeviceError::IndexOutOfRange { index: d.next as u32 });
+            }
+            i = d.next as u32;
+        }
+        Err(DeviceError::ChainTooLong)
+    }
+}
+
+impl<O: OrderMode> DeviceRing for SplitDeviceLayout<O> {
+    const PACKED: bool = false;
+    type Desc = Descriptor;
+
+    #[inline(always)]
+    fn in_order(&self) -> bool {
+        self.order.in_order()
+    }
+
+    fn attach<M: GuestMemory + ?Sized>(mem: &M, config: &DeviceConfig) -> Result<Self, DeviceError> {
+        let order = order_for(config, Self::PACKED)?;
         let size = config.size;
-        if !super::valid_size(size) || config.features.contains(Features::RING_PACKED) {
+        if !super::valid_size(size) {
             return Err(DeviceError::InvalidSize);
         }
         let desc = translate_area(mem, config.desc_addr, super::desc_table_bytes(size), super::DESC_ALIGN)?;
         let avail = translate_area(mem, config.avail_addr, super::avail_bytes(size), super::AVAIL_ALIGN)?;
         let used = translate_area(mem, config.used_addr, super::used_bytes(size), super::USED_ALIGN)?;
         // SAFETY: each area was translated for its full length with the spec's alignment,
-        // and `GuestMemory` keeps the pointers valid while `mem` is borrowed, i.e. for 'm.
+        // and `GuestMemory` keeps the pointers valid while `mem` is borrowed, which
+        // `Device` does for as long as it holds this ring.
         let ring = unsafe { SplitRing::new(desc, avail, used, size) };
         let used_idx = ring.used_idx().load();
         Ok(Self {
-            mem,
+            order,
             size,
             event_idx: config.features.contains(Features::EVENT_IDX),
-            in_order: config.features.contains(Features::IN_ORDER),
-            barriers: if config.features.contains(Features::ORDER_PLATFORM) {
-                Barriers::Strong
-            } else {
-                Barriers::Weak
-            },
+            indirect: config.features.contains(Features::INDIRECT_DESC),
             last_avail_idx: config.avail_base,
             avail_idx_cache: config.avail_base,
-            used: UsedSide { idx: used_idx, published_idx: used_idx, unsignalled: 0, run: None },
+            used: UsedSide { idx: used_idx, published_idx: used_idx, unsignalled: 0, run: InOrderRun::EMPTY },
             signalled_used_idx: used_idx,
             used_flags_shadow: ring.used_flags().load(),
-            fault: None,
             ring,
         })
     }
 
-    fn fail(&mut self, e: DeviceError) -> DeviceError {
-        if e != DeviceError::SinkFull {
-            self.fault.get_or_insert(e);
-        }
-        e
+    #[inline(always)]
+    fn size(&self) -> u16 {
+        self.size
     }
 
-    /// Pops the next available chain, collecting its segments (readable first) into
-    /// `segs`. `Ok(None)` when the ring is empty.
-    #[doc(alias = "vringh_getdesc_kern")]
     #[inline(always)]
-    pub fn pop<S: SegmentSink<'m>>(&mut self, segs: &mut S) -> Result<Option<Chain>, DeviceError> {
-        if self.fault.is_some() {
-            return Err(DeviceError::Broken);
-        }
+    fn next_head(&mut self, barriers: Barriers) -> Result<Option<u16>, DeviceError> {
         if self.last_avail_idx == self.avail_idx_cache {
             let avail_idx = self.ring.avail_idx().load();
             if avail_idx == self.last_avail_idx {
                 return Ok(None);
             }
             if avail_idx.wrapping_sub(self.last_avail_idx) > self.size {
-                return Err(self.fail(DeviceError::AvailIndexJump { avail_idx, last_avail_idx: self.last_avail_idx }));
+                return Err(DeviceError::AvailIndexJump { avail_idx, last_avail_idx: self.last_avail_idx });
             }
             self.avail_idx_cache = avail_idx;
             // Read the ring entries and descriptors only after the index that published
             // them; pairs with the driver's wmb before its `avail.idx` store
-            // (`SplitLayout::add`).
-            self.barriers.rmb();
+            // (`SplitDriverLayout::add`).
+            barriers.rmb();
         }
         let head = self.ring.avail_ring(self.last_avail_idx).load();
         if head >= self.size {
-            return Err(self.fail(DeviceError::IndexOutOfRange { index: head as u32 }));
+            return Err(DeviceError::IndexOutOfRange { index: head as u32 });
         }
-        segs.clear();
-        let first = self.ring.desc(head).read();
-        match Self::walk(self.mem, &self.ring, self.size, head, first, segs) {
-            Ok(chain) => {
-                self.last_avail_idx = self.last_avail_idx.wrapping_add(1);
-                Ok(Some(chain))
-            }
-            Err(e) => Err(self.fail(e)),
-        }
+        Ok(Some(head))
     }
 
-    /// Walks the chain at `head`, whose descriptor `first` the caller read.
     #[inline(always)]
-    fn walk<S: SegmentSink<'m>>(
+    fn head(&self, index: u16) -> Head<Descriptor> {
+        let desc: Descriptor = self.ring.desc(index).read();
+        Head { id: index, flags: desc.flags, desc }
+    }
+
+    #[inline(always)]
+    fn single(desc: &Descriptor) -> (u64, u32) {
+        (desc.addr, desc.len)
+    }
+
+    #[inline(always)]
+    fn walk<'m, M: GuestMemory + ?Sized, S: SegmentSink<'m>>(
+        &self,
         mem: &'m M,
-        ring: &SplitRing,
-        size: u16,
-        head: u16,
-        first: DescWords,
+        head: Head<Descriptor>,
         segs: &mut S,
     ) -> Result<Chain, DeviceError> {
-        let mut d = first;
-        if d.lo16 & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 {
-            return single_segment(mem, head, d.addr, d.len, d.lo16 & DESC_F_WRITE != 0, segs);
-        }
-        let mut chain = Chain::new(head);
-        for n in 0..size {
+        let mut d = head.desc;
+        let mut chain = Chain::new(head.id);
+        for n in 0..self.size {
             if n > 0 {
-                d = ring.desc(d.hi16).read();
+                d = self.ring.desc(d.next).read();
             }
-            let flags = d.lo16;
-            if flags & DESC_F_INDIRECT != 0 {
-                if n != 0 || flags & DESC_F_NEXT != 0 {
+            if d.flags & DESC_F_INDIRECT != 0 {
+                if !self.indirect {
+                    return Err(DeviceError::IndirectNotNegotiated);
+                }
+                if n != 0 || d.flags & DESC_F_NEXT != 0 {
                     return Err(DeviceError::MisplacedIndirect);
                 }
                 Self::walk_indirect(mem, d, &mut chain, segs)?;
                 return Ok(chain);
             }
-            push_segment(mem, d.addr, d.len, flags & DESC_F_WRITE != 0, &mut chain, segs)?;
-            if flags & DESC_F_NEXT == 0 {
+            push_segment(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0, &mut chain, segs)?;
+            if d.flags & DESC_F_NEXT == 0 {
                 return Ok(chain);
             }
-            if d.hi16 >= size {
-                return Err(DeviceError::IndexOutOfRange { index: d.hi16 as u32 });
+            if d.next >= self.size {
+                return Err(DeviceError::IndexOutOfRange { index: d.next as u32 });
             }
         }
         // A ring of `size` descriptors holds chains of at most `size`.
         Err(DeviceError::ChainTooLong)
     }
 
-    fn walk_indirect<S: SegmentSink<'m>>(
-        mem: &'m M,
-        table: DescWords,
-        chain: &mut Chain,
-        segs: &mut S,
-    ) -> Result<(), DeviceError> {
-        if table.len == 0 || !table.len.is_multiple_of(16) || table.len / 16 > MAX_INDIRECT_ENTRIES {
-            return Err(DeviceError::BadIndirectLength { len: table.len });
-        }
-        let entries = table.len / 16;
-        let host = translate_area(mem, table.addr, table.len as usize, 8)?;
-        let mut i = 0u32;
-        for _ in 0..entries {
-            // SAFETY: `i < entries` and the table was translated for `16 * entries` bytes,
-            // 8-aligned, valid for 'm (the `GuestMemory` contract).
-            let d = unsafe { &*host.as_ptr().cast::<RawDesc>().add(i as usize) }.read();
-            if d.lo16 & DESC_F_INDIRECT != 0 {
-                return Err(DeviceError::NestedIndirect);
-            }
-            push_segment(mem, d.addr, d.len, d.lo16 & DESC_F_WRITE != 0, chain, segs)?;
-            if d.lo16 & DESC_F_NEXT == 0 {
-                return Ok(());
-            }
-            if d.hi16 as u32 >= entries {
-                return Err(DeviceError::IndexOutOfRange { index: d.hi16 as u32 });
-            }
-            i = d.hi16 as u32;
-        }
-        Err(DeviceError::ChainTooLong)
-    }
-
-    /// Serves up to `max` available chains: hands each, with its segments (readable
-    /// first), to `f`, and completes it with the number of bytes `f` says it wrote
-    /// (clamped as [`Self::complete`] does). `segs` holds the segments of chains of more
-    /// than one descriptor; a chain with more than `N` stays available and ends the call.
-    /// With `IN_ORDER`, chains popped before and still held must be completed first.
-    ///
-    /// Returns how many chains were served. `Err` only when none was: `Broken`, a driver
-    /// fault (which latches the queue broken), or `SinkFull`. A fault after the first
-    /// chain ends the call early with the chains before it served; the next call returns
-    /// `Err(Broken)`, and [`Self::fault`] says what it was.
-    ///
-    /// The device counterpart of the driver's burst calls, for devices that finish a
-    /// request while they hold it (a network device's transmit queue, a null block
-    /// device): one broken-flag check and one publish per call, and the ring state kept
-    /// in registers across the chains.
     #[inline(always)]
-    pub fn serve<const N: usize, F>(
-        &mut self,
-        max: usize,
-        segs: &mut Segments<'m, N>,
-        f: F,
-    ) -> Result<usize, DeviceError>
-    where
-        F: FnMut(&Chain, &[Segment<'m>]) -> u32,
-    {
-        if self.fault.is_some() {
-            return Err(DeviceError::Broken);
-        }
-        // One loop for each, so that the in-order test leaves the loop.
-        if self.in_order {
-            self.serve_loop::<true, N, F>(max, segs, f)
-        } else {
-            self.serve_loop::<false, N, F>(max, segs, f)
-        }
+    fn take_positions(&mut self, copy: &Self) {
+        (self.last_avail_idx, self.avail_idx_cache, self.used) = (copy.last_avail_idx, copy.avail_idx_cache, copy.used);
     }
 
     #[inline(always)]
-    fn serve_loop<const IN_ORDER: bool, const N: usize, F>(
-        &mut self,
-        max: usize,
-        segs: &mut Segments<'m, N>,
-        mut f: F,
-    ) -> Result<usize, DeviceError>
-    where
-        F: FnMut(&Chain, &[Segment<'m>]) -> u32,
-    {
-        // Copies in locals: see `UsedSide`.
-        let (mem, ring, size, barriers) = (self.mem, self.ring, self.size, self.barriers);
-        let (mut next_avail, mut avail_idx_cache) = (self.last_avail_idx, self.avail_idx_cache);
-        let mut used = self.used;
-        let mut served = 0;
-        let mut error = None;
-        while served < max {
-            // As in `pop`.
-            if next_avail == avail_idx_cache {
-                let avail_idx = ring.avail_idx().load();
-                if avail_idx == next_avail {
-                    break;
-                }
-                if avail_idx.wrapping_sub(next_avail) > size {
-                    error = Some(DeviceError::AvailIndexJump { avail_idx, last_avail_idx: next_avail });
-                    break;
-                }
-                avail_idx_cache = avail_idx;
-                barriers.rmb();
-            }
-            let head = ring.avail_ring(next_avail).load();
-            if head >= size {
-                error = Some(DeviceError::IndexOutOfRange { index: head as u32 });
-                break;
-            }
-            let d = ring.desc(head).read();
-            // A single descriptor's segment stays in a local, out of the sink.
-            let walked = if d.lo16 & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 {
-                one_segment(mem, head, d.addr, d.len, d.lo16 & DESC_F_WRITE != 0).map(|(chain, seg)| {
-                    let written = f(&chain, core::slice::from_ref(&seg));
-                    (chain, written)
-                })
-            } else {
-                segs.clear();
-                Self::walk(mem, &ring, size, head, d, segs).map(|chain| {
-                    let written = f(&chain, segs.as_slice());
-                    (chain, written)
-                })
-            };
-            match walked {
-                Ok((chain, written)) => {
-                    next_avail = next_avail.wrapping_add(1);
-                    used.complete(&ring, barriers, IN_ORDER, chain, written);
-                    served += 1;
-                }
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            }
-        }
-        used.publish(&ring, barriers);
-        (self.last_avail_idx, self.avail_idx_cache) = (next_avail, avail_idx_cache);
-        self.used = used;
-        match error {
-            Some(e) if served == 0 => Err(self.fail(e)),
-            Some(e) => {
-                self.fail(e);
-                Ok(served)
-            }
-            None => Ok(served),
-        }
+    fn consume(&mut self, _chain: &Chain) {
+        self.consume_single();
     }
 
-    /// Returns a chain to the driver with the number of bytes written into its writable
-    /// part (clamped to that part's length). The used index is published by
-    /// [`Self::publish_used`] or [`Self::needs_notification`] (or `enable_notifications`),
-    /// so completions batch, and in any case each time a cache line of used elements (8
-    /// completions) is complete.
-    ///
-    /// With `IN_ORDER`, consecutive completions that filled their whole writable part are
-    /// merged into one used entry naming the last of them (VIRTIO 1.3, 2.7.9); chains must
-    /// then be completed in the order they were popped.
-    #[doc(alias = "vringh_complete_kern")]
     #[inline(always)]
-    pub fn complete(&mut self, chain: Chain, written: u32) {
-        self.used.complete(&self.ring, self.barriers, self.in_order, chain, written);
+    fn consume_single(&mut self) {
+        self.last_avail_idx = self.last_avail_idx.wrapping_add(1);
     }
 
-    /// Makes every completion so far visible to the driver.
     #[inline(always)]
-    pub fn publish_used(&mut self) {
-        self.used.publish(&self.ring, self.barriers);
+    fn complete(&mut self, barriers: Barriers, chain: Chain, written: u32, in_order: bool) {
+        self.used.complete(&self.ring, barriers, in_order, chain, written);
     }
 
-    /// Publishes completions and says whether the driver wants an interrupt for them
-    /// (`used_event` with `EVENT_IDX`, else the `NO_INTERRUPT` flag).
-    #[doc(alias = "vringh_need_notify_kern")]
-    pub fn needs_notification(&mut self) -> bool {
-        self.publish_used();
-        if self.used.unsignalled == 0 {
-            return false;
-        }
-        // The `used.idx` store before reading the driver's event or flags; pairs with the
-        // driver's mb between writing `used_event` and re-reading `used.idx`
-        // (`DriverQueue::poll`, `SplitLayout::get_buf`, `enable_cb_delayed`).
-        self.barriers.mb();
+    #[inline(always)]
+    fn publish_used(&mut self, barriers: Barriers) {
+        self.used.publish(&self.ring, barriers);
+    }
+
+    #[inline(always)]
+    fn unsignalled(&self) -> bool {
+        self.used.unsignalled != 0
+    }
+
+    fn wants_interrupt(&mut self) -> bool {
         let old = self.signalled_used_idx;
         let new = self.used.idx;
         let forced = self.used.unsignalled > 0xffff;
@@ -367,13 +235,9 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         }
     }
 
-    /// Asks the driver to kick on new buffers. Returns true if buffers are already
-    /// available (or the queue is broken), in which case the device must not sleep: their
-    /// kick may never come.
-    #[doc(alias = "vringh_notify_enable_kern")]
-    pub fn enable_notifications(&mut self) -> bool {
+    fn enable_notifications(&mut self, barriers: Barriers) -> bool {
         // A device about to sleep must not keep completions back.
-        self.publish_used();
+        self.publish_used(barriers);
         if self.event_idx {
             self.ring.avail_event().store(self.last_avail_idx);
         } else if self.used_flags_shadow != 0 {
@@ -382,66 +246,34 @@ impl<'m, M: GuestMemory + ?Sized> SplitDevice<'m, M> {
         }
         // The event (or flag) store before re-reading `avail.idx`; pairs with the driver's
         // mb between publishing `avail.idx` and reading `avail_event` / `used.flags`
-        // (`SplitLayout::kick_prepare`).
-        self.barriers.mb();
-        self.fault.is_some() || self.ring.avail_idx().load() != self.last_avail_idx
+        // (`SplitDriverLayout::kick_prepare`).
+        barriers.mb();
+        self.ring.avail_idx().load() != self.last_avail_idx
     }
 
-    /// Asks the driver not to kick (a hint; with `EVENT_IDX` a stale `avail_event`
-    /// already keeps kicks away).
-    #[doc(alias = "vringh_notify_disable_kern")]
-    pub fn disable_notifications(&mut self) {
+    fn disable_notifications(&mut self) {
         if !self.event_idx && self.used_flags_shadow != USED_F_NO_NOTIFY {
             self.used_flags_shadow = USED_F_NO_NOTIFY;
             self.ring.used_flags().store(USED_F_NO_NOTIFY);
         }
     }
 
-    /// Number of ring entries.
-    pub fn size(&self) -> u16 {
-        self.size
-    }
-
-    /// The next available entry to process (vhost-user `GET_VRING_BASE`).
-    pub fn avail_base(&self) -> u16 {
+    fn avail_base(&self) -> u16 {
         self.last_avail_idx
     }
 
-    /// The next used entry to be written.
-    pub fn used_idx(&self) -> u16 {
+    fn used_base(&self) -> u16 {
         self.used.idx
-    }
-
-    /// The driver error that broke the queue, if any.
-    pub fn fault(&self) -> Option<DeviceError> {
-        self.fault
-    }
-
-    /// Whether the queue is broken.
-    pub fn is_broken(&self) -> bool {
-        self.fault.is_some()
-    }
-
-    /// The guest memory this queue uses.
-    pub fn memory(&self) -> &'m M {
-        self.mem
     }
 }
 
 impl UsedSide {
-    /// See [`SplitDevice::complete`].
+    /// See [`DeviceRing::complete`].
     #[inline(always)]
     fn complete(&mut self, ring: &SplitRing, barriers: Barriers, in_order: bool, chain: Chain, written: u32) {
         let written = written.min(chain.writable_len());
         if in_order {
-            if let Some(run) = &mut self.run {
-                run.last_id = chain.id as u32;
-                run.last_len = written;
-                run.count += 1;
-            } else {
-                self.run =
-                    Some(InOrderRun { first: self.idx as u32, last_id: chain.id as u32, last_len: written, count: 1 });
-            }
+            self.run.add(self.idx as u32, chain.id, written);
             if written != chain.writable_len() {
                 // The driver gives earlier buffers of a batch their full length; a short
                 // one must end its batch.
@@ -457,13 +289,11 @@ impl UsedSide {
         }
     }
 
+    /// Writes the used entry of the in-order run, if there is one.
     #[inline(always)]
     fn flush_run(&mut self, ring: &SplitRing) {
-        // Test before taking: `take` would store `None` on every publish.
-        if self.run.is_some() {
-            if let Some(run) = self.run.take() {
-                write_used(ring, run.first as u16, run.last_id as u16, run.last_len);
-            }
+        if let Some(run) = self.run.take() {
+            write_used(ring, run.first as u16, run.last_id as u16, run.last_len);
         }
     }
 
@@ -472,7 +302,7 @@ impl UsedSide {
         self.flush_run(ring);
         if self.idx != self.published_idx {
             // The used entries before the index that publishes them; pairs with the
-            // driver's rmb after it reads `used.idx` (`SplitLayout::get_buf`).
+            // driver's rmb after it reads `used.idx` (`SplitDriverLayout::get_buf`).
             barriers.wmb();
             ring.used_idx().store(self.idx);
             self.published_idx = self.idx;

@@ -12,18 +12,19 @@
 use core::sync::atomic::{AtomicU16, Ordering::Relaxed};
 
 use super::{
-    ContiguousLayout, SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY,
+    ContiguousAreas, Descriptor, SplitRing, AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
+    USED_F_NO_NOTIFY,
 };
 use crate::driver::core::{AddPlan, Buffer, DescExtra, DriverCore, FreeList, Index, PRIV_TABLE};
-use crate::driver::queue::{LayoutKind, RingLayout, Sealed};
+use crate::driver::queue::{DriverLayout, Sealed};
 use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Fault, Notify, NotifyData, QueueConfig, Sg};
 use crate::event::need_event;
 use crate::memory::{Dma, DmaRegion};
-use crate::shared::DescWords;
 use crate::Features;
+use crate::LayoutKind;
 
 /// The split ring layout, for [`DriverQueue`]. `IN_ORDER` selects `VIRTIO_F_IN_ORDER`.
-pub struct SplitLayout<const IN_ORDER: bool> {
+pub struct SplitDriverLayout<const IN_ORDER: bool> {
     ring: SplitRing,
     /// The ring memory, when the queue allocated it (not for `new_in`).
     region: Option<DmaRegion>,
@@ -44,13 +45,13 @@ pub struct SplitLayout<const IN_ORDER: bool> {
 }
 
 /// A driver queue on a split ring.
-pub type SplitDriver<T, D, N> = DriverQueue<T, D, N, SplitLayout<false>>;
+pub type SplitDriver<T, D, N> = DriverQueue<T, D, N, SplitDriverLayout<false>>;
 /// A driver queue on a split ring with `VIRTIO_F_IN_ORDER`.
-pub type SplitInOrderDriver<T, D, N> = DriverQueue<T, D, N, SplitLayout<true>>;
+pub type SplitInOrderDriver<T, D, N> = DriverQueue<T, D, N, SplitDriverLayout<true>>;
 
-impl<const IN_ORDER: bool> Sealed for SplitLayout<IN_ORDER> {}
+impl<const IN_ORDER: bool> Sealed for SplitDriverLayout<IN_ORDER> {}
 
-impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
+impl<const IN_ORDER: bool> SplitDriverLayout<IN_ORDER> {
     fn check(config: &QueueConfig) -> Result<(), CreateError> {
         if config.features.contains(Features::RING_PACKED) || config.features.contains(Features::IN_ORDER) != IN_ORDER {
             return Err(CreateError::WrongLayout);
@@ -66,10 +67,10 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
 
     /// # Safety
     ///
-    /// `region` holds `ContiguousLayout::new(size, align).total` bytes, 16-aligned, valid
+    /// `region` holds `ContiguousAreas::new(size, align).total` bytes, 16-aligned, valid
     /// for as long as the layout exists.
     unsafe fn build(region: &DmaRegion, size: u16, align: usize) -> (SplitRing, [u64; 3]) {
-        let layout = ContiguousLayout::new(size, align);
+        let layout = ContiguousAreas::new(size, align);
         let base = region.cpu;
         // SAFETY: the offsets come from the same layout, which puts the available ring at
         // `16 * size` (2-aligned) and the used ring at a multiple of `align >= 4`, all
@@ -123,7 +124,7 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
             }
             core.record(i, addr, sg.len, flags | priv_flags);
             let next = core.extra[i as usize].next;
-            self.ring.desc(i).write_if_changed(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
+            self.ring.desc(i).write_if_changed(Descriptor { addr, len: sg.len, flags, next });
             tail = i;
             i = next;
             Ok(())
@@ -144,17 +145,17 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
     fn write_chain_unmapped(&self, extra: &[DescExtra], head: u16, buf: &Buffer<'_>) -> (u32, u16, u16) {
         let ring = self.ring;
         let (mut i, mut writable) = (head, 0u64);
-        let mut last = DescWords::default();
+        let mut last = Descriptor::default();
         let mut tail = head;
         let _ = buf.try_for_each(|n, sg, is_in| {
             if n != 0 {
-                ring.desc(tail).write_if_changed(DescWords { lo16: last.lo16 | DESC_F_NEXT, ..last });
+                ring.desc(tail).write_if_changed(Descriptor { flags: last.flags | DESC_F_NEXT, ..last });
             }
             if is_in {
                 writable += sg.len as u64;
             }
             let next = extra[i as usize].next;
-            last = DescWords { addr: sg.addr, len: sg.len, lo16: if is_in { DESC_F_WRITE } else { 0 }, hi16: next };
+            last = Descriptor { addr: sg.addr, len: sg.len, flags: if is_in { DESC_F_WRITE } else { 0 }, next };
             tail = i;
             i = next;
             Ok(())
@@ -259,7 +260,9 @@ impl<const IN_ORDER: bool> SplitLayout<IN_ORDER> {
 }
 
 #[allow(private_interfaces)]
-impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
+impl<const IN_ORDER: bool> DriverLayout for SplitDriverLayout<IN_ORDER> {
+    type Device = crate::split::device::SplitDeviceLayout<crate::device::Fixed<IN_ORDER>>;
+
     fn kind(&self) -> LayoutKind {
         if IN_ORDER {
             LayoutKind::SplitInOrder
@@ -272,7 +275,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
         Self::check(config)?;
         let mut size = config.size;
         let region = loop {
-            let layout = ContiguousLayout::new(size, config.vring_align);
+            let layout = ContiguousAreas::new(size, config.vring_align);
             match dma.alloc_zeroed(layout.total, config.vring_align.max(16)) {
                 Some(r) => break r,
                 None if config.may_reduce_num && size > 1 => size /= 2,
@@ -287,7 +290,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
 
     unsafe fn create_in(config: &QueueConfig, memory: DmaRegion) -> Result<Self, CreateError> {
         Self::check(config)?;
-        if memory.size < ContiguousLayout::new(config.size, config.vring_align).total
+        if memory.size < ContiguousAreas::new(config.size, config.vring_align).total
             || !(memory.cpu.as_ptr() as usize).is_multiple_of(16)
         {
             return Err(CreateError::NoMemory);
@@ -339,12 +342,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
                 let len = 16 * plan.total as u32;
                 core.record(head, table, len, DESC_F_INDIRECT | PRIV_TABLE);
                 let next = core.extra[head as usize].next;
-                self.ring.desc(head).write_if_changed(DescWords {
-                    addr: table,
-                    len,
-                    lo16: DESC_F_INDIRECT,
-                    hi16: next,
-                });
+                self.ring.desc(head).write_if_changed(Descriptor { addr: table, len, flags: DESC_F_INDIRECT, next });
                 (writable, next)
             });
             let Ok((writable, next_free)) = written else {
@@ -411,7 +409,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
             let Some((addr, priv_flags)) = core.map(sg, writable, premapped) else { break };
             core.record(head, addr, sg.len, flags | priv_flags);
             let next = core.extra[head as usize].next;
-            ring.desc(head).write_if_changed(DescWords { addr, len: sg.len, lo16: flags, hi16: next });
+            ring.desc(head).write_if_changed(Descriptor { addr, len: sg.len, flags, next });
             core.start_one(head, token(i), if writable { sg.len } else { 0 }, premapped);
             free_head = next;
             put_avail(&ring, first_idx.wrapping_add(added), head);
@@ -532,7 +530,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
     fn reset<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) {
         let size = self.ring.size();
         for i in 0..size {
-            self.ring.desc(i).write(DescWords::default());
+            self.ring.desc(i).write(Descriptor::default());
             self.ring.avail_ring(i).store(0);
             let (id, len) = self.ring.used_elem(i);
             id.store(0);
@@ -564,7 +562,7 @@ impl<const IN_ORDER: bool> RingLayout for SplitLayout<IN_ORDER> {
     }
 }
 
-/// See [`SplitLayout::put_avail`].
+/// See [`SplitDriverLayout::put_avail`].
 #[inline(always)]
 fn put_avail(ring: &SplitRing, idx: u16, head: u16) {
     let slot = ring.avail_ring(idx);

@@ -26,7 +26,7 @@ pub mod driver;
 
 use core::ptr::NonNull;
 
-use crate::shared::{Le16, Le32, RawDesc};
+use crate::shared::{word1, word1_fields, DescFormat, Le16, Le32, RawDesc};
 
 /// The buffer continues in the descriptor named by `next`.
 pub const DESC_F_NEXT: u16 = 1;
@@ -38,6 +38,32 @@ pub const DESC_F_INDIRECT: u16 = 4;
 pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// In `used.flags`: the device asks for no kicks (without `EVENT_IDX`).
 pub const USED_F_NO_NOTIFY: u16 = 1;
+
+/// A split descriptor (VIRTIO 1.3, 2.7.5), copied out of a table or to be written into one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Guest address of the buffer.
+    pub addr: u64,
+    /// Length of the buffer in bytes.
+    pub len: u32,
+    /// `DESC_F_NEXT`, `DESC_F_WRITE`, `DESC_F_INDIRECT`.
+    pub flags: u16,
+    /// The next descriptor of the chain, when `flags` has `DESC_F_NEXT`.
+    pub next: u16,
+}
+
+impl DescFormat for Descriptor {
+    #[inline(always)]
+    fn from_words(addr: u64, word: u64) -> Self {
+        let (len, flags, next) = word1_fields(word);
+        Self { addr, len, flags, next }
+    }
+
+    #[inline(always)]
+    fn to_words(self) -> (u64, u64) {
+        (self.addr, word1(self.len, self.flags, self.next))
+    }
+}
 
 /// Largest split queue size (VIRTIO 1.3, 2.7: "Queue Size ... maximum 32768").
 pub const MAX_SIZE: u16 = 32768;
@@ -72,7 +98,7 @@ pub const fn valid_size(size: u16) -> bool {
 /// Where the three areas sit in one contiguous allocation (Linux's `vring_init` layout):
 /// descriptors, then the available ring, then the used ring at the next multiple of `align`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ContiguousLayout {
+pub struct ContiguousAreas {
     /// Byte offset of the available ring.
     pub avail_offset: usize,
     /// Byte offset of the used ring.
@@ -81,7 +107,7 @@ pub struct ContiguousLayout {
     pub total: usize,
 }
 
-impl ContiguousLayout {
+impl ContiguousAreas {
     /// The layout for `size` entries with the used ring aligned to `align` (a power of two,
     /// at least 4).
     #[doc(alias = "vring_size")]

@@ -10,8 +10,7 @@ use virtq::testing::TestMemory;
 use virtq::{Chain, DeviceConfig, DeviceQueue, Features, LayoutKind, NotifyData, QueueConfig, Segment, Virtqueue};
 
 /// Every layout, for tests that must hold on all of them.
-pub const LAYOUTS: [LayoutKind; 4] =
-    [LayoutKind::Split, LayoutKind::SplitInOrder, LayoutKind::Packed, LayoutKind::PackedInOrder];
+pub const LAYOUTS: [LayoutKind; 4] = LayoutKind::ALL;
 
 /// A transport notifier that records kicks; it can be made to fail.
 #[derive(Default)]
@@ -40,13 +39,7 @@ pub type Device<'m> = DeviceQueue<'m, TestMemory>;
 
 /// The features that select `layout`, plus the optional ring features.
 pub fn layout_features(layout: LayoutKind, event_idx: bool, indirect: bool) -> Features {
-    let mut f = Features::VERSION_1;
-    match layout {
-        LayoutKind::Split => {}
-        LayoutKind::SplitInOrder => f |= Features::IN_ORDER,
-        LayoutKind::Packed => f |= Features::RING_PACKED,
-        LayoutKind::PackedInOrder => f |= Features::RING_PACKED | Features::IN_ORDER,
-    }
+    let mut f = layout.apply(Features::VERSION_1);
     if event_idx {
         f |= Features::EVENT_IDX;
     }
@@ -61,7 +54,7 @@ pub fn features(event_idx: bool, indirect: bool) -> Features {
     layout_features(LayoutKind::Split, event_idx, indirect)
 }
 
-pub fn device_config<T, D: virtq::Dma, N: virtq::Notify, L: virtq::RingLayout>(
+pub fn device_config<T, D: virtq::Dma, N: virtq::Notify, L: virtq::DriverLayout>(
     driver: &virtq::DriverQueue<T, D, N, L>,
     features: Features,
 ) -> DeviceConfig {
@@ -94,11 +87,11 @@ impl<'m> Pair<'m> {
     }
 
     pub fn is_split(&self) -> bool {
-        matches!(self.layout, LayoutKind::Split | LayoutKind::SplitInOrder)
+        !self.layout.is_packed()
     }
 
     pub fn in_order(&self) -> bool {
-        matches!(self.layout, LayoutKind::SplitInOrder | LayoutKind::PackedInOrder)
+        self.layout.is_in_order()
     }
 
     /// Pops one chain; returns it with its segments.

@@ -1,5 +1,15 @@
-//! Device-side vocabulary shared by every ring layout: the segments of a popped chain,
-//! where they are collected, and what a hostile driver can be caught doing.
+//! The device side: a device queue generic over its ring layout, and the vocabulary every
+//! layout shares: the segments of a popped chain, where they are collected, and what a
+//! hostile driver can be caught doing.
+
+pub(crate) mod any;
+pub(crate) mod queue;
+
+pub use any::{AnyDeviceLayout, DeviceQueue};
+pub use queue::{
+    Device, DeviceLayout, Fixed, Negotiated, OrderMode, PackedDevice, PackedInOrderDevice, SplitDevice,
+    SplitInOrderDevice,
+};
 
 use core::fmt;
 use core::marker::PhantomData;
@@ -55,6 +65,19 @@ pub(crate) fn translate_area<M: GuestMemory + ?Sized>(
         return Err(DeviceError::Misaligned);
     }
     Ok(host)
+}
+
+/// Checks an indirect descriptor's table and translates it: its host address and number
+/// of entries. Any alignment is accepted (see `shared::read_table_entry`).
+pub(crate) fn indirect_table<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: u64,
+    len: u32,
+) -> Result<(NonNull<u8>, u32), DeviceError> {
+    if len == 0 || !len.is_multiple_of(16) || len / 16 > MAX_INDIRECT_ENTRIES {
+        return Err(DeviceError::BadIndirectLength { len });
+    }
+    Ok((translate_area(mem, addr, len as usize, 1)?, len / 16))
 }
 
 /// Adds one descriptor's buffer to a chain being popped: direction order, total length,
@@ -146,8 +169,37 @@ pub(crate) struct InOrderRun {
     /// The last buffer's id (16 bits).
     pub last_id: u32,
     pub last_len: u32,
-    /// Buffers in the run.
+    /// Buffers in the run; 0 when there is none (not an `Option`: the compiler kept the
+    /// fields of one in registers only by merging every one of them at each update).
     pub count: u32,
+}
+
+impl InOrderRun {
+    pub const EMPTY: Self = Self { first: 0, last_id: 0, last_len: 0, count: 0 };
+
+    /// Adds a completion of `len` bytes to buffer `id`; `first` is where the run starts if
+    /// this is its first buffer. Returns the buffers in the run.
+    #[inline(always)]
+    pub fn add(&mut self, first: u32, id: u16, len: u32) -> u32 {
+        if self.count == 0 {
+            self.first = first;
+        }
+        self.last_id = id as u32;
+        self.last_len = len;
+        self.count += 1;
+        self.count
+    }
+
+    /// The run, if it holds any buffer, leaving it empty.
+    #[inline(always)]
+    pub fn take(&mut self) -> Option<Self> {
+        if self.count == 0 {
+            return None;
+        }
+        let run = *self;
+        self.count = 0;
+        Some(run)
+    }
 }
 
 /// One segment of a popped chain, translated to host memory and bounds-checked once.
@@ -398,6 +450,7 @@ impl Chain {
 /// All but [`DeviceError::SinkFull`] latch the queue broken (the spec's
 /// `DEVICE_NEEDS_RESET` situation): the ring can no longer be trusted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DeviceError {
     /// The queue is broken by an earlier error.
     Broken,
@@ -419,7 +472,8 @@ pub enum DeviceError {
     NestedIndirect,
     /// An indirect descriptor that also has `NEXT`, or that is not the chain's head.
     MisplacedIndirect,
-    /// An indirect table whose length is zero or not a multiple of 16.
+    /// An indirect table whose length is zero, not a multiple of 16, or above
+    /// [`MAX_INDIRECT_ENTRIES`] entries.
     BadIndirectLength {
         /// The length.
         len: u32,
@@ -444,6 +498,13 @@ pub enum DeviceError {
     /// The caller's segment sink is full; the chain stays available (not a driver fault,
     /// does not break the queue). Pop again with a larger sink.
     SinkFull,
+    /// A descriptor has `INDIRECT` but `VIRTIO_RING_F_INDIRECT_DESC` was not negotiated,
+    /// which the driver must not do (VIRTIO 1.3, 2.7.5.3.1). The device treats it as a
+    /// malformed ring rather than guess what the driver meant.
+    IndirectNotNegotiated,
+    /// The features select another layout than the queue type's (attach only; the queue
+    /// is not created).
+    WrongLayout,
 }
 
 impl fmt::Display for DeviceError {
@@ -469,139 +530,14 @@ impl fmt::Display for DeviceError {
             Self::InvalidSize => f.write_str("invalid queue size"),
             Self::BadDescriptorFlags => f.write_str("descriptor flags are not a valid available descriptor"),
             Self::SinkFull => f.write_str("segment sink is full"),
+            Self::IndirectNotNegotiated => f.write_str("indirect descriptor without INDIRECT_DESC negotiated"),
+            Self::WrongLayout => f.write_str("the negotiated features select another ring layout"),
         }
     }
 }
 
-/// A device queue whose layout the negotiated features choose (`RING_PACKED`): one API
-/// over [`crate::SplitDevice`] and [`crate::PackedDevice`].
-pub enum DeviceQueue<'m, M: GuestMemory + ?Sized> {
-    /// Split ring.
-    Split(crate::SplitDevice<'m, M>),
-    /// Packed ring.
-    Packed(crate::PackedDevice<'m, M>),
-}
+impl core::error::Error for DeviceError {}
 
-macro_rules! device_dispatch {
-    ($self:expr, $q:ident => $e:expr) => {
-        match $self {
-            DeviceQueue::Split($q) => $e,
-            DeviceQueue::Packed($q) => $e,
-        }
-    };
-}
-
-impl<'m, M: GuestMemory + ?Sized> DeviceQueue<'m, M> {
-    /// Attaches to the ring described by `config`, split or packed by its features.
-    pub fn new(mem: &'m M, config: DeviceConfig) -> Result<Self, DeviceError> {
-        Ok(if config.features.contains(Features::RING_PACKED) {
-            Self::Packed(crate::PackedDevice::new(mem, config)?)
-        } else {
-            Self::Split(crate::SplitDevice::new(mem, config)?)
-        })
-    }
-
-    /// Pops the next available chain into `segs`; `Ok(None)` when there is none.
-    #[inline]
-    pub fn pop<S: SegmentSink<'m>>(&mut self, segs: &mut S) -> Result<Option<Chain>, DeviceError> {
-        device_dispatch!(self, q => q.pop(segs))
-    }
-
-    /// Returns a chain to the driver with the number of bytes written.
-    #[inline]
-    pub fn complete(&mut self, chain: Chain, written: u32) {
-        device_dispatch!(self, q => q.complete(chain, written))
-    }
-
-    /// Serves up to `max` chains: pops each, hands it to `f`, completes it with the bytes
-    /// `f` returns, and publishes once (see [`crate::PackedDevice::serve`]).
-    ///
-    /// An echo device, answering every request at once:
-    ///
-    /// ```
-    /// use virtq::{DeviceConfig, DeviceQueue, Features, QueueConfig, Segments, Virtqueue};
-    /// use virtq::testing::TestMemory;
-    ///
-    /// let mem = TestMemory::new(1 << 16);
-    /// let features = Features::VERSION_1 | Features::RING_PACKED;
-    /// let mut driver = Virtqueue::<u32, _, _>::new(QueueConfig::new(0, 8, features), &mem, ()).unwrap();
-    /// let config = DeviceConfig::new(8, features, driver.desc_addr(), driver.avail_addr(), driver.used_addr());
-    /// let mut device = DeviceQueue::new(&mem, config).unwrap();
-    /// for token in 0..3 {
-    ///     let (request, reply) = (mem.alloc_sg(4), mem.alloc_sg(4));
-    ///     mem.write(request.addr, b"ping");
-    ///     driver.add_sgs(&[&[request]], &[&[reply]], token).unwrap();
-    /// }
-    ///
-    /// let mut segs = Segments::<2>::new();
-    /// let served = device.serve(usize::MAX, &mut segs, |_chain, segs| {
-    ///     let mut data = [0u8; 4];
-    ///     segs[0].read_at(0, &mut data);
-    ///     segs[1].write_at(0, &data) as u32
-    /// });
-    /// assert_eq!(served, Ok(3));
-    /// assert_eq!(driver.get_bufs(8, |used| assert_eq!(used.len, 4)), 3);
-    /// ```
-    #[inline]
-    pub fn serve<const N: usize, F>(
-        &mut self,
-        max: usize,
-        segs: &mut Segments<'m, N>,
-        f: F,
-    ) -> Result<usize, DeviceError>
-    where
-        F: FnMut(&Chain, &[Segment<'m>]) -> u32,
-    {
-        device_dispatch!(self, q => q.serve(max, segs, f))
-    }
-
-    /// Makes every completion so far visible to the driver.
-    #[inline(always)]
-    pub fn publish_used(&mut self) {
-        device_dispatch!(self, q => q.publish_used())
-    }
-
-    /// Publishes completions and says whether the driver wants an interrupt.
-    pub fn needs_notification(&mut self) -> bool {
-        device_dispatch!(self, q => q.needs_notification())
-    }
-
-    /// Asks for kicks; true if work is already waiting (do not sleep).
-    pub fn enable_notifications(&mut self) -> bool {
-        device_dispatch!(self, q => q.enable_notifications())
-    }
-
-    /// Asks the driver not to kick.
-    pub fn disable_notifications(&mut self) {
-        device_dispatch!(self, q => q.disable_notifications())
-    }
-
-    /// Number of ring entries.
-    pub fn size(&self) -> u16 {
-        device_dispatch!(self, q => q.size())
-    }
-
-    /// Where popping resumes (vhost-user `GET_VRING_BASE`).
-    pub fn avail_base(&self) -> u16 {
-        device_dispatch!(self, q => q.avail_base())
-    }
-
-    /// Packed: where the next used descriptor goes, with the wrap counter in bit 15.
-    /// Split: the next used index (the ring itself holds it).
-    pub fn used_base(&self) -> u16 {
-        match self {
-            DeviceQueue::Split(q) => q.used_idx(),
-            DeviceQueue::Packed(q) => q.used_base(),
-        }
-    }
-
-    /// The driver error that broke the queue, if any.
-    pub fn fault(&self) -> Option<DeviceError> {
-        device_dispatch!(self, q => q.fault())
-    }
-
-    /// Whether the queue is broken.
-    pub fn is_broken(&self) -> bool {
-        device_dispatch!(self, q => q.is_broken())
-    }
-}
+/// Longest indirect table accepted. The spec sets no bound; this one keeps a hostile table
+/// from costing more than a few hundred microseconds to walk.
+pub const MAX_INDIRECT_ENTRIES: u32 = 65535;
