@@ -8,7 +8,8 @@
 //! - [`Reactor`]: a thread that `poll`s the call eventfds of any number of queues, for any
 //!   executor (or none: the futures can be polled by hand);
 //! - [`drive`] (cargo feature `tokio`): a task for the tokio runtime that waits on the call
-//!   eventfd through tokio's `AsyncFd`, on the runtime's own epoll.
+//!   eventfd through tokio's `AsyncFd`, on the runtime's own epoll; [`drive_with`] can
+//!   busy-poll the ring instead, or poll then sleep.
 //!
 //! Both also watch the connection: when the back end hangs up they break the queue, so
 //! every pending future fails instead of waiting forever.
@@ -46,6 +47,8 @@ use virtq::completion::{AsDriverQueue, AsyncQueue};
 use virtq::AnyDriverLayout;
 use vmm_sys_util::eventfd::EventFd;
 
+#[cfg(feature = "tokio")]
+use crate::frontend::WaitMode;
 use crate::frontend::{Kicker, Queue, QueueDma, VhostVirtqueue};
 
 /// A vhost-user queue whose buffers are awaited. `B` is what each submission owns (its
@@ -183,46 +186,149 @@ fn drain_eventfd(fd: RawFd) {
 /// tasks that use the queue: `tokio::spawn(drive(queue.clone()))`.
 #[cfg(feature = "tokio")]
 pub async fn drive<B: Send>(queue: Arc<AsyncVhostQueue<B>>) -> io::Result<()> {
+    drive_with(queue, WaitMode::Sleep).await
+}
+
+/// [`drive`], waiting for completions as `wait` says:
+///
+/// - [`WaitMode::Sleep`]: on the call eventfd, interrupts enabled;
+/// - [`WaitMode::Poll`]: busy-polls the ring with interrupts suppressed, and after each batch
+///   of completions yields to the tasks it woke: a CPU of its own, and no eventfd signal
+///   from the back end (which costs the back end a system call per batch);
+/// - [`WaitMode::Hybrid`]: polls until nothing has completed for that long, then sleeps
+///   until the next signal.
+///
+/// While it polls, the runtime's thread runs nothing else but the tasks it wakes (and, now
+/// and then, whatever else is ready): give it a runtime, or a thread, of its own.
+#[cfg(feature = "tokio")]
+pub async fn drive_with<B: Send>(queue: Arc<AsyncVhostQueue<B>>, wait: WaitMode) -> io::Result<()> {
+    let fds = tokio_fds::Fds::register(&queue)?;
+    loop {
+        if wait != WaitMode::Sleep && tokio_fds::spin(&queue, wait).await {
+            return Ok(());
+        }
+        if fds.sleep(&queue, wait == WaitMode::Sleep).await? {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+mod tokio_fds {
+    use std::io;
+    use std::os::fd::OwnedFd;
     use std::task::Poll;
+    use std::time::{Duration, Instant};
+
     use tokio::io::unix::AsyncFd;
     use tokio::io::Interest;
+    use vmm_sys_util::eventfd::EventFd;
 
-    // Descriptors of our own (duplicates), registered with the runtime's epoll.
-    let (call, sock) =
-        queue.with_queue(|q| Ok::<_, io::Error>((q.call_event().try_clone()?, q.socket().try_clone_to_owned()?)))?;
-    // SAFETY: an `EventFd` and an `OwnedFd` own their descriptor: it stays open, the same
-    // file description, and their `as_raw_fd` the same number until they are dropped,
-    // which happens only with the `AsyncFd`.
-    let call = unsafe { AsyncFd::register_with_interest(call, Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
-    // SAFETY: as above.
-    let sock = unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
-    queue.interrupt();
-    std::future::poll_fn(|cx| {
-        loop {
-            // A hang-up first: the ring's last used buffers still complete.
-            if let Poll::Ready(guard) = sock.poll_read_ready(cx) {
-                let mut guard = guard?;
-                if guard.ready().is_read_closed() {
-                    queue.interrupt();
-                    queue.break_queue();
-                    return Poll::Ready(Ok(()));
-                }
-                // The frontend's control replies arrive on this socket too: not ours.
-                guard.clear_ready();
-                continue;
-            }
-            match call.poll_read_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(guard) => {
-                    // Clears the readiness only when the counter reads empty, so a signal
-                    // after the read is seen at the next poll.
-                    if let Ok(read) = guard?.try_io(|fd| fd.get_ref().read()) {
-                        read?;
+    use super::AsyncVhostQueue;
+    use crate::frontend::WaitMode;
+
+    /// How long a poll finds nothing before it asks the socket whether the back end is
+    /// still there (a system call).
+    const SOCKET_CHECK: Duration = Duration::from_millis(2);
+
+    /// The call eventfd and the socket, duplicated and registered with the runtime.
+    pub(super) struct Fds {
+        call: AsyncFd<EventFd>,
+        sock: AsyncFd<OwnedFd>,
+    }
+
+    impl Fds {
+        pub(super) fn register<B>(queue: &AsyncVhostQueue<B>) -> io::Result<Self> {
+            let (call, sock) = queue
+                .with_queue(|q| Ok::<_, io::Error>((q.call_event().try_clone()?, q.socket().try_clone_to_owned()?)))?;
+            // SAFETY: an `EventFd` and an `OwnedFd` own their descriptor: it stays open, the
+            // same file description, and their `as_raw_fd` the same number until they are
+            // dropped, which happens only with the `AsyncFd`.
+            let call =
+                unsafe { AsyncFd::register_with_interest(call, Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
+            // SAFETY: as above.
+            let sock =
+                unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
+            Ok(Self { call, sock })
+        }
+
+        /// Enables interrupts (the interrupt path re-checks the ring) and sleeps until the
+        /// back end signals, then runs the interrupt path; `forever`: again and again.
+        /// Returns whether the back end hung up (the queue is then broken).
+        pub(super) async fn sleep<B: Send>(&self, queue: &AsyncVhostQueue<B>, forever: bool) -> io::Result<bool> {
+            queue.interrupt();
+            std::future::poll_fn(|cx| loop {
+                // A hang-up first: the ring's last used buffers still complete.
+                if let Poll::Ready(guard) = self.sock.poll_read_ready(cx) {
+                    let mut guard = guard?;
+                    if guard.ready().is_read_closed() {
                         queue.interrupt();
+                        queue.break_queue();
+                        return Poll::Ready(Ok(true));
+                    }
+                    // The frontend's control replies arrive on this socket too: not ours.
+                    guard.clear_ready();
+                    continue;
+                }
+                match self.call.poll_read_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(guard) => {
+                        // Clears the readiness only when the counter reads empty, so a
+                        // signal after the read is seen at the next poll.
+                        if let Ok(read) = guard?.try_io(|fd| fd.get_ref().read()) {
+                            read?;
+                            queue.interrupt();
+                            if !forever {
+                                return Poll::Ready(Ok(false));
+                            }
+                        }
                     }
                 }
-            }
+            })
+            .await
         }
-    })
-    .await
+    }
+
+    /// Busy-polls with interrupts suppressed, yielding to the woken tasks after each batch,
+    /// until a `Hybrid` wait finds nothing for its time. Returns whether the back end hung
+    /// up (the queue is then broken).
+    pub(super) async fn spin<B: Send>(queue: &AsyncVhostQueue<B>, wait: WaitMode) -> bool {
+        queue.disable_interrupts();
+        let mut idle_since: Option<Instant> = None;
+        let mut socket_checked = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            if queue.process_used() > 0 {
+                idle_since = None;
+                tokio::task::yield_now().await;
+                continue;
+            }
+            if queue.is_broken() {
+                // Every future failed already (the queue breaks and sweeps together).
+                return false;
+            }
+            spins = spins.wrapping_add(1);
+            if !spins.is_multiple_of(64) {
+                std::hint::spin_loop();
+                continue;
+            }
+            let now = Instant::now();
+            let since = *idle_since.get_or_insert(now);
+            if let WaitMode::Hybrid(d) = wait {
+                if now.duration_since(since) >= d {
+                    return false;
+                }
+            }
+            if now.duration_since(since) >= SOCKET_CHECK && now.duration_since(socket_checked) >= SOCKET_CHECK {
+                socket_checked = now;
+                if !queue.with_queue(|q| q.is_connected()) {
+                    queue.interrupt();
+                    queue.break_queue();
+                    return true;
+                }
+            }
+            // Whatever else the runtime has to run, now and then.
+            tokio::task::yield_now().await;
+        }
+    }
 }

@@ -92,7 +92,7 @@ use core::pin::Pin;
 use core::sync::atomic::{AtomicBool, Ordering};
 use core::task::{Context, Poll, Waker};
 
-use crate::driver::{AddErrorKind, DriverQueue, Kick, Notify, QueueHandle, DriverLayout, Sg, UsedBuf};
+use crate::driver::{AddErrorKind, DriverLayout, DriverQueue, Kick, Notify, QueueHandle, Sg, UsedBuf};
 use crate::memory::Dma;
 
 pub use lock_api::RawMutex;
