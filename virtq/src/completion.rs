@@ -92,6 +92,8 @@ use core::pin::Pin;
 use core::sync::atomic::{AtomicBool, Ordering};
 use core::task::{Context, Poll, Waker};
 
+use arrayvec::ArrayVec;
+
 use crate::driver::{AddErrorKind, DriverLayout, DriverQueue, Kick, Notify, QueueHandle, Sg, UsedBuf};
 use crate::memory::Dma;
 
@@ -290,12 +292,11 @@ impl WaitList {
     }
 }
 
-/// Work for after the lock: wakers to wake and to drop, buffers to drop, a kick.
+/// Work for after the lock: wakers to wake and to drop, buffers to drop, a kick. Inline
+/// vectors: making one costs nothing, and every operation makes one.
 struct Deferred<B> {
-    wake: [Option<Waker>; 2 * ROUND],
-    woken: usize,
-    orphans: [Option<B>; ROUND],
-    dropped: usize,
+    wake: ArrayVec<Waker, { 2 * ROUND }>,
+    orphans: ArrayVec<B, ROUND>,
     /// A waker replaced by a newer one (dropping it may drop a task).
     stale: Option<Waker>,
     /// The next waiter for space, given its turn by a slot given back.
@@ -305,30 +306,20 @@ struct Deferred<B> {
 
 impl<B> Deferred<B> {
     fn new() -> Self {
-        Self {
-            wake: [const { None }; 2 * ROUND],
-            woken: 0,
-            orphans: [const { None }; ROUND],
-            dropped: 0,
-            stale: None,
-            turn: None,
-            kick: None,
-        }
+        Self { wake: ArrayVec::new(), orphans: ArrayVec::new(), stale: None, turn: None, kick: None }
     }
 
     fn has_room(&self) -> bool {
-        self.woken < self.wake.len()
+        !self.wake.is_full()
     }
 
     /// Callers check `has_room` (or stay within `ROUND` completions per round).
     fn wake(&mut self, waker: Waker) {
-        self.wake[self.woken] = Some(waker);
-        self.woken += 1;
+        self.wake.push(waker);
     }
 
     fn drop_buf(&mut self, buf: B) {
-        self.orphans[self.dropped] = Some(buf);
-        self.dropped += 1;
+        self.orphans.push(buf);
     }
 }
 
@@ -548,10 +539,8 @@ impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
         if let Some(w) = d.turn.take() {
             w.wake();
         }
-        for w in d.wake.iter_mut().take(d.woken) {
-            if let Some(w) = w.take() {
-                w.wake();
-            }
+        for w in d.wake.drain(..) {
+            w.wake();
         }
         drop(d);
         if kick_failed {
