@@ -528,12 +528,13 @@ impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
                 }
             }
         };
-        self.finish(d);
+        self.finish(&mut d);
         Submit { queue: self, state }
     }
 
     /// After the lock: delivers the kick, wakes, drops; sweeps if the kick broke the ring.
-    fn finish(&self, mut d: Deferred<B>) {
+    /// `d` stays where it is: it is large, and moving it costs a copy.
+    fn finish(&self, d: &mut Deferred<B>) {
         let kick_failed = d.kick.take().is_some_and(|k| !self.handle.notify(k));
         drop(d.stale.take());
         if let Some(w) = d.turn.take() {
@@ -542,7 +543,7 @@ impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
         for w in d.wake.drain(..) {
             w.wake();
         }
-        drop(d);
+        d.orphans.clear();
         if kick_failed {
             self.sweep();
         }
@@ -557,7 +558,7 @@ impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
             let more = inner.needs_sweep() && inner.sweep(&mut d);
             (out, more)
         };
-        self.finish(d);
+        self.finish(&mut d);
         if more {
             self.sweep();
         }
@@ -572,7 +573,7 @@ impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
                 let mut inner = self.inner.lock();
                 inner.needs_sweep() && inner.sweep(&mut d)
             };
-            self.finish(d);
+            self.finish(&mut d);
             if !more {
                 return;
             }
