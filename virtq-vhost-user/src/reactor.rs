@@ -203,6 +203,9 @@ pub async fn drive<B: Send>(queue: Arc<AsyncVhostQueue<B>>) -> io::Result<()> {
 #[cfg(feature = "tokio")]
 pub async fn drive_with<B: Send>(queue: Arc<AsyncVhostQueue<B>>, wait: WaitMode) -> io::Result<()> {
     let fds = tokio_fds::Fds::register(&queue)?;
+    // Submissions leave their kick to this task, which runs after them: one kick per batch.
+    // However this task ends (a hang-up, an error, aborted), they kick for themselves again.
+    let _kicks = tokio_fds::DeferredKicks::start(&queue).await;
     loop {
         if wait != WaitMode::Sleep && tokio_fds::spin(&queue, wait).await {
             return Ok(());
@@ -226,6 +229,26 @@ mod tokio_fds {
 
     use super::AsyncVhostQueue;
     use crate::frontend::WaitMode;
+
+    /// Kicks deferred to the reactor task while it lives.
+    pub(super) struct DeferredKicks<'a, B: Send>(&'a AsyncVhostQueue<B>);
+
+    impl<'a, B: Send> DeferredKicks<'a, B> {
+        pub(super) async fn start(queue: &'a AsyncVhostQueue<B>) -> Self {
+            std::future::poll_fn(|cx| {
+                queue.defer_kicks_to(cx.waker());
+                Poll::Ready(())
+            })
+            .await;
+            Self(queue)
+        }
+    }
+
+    impl<B: Send> Drop for DeferredKicks<'_, B> {
+        fn drop(&mut self) {
+            self.0.kick_immediately();
+        }
+    }
 
     /// How long a poll finds nothing before it asks the socket whether the back end is
     /// still there (a system call).
@@ -258,6 +281,9 @@ mod tokio_fds {
         pub(super) async fn sleep<B: Send>(&self, queue: &AsyncVhostQueue<B>, forever: bool) -> io::Result<bool> {
             queue.interrupt();
             std::future::poll_fn(|cx| loop {
+                // Woken by submissions, or after the tasks it woke ran: their kick.
+                queue.defer_kicks_to(cx.waker());
+                queue.kick();
                 // A hang-up first: the ring's last used buffers still complete.
                 if let Poll::Ready(guard) = self.sock.poll_read_ready(cx) {
                     let mut guard = guard?;
@@ -301,6 +327,8 @@ mod tokio_fds {
             if queue.process_used() > 0 {
                 idle_since = None;
                 yield_to_woken().await;
+                // The woken tasks have submitted again: one kick for all of them.
+                queue.kick();
                 continue;
             }
             if queue.is_broken() {
@@ -327,8 +355,9 @@ mod tokio_fds {
                     return true;
                 }
             }
-            // Whatever else the runtime has to run, now and then.
+            // Whatever else the runtime has to run, now and then, and its submissions' kick.
             yield_to_woken().await;
+            queue.kick();
         }
     }
 

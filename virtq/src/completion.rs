@@ -301,12 +301,21 @@ struct Deferred<B> {
     stale: Option<Waker>,
     /// The next waiter for space, given its turn by a slot given back.
     turn: Option<Waker>,
+    /// The reactor, to kick for a submission.
+    turn_reactor: Option<Waker>,
     kick: Option<Kick>,
 }
 
 impl<B> Deferred<B> {
     fn new() -> Self {
-        Self { wake: ArrayVec::new(), orphans: ArrayVec::new(), stale: None, turn: None, kick: None }
+        Self {
+            wake: ArrayVec::new(),
+            orphans: ArrayVec::new(),
+            stale: None,
+            turn: None,
+            turn_reactor: None,
+            kick: None,
+        }
     }
 
     fn has_room(&self) -> bool {
@@ -340,6 +349,12 @@ struct Inner<B, Q> {
     in_ring: usize,
     /// Every future has seen the ring broken (set once a sweep completes).
     swept: bool,
+    /// The reactor that kicks for the submissions ([`AsyncQueue::defer_kicks_to`]).
+    reactor: Option<Waker>,
+    /// Buffers were added since the last kick.
+    unkicked: bool,
+    /// The reactor was woken to kick and has not yet.
+    reactor_woken: bool,
 }
 
 impl<B, Q: AsDriverQueue> Inner<B, Q> {
@@ -361,7 +376,17 @@ impl<B, Q: AsDriverQueue> Inner<B, Q> {
         if let Err(e) = added {
             return Err((e.kind, buf));
         }
-        d.kick = q.kick_prepare();
+        match &self.reactor {
+            // The reactor kicks once for all the submissions before it runs.
+            Some(reactor) => {
+                self.unkicked = true;
+                if !self.reactor_woken {
+                    self.reactor_woken = true;
+                    d.turn_reactor = Some(reactor.clone());
+                }
+            }
+            None => d.kick = q.kick_prepare(),
+        }
         self.free.pop();
         self.slots[slot as usize] = Slot::Pending { buf, waker: None };
         self.in_ring += 1;
@@ -481,6 +506,9 @@ impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
             waiters: WaitList::with_capacity(size as usize),
             in_ring: 0,
             swept: false,
+            reactor: None,
+            unkicked: false,
+            reactor_woken: false,
             queue,
         };
         Ok(Self { inner: Lock::new(inner), handle })
@@ -540,6 +568,9 @@ impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
         if let Some(w) = d.turn.take() {
             w.wake();
         }
+        if let Some(w) = d.turn_reactor.take() {
+            w.wake();
+        }
         for w in d.wake.drain(..) {
             w.wake();
         }
@@ -597,6 +628,13 @@ impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
     }
 
     fn drain(&self, reenable: bool) -> usize {
+        if !reenable {
+            // A busy-polling reactor asks this in a loop: nothing used, nothing else to do.
+            let inner = self.inner.lock();
+            if !inner.queue.driver_queue().has_used() && !inner.needs_sweep() {
+                return 0;
+            }
+        }
         let mut total = 0;
         let mut first = true;
         loop {
@@ -627,6 +665,46 @@ impl<B, Q: AsDriverQueue, R: RawMutex> AsyncQueue<B, Q, R> {
                 return total;
             }
         }
+    }
+
+    /// Makes `reactor` responsible for kicks: a submission then only adds its buffer and
+    /// wakes `reactor` (once until it kicks), which is to call [`Self::kick`] when it runs,
+    /// so that the submissions made in between share one notification. An async runtime's
+    /// reactor task that runs after the tasks it woke kicks once per batch this way, as
+    /// tokio-uring submits once per turn of its runtime. Call it again whenever the
+    /// reactor's waker changes; [`Self::kick_immediately`] undoes it.
+    pub fn defer_kicks_to(&self, reactor: &Waker) {
+        let stale = {
+            let mut inner = self.inner.lock();
+            match &inner.reactor {
+                Some(r) if r.will_wake(reactor) => None,
+                _ => inner.reactor.replace(reactor.clone()),
+            }
+        };
+        drop(stale);
+    }
+
+    /// Each submission kicks for itself again (the default), and a kick the reactor owed
+    /// is delivered now.
+    pub fn kick_immediately(&self) {
+        let stale = self.inner.lock().reactor.take();
+        drop(stale);
+        self.kick();
+    }
+
+    /// Delivers the kick owed for the buffers added since the last one, if the device
+    /// wants it (`kick_prepare`, then the notification after the lock). For a reactor
+    /// that [`Self::defer_kicks_to`] made responsible. Returns false if the notification
+    /// failed (which breaks the ring).
+    #[doc(alias = "virtqueue_kick")]
+    pub fn kick(&self) -> bool {
+        self.locked(|inner, d| {
+            inner.reactor_woken = false;
+            if core::mem::take(&mut inner.unkicked) {
+                d.kick = inner.queue.driver_queue_mut().kick_prepare();
+            }
+        });
+        !self.is_broken()
     }
 
     /// Asks the device not to interrupt (a hint), for a reactor about to busy-poll.
