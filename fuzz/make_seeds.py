@@ -286,3 +286,70 @@ write(
     + DEV_PUBLISH
     + GET,
 )
+
+
+# ---------------------------------------------------------------------------------------
+# backend_messages: ops (op byte % 16): 0 shrink a memfd, 1 write into one, 2 kick, 3 any
+# request with raw bytes, 4..15 a known request (index into KNOWN, then a flags selector:
+# 5 means plain version 1), its body built from the bytes that follow (see `body`).
+# Selector bytes of 1 pick the usual value (0 would pick a random one). SET_MEM_TABLE ends
+# with a byte that may add (0) or drop (1) an fd.
+KNOWN = [
+    "SET_OWNER", "GET_FEATURES", "SET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES",
+    "GET_QUEUE_NUM", "SET_MEM_TABLE", "SET_VRING_NUM", "SET_VRING_ADDR", "SET_VRING_BASE",
+    "GET_VRING_BASE", "SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ERR", "SET_VRING_ENABLE",
+    "GET_CONFIG", "SET_CONFIG", "RESET_OWNER", "RESET_DEVICE", "GET_MAX_MEM_SLOTS", "ADD_MEM_REG",
+    "REM_MEM_REG", "GET_INFLIGHT_FD", "SET_LOG_BASE",
+]
+
+
+def m(name, *body):
+    return u8(4, KNOWN.index(name), 5) + b"".join(body)
+
+
+def m_poke(offset, data):
+    return u8(1, 0) + u16(offset // 16) + u8(len(data) - 1) + data
+
+
+M_KICK = u8(2, 0)
+M_SHRINK = u8(0, 0, 0)
+
+# Handshake, one 64 KiB region (gpa 0), ring 0 of 16 at 0x0 / 0x1000 (avail) / 0x2000
+# (used), eventfd kick and call, enabled.
+M_SETUP = (
+    m("SET_OWNER")
+    + m("GET_FEATURES")
+    + m("SET_FEATURES", u8(1, 0, 1))
+    + m("SET_PROTOCOL_FEATURES", u8(1))
+    + m("SET_MEM_TABLE", u8(1, 0), u8(15, 1, 1, 1, 1, 0, 0), u8(2))
+    + m("SET_VRING_NUM", u8(0, 1, 4))
+    + m("SET_VRING_BASE", u8(0, 1), u32(0))
+    + m("SET_VRING_ADDR", u8(0, 1), u8(1, 0) + u16(0), u8(1, 0) + u16(0x200), u8(1, 0) + u16(0x100))
+    + m("SET_VRING_KICK", u8(0, 1, 1))
+    + m("SET_VRING_CALL", u8(0, 1, 1))
+    + m("SET_VRING_ENABLE", u8(0, 1, 1))
+)
+
+
+def split_desc(addr, length, flags, nxt):
+    return struct.pack("<QIHH", addr, length, flags, nxt)
+
+
+# A FLUSH request: header at 0x3000 (NEXT), status at 0x3100 (WRITE), published, kicked.
+M_FLUSH = (
+    m_poke(0, split_desc(0x3000, 16, 1, 1) + split_desc(0x3100, 1, 2, 0))
+    + m_poke(0x3000, u32(4) + u32(0) + struct.pack("<Q", 0))
+    + m_poke(0x1000, u16(0) + u16(1) + u16(0))
+    + M_KICK
+)
+
+write("backend_messages", "flush_then_get_vring_base", M_SETUP + M_FLUSH + m("GET_VRING_BASE", u8(0, 1), u32(0)))
+write("backend_messages", "shrink_with_ring_running", M_SETUP + M_FLUSH + M_SHRINK + M_KICK + m("GET_FEATURES"))
+write("backend_messages", "shrink_before_enable", M_SETUP[: -len(m("SET_VRING_ENABLE", u8(0, 1, 1)))] + M_SHRINK
+      + m("SET_VRING_ENABLE", u8(0, 1, 1)))
+write("backend_messages", "config_reads", m("SET_OWNER") + m("SET_PROTOCOL_FEATURES", u8(1))
+      + m("GET_CONFIG", u8(0, 1, 60)) + m("GET_CONFIG", u8(40, 1, 63)) + m("SET_CONFIG", u8(0, 1, 8)))
+# A kick fd that is a memfd; a memory table with one fd too many; a raw unknown request.
+write("backend_messages", "bad_fds", m("SET_OWNER") + m("SET_MEM_TABLE", u8(1, 1), u8(1, 1, 1, 1, 1, 0, 0) * 2, u8(0, 0, 0, 0))
+      + m("SET_VRING_KICK", u8(0, 1, 0, 1, 0, 0)))
+write("backend_messages", "raw_request", m("SET_OWNER") + u8(3, 40, 1, 8) + b"\x01" * 8 + u8(1, 1, 0, 0))

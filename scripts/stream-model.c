@@ -7,6 +7,10 @@
 //
 //   packed-in-order: 16-byte descriptors, the batch's first flags written last; one used
 //     descriptor per batch, marked on the batch's first slot.
+//   packed: the same available side, with buffer ids from a free list; the device writes
+//     a used descriptor per buffer (id, length, flags), the flags of each line of four
+//     together, last first, as virtq's device does; the driver checks each used
+//     descriptor's flags and id and returns the id to its free list.
 //   split: descriptor table, avail and used rings on pages of their own; descriptors and
 //     avail entries stored only when they change (buffer n always goes back into the slot
 //     it came from, as in `virtq bench`), one avail index store per batch; the device
@@ -14,7 +18,7 @@
 //     driver keeps a free list of descriptors.
 //
 //   cc -O2 -pthread -o /tmp/stream-model scripts/stream-model.c
-//   /tmp/stream-model LAYOUT [bookkeeping 0|1] [prefetch 0|1] [fence 0|1] [buffers]
+//   /tmp/stream-model packed-in-order|packed|split [bookkeeping 0|1] [prefetch 0|1] [fence 0|1] [buffers]
 //
 // bookkeeping=1 adds what any driver keeps per buffer in flight (token, length, chain
 // shape: seven stores on add, a check and a clear on reap) in private memory. prefetch=1
@@ -78,6 +82,8 @@ static struct {
 } used __attribute__((aligned(4096)));
 static struct in_flight state[SLOTS] __attribute__((aligned(4096)));
 static uint16_t next_free[SLOTS];
+// Packed (not in order): ids the driver may hand out, a stack.
+static uint16_t free_ids[SLOTS];
 static long total __attribute__((aligned(128)));
 static int bookkeeping, prefetch, fence;
 
@@ -176,6 +182,85 @@ static uint64_t packed_driver(void) {
     return check;
 }
 
+static void *packed_used_device(void *arg) {
+    (void)arg;
+    pin(1);
+    unsigned pos = 0, wrap = 1;
+    unsigned pending[4], pending_flags[4], npending = 0;
+    uint64_t sum = 0;
+    for (long seen = 0; seen < total;) {
+        uint16_t f = atomic_load_explicit(&packed[pos].flags, memory_order_acquire);
+        if ((f & (AVAIL | USED)) != avail_flags(wrap))
+            continue;
+        sum += packed[pos].addr + packed[pos].len;
+        // id and length at the used position (here the same position: one descriptor per
+        // buffer); the flags wait for the rest of the line.
+        packed[pos].len = 0;
+        pending[npending] = pos;
+        pending_flags[npending++] = used_flags(wrap);
+        seen++;
+        if (++pos == SLOTS) {
+            pos = 0;
+            wrap ^= 1;
+        }
+        if (npending == 4 || pos % 4 == 0) {
+            atomic_thread_fence(memory_order_release);
+            while (npending)
+                npending--, atomic_store_explicit(&packed[pending[npending]].flags, (uint16_t)pending_flags[npending],
+                                                 memory_order_relaxed);
+        }
+    }
+    return (void *)(uintptr_t)sum;
+}
+
+static uint64_t packed_used_driver(void) {
+    for (int i = 0; i < SLOTS; i++)
+        free_ids[i] = (uint16_t)(SLOTS - 1 - i);
+    unsigned nfree = SLOTS;
+    long added = 0, reaped = 0;
+    unsigned apos = 0, awrap = 1, upos = 0, uwrap = 1;
+    uint64_t check = 0;
+    uint16_t device_event = 0;
+    while (reaped < total) {
+        while (added > reaped &&
+               (atomic_load_explicit(&packed[upos].flags, memory_order_acquire) & (AVAIL | USED)) == used_flags(uwrap)) {
+            uint16_t id = packed[upos].id;
+            if (id >= SLOTS || packed[upos].len != 0)
+                abort();
+            check += untrack(id);
+            free_ids[nfree++] = id;
+            reaped++;
+            if (++upos == SLOTS) {
+                upos = 0;
+                uwrap ^= 1;
+            }
+        }
+        if (added < total && nfree >= BATCH) {
+            if (prefetch)
+                for (int i = 0; i < BATCH; i += 4)
+                    __asm__ volatile("prefetchw %0" ::"m"(packed[(apos + i) % SLOTS]));
+            unsigned head = apos, head_wrap = awrap;
+            for (int i = 0; i < BATCH; i++) {
+                uint16_t id = free_ids[--nfree];
+                packed[apos].addr = (uint64_t)(added + i);
+                packed[apos].len = 64;
+                packed[apos].id = id;
+                track(id, added + i);
+                if (i)
+                    atomic_store_explicit(&packed[apos].flags, avail_flags(awrap), memory_order_relaxed);
+                if (++apos == SLOTS) {
+                    apos = 0;
+                    awrap ^= 1;
+                }
+            }
+            atomic_store_explicit(&packed[head].flags, avail_flags(head_wrap), memory_order_release);
+            added += BATCH;
+            check += kick_check(&device_event);
+        }
+    }
+    return check;
+}
+
 static void *split_device(void *arg) {
     (void)arg;
     pin(1);
@@ -245,8 +330,10 @@ static uint64_t split_driver(void) {
 
 int main(int argc, char **argv) {
     int split = argc > 1 && !strcmp(argv[1], "split");
-    if (argc < 2 || (!split && strcmp(argv[1], "packed-in-order"))) {
-        fprintf(stderr, "usage: %s packed-in-order|split [bookkeeping] [prefetch] [fence] [buffers]\n", argv[0]);
+    int packed_used = argc > 1 && !strcmp(argv[1], "packed");
+    if (argc < 2 || (!split && !packed_used && strcmp(argv[1], "packed-in-order"))) {
+        fprintf(stderr, "usage: %s packed-in-order|packed|split [bookkeeping] [prefetch] [fence] [buffers]\n",
+                argv[0]);
         return 2;
     }
     bookkeeping = argc > 2 ? atoi(argv[2]) : 0;
@@ -255,11 +342,11 @@ int main(int argc, char **argv) {
     total = argc > 5 ? atol(argv[5]) : 30000000;
     total -= total % BATCH;
     pthread_t t;
-    pthread_create(&t, 0, split ? split_device : packed_device, 0);
+    pthread_create(&t, 0, split ? split_device : packed_used ? packed_used_device : packed_device, 0);
     pin(0);
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    uint64_t check = split ? split_driver() : packed_driver();
+    uint64_t check = split ? split_driver() : packed_used ? packed_used_driver() : packed_driver();
     clock_gettime(CLOCK_MONOTONIC, &t1);
     pthread_join(t, 0);
     double s = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;

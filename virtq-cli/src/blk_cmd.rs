@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! virtq blk --socket PATH info                      config space, features, device id
+//! virtq blk --socket PATH --split --no-in-order ... force the split ring, no in-order
 //! virtq blk --socket PATH read --offset 0 --length 4k [--output FILE]
 //! virtq blk --socket PATH write --offset 0 (--input FILE | --pattern 0xaa --length 4k)
 //! virtq blk --socket PATH verify --length 16M       write random data, read it back, compare
@@ -19,7 +20,9 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use virtq_vhost_user::blk::{AsyncBlkQueue, BlkDevice, BlkError, BlkInfo, BlkOptions, BlkQueue, Request, SECTOR_SIZE};
+use virtq_vhost_user::blk::{
+    AsyncBlkQueue, BlkDevice, BlkError, BlkInfo, BlkOptions, BlkQueue, Request, RequestError, SECTOR_SIZE,
+};
 use virtq_vhost_user::reactor;
 use virtq_vhost_user::{DmaBuffer, MemoryConfig, WaitMode};
 
@@ -42,8 +45,17 @@ pub struct BlkArgs {
     #[arg(long)]
     no_indirect: bool,
 
+    /// Use the split ring even if the device offers VIRTIO_F_RING_PACKED (by default the
+    /// packed ring is negotiated when offered).
+    #[arg(long)]
+    split: bool,
+
+    /// Do not negotiate VIRTIO_F_IN_ORDER (by default it is, when offered).
+    #[arg(long)]
+    no_in_order: bool,
+
     /// Time allowed for each vhost-user control message and, times 6, for requests
-    /// in flight without progress (e.g. 5s, 500ms).
+    /// in flight without progress (`info`'s GET_ID: once) (e.g. 5s, 500ms).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
 
@@ -273,6 +285,8 @@ fn options(args: &BlkArgs, queues: u16, memory: usize) -> BlkOptions {
         queue_size: args.queue_size,
         event_idx: !args.no_event_idx,
         indirect_desc: !args.no_indirect,
+        ring_packed: !args.split,
+        in_order: !args.no_in_order,
         memory: MemoryConfig { size: memory.max(16 << 20), regions: 1 },
         control_timeout: args.timeout,
         request_timeout: args.timeout * 6,
@@ -325,7 +339,10 @@ struct InfoJson {
     read_only: bool,
     device_queues: u16,
     queue_size: u16,
-    seg_max: u32,
+    /// What the device offers (`SEG_MAX`).
+    seg_max: Option<u32>,
+    /// Segments per request this driver uses (seg_max, capped).
+    max_segments: u32,
     size_max: Option<u32>,
     writeback: Option<u8>,
     max_discard_sectors: Option<u32>,
@@ -341,10 +358,20 @@ struct InfoJson {
 
 fn info(args: &BlkArgs, json: bool) -> Result<ExitCode, Failure> {
     use virtq_vhost_user::blk::feature as f;
-    let (dev, mut queues) = connect(args, 1, 0)?;
+    // GET_ID is the one request here: it gets `--timeout`, not the I/O commands' longer one.
+    let opts = BlkOptions { request_timeout: args.timeout, ..options(args, 1, 0) };
+    let mut dev = BlkDevice::connect(&args.socket, &opts)
+        .map_err(|e| fail(format!("connecting to {}: {e}", args.socket.display())))?;
+    let mut queues = dev.take_queues();
     let i = dev.info();
     let c = &i.config;
-    let id = queues[0].get_id().ok();
+    // A device may refuse GET_ID (UNSUPP or IOERR: it answered); one that does not answer,
+    // or answers out of protocol, fails the command.
+    let id = match queues[0].get_id() {
+        Ok(id) => Some(id),
+        Err(BlkError::Request(RequestError::Unsupported | RequestError::IoError)) => None,
+        Err(e) => return Err(fail(format!("GET_ID: {e}"))),
+    };
     let opt = |bit: u64, v| i.has(bit).then_some(v);
     let ring = virtq_vhost_user::virtq::Features::from_bits(i.features.bits() & (((1 << 42) - 1) & !((1 << 28) - 1)));
     let out = InfoJson {
@@ -356,7 +383,8 @@ fn info(args: &BlkArgs, json: bool) -> Result<ExitCode, Failure> {
         read_only: i.read_only(),
         device_queues: i.device_queues,
         queue_size: i.queue_size,
-        seg_max: i.max_segments(),
+        seg_max: opt(f::SEG_MAX, c.seg_max),
+        max_segments: i.max_segments(),
         size_max: opt(f::SIZE_MAX, c.size_max),
         writeback: i.has(f::CONFIG_WCE).then_some(c.writeback),
         max_discard_sectors: opt(f::DISCARD, c.max_discard_sectors),
@@ -380,7 +408,12 @@ fn info(args: &BlkArgs, json: bool) -> Result<ExitCode, Failure> {
     println!("block size          {}", out.block_size);
     println!("read-only           {}", out.read_only);
     println!("queues              {} (ring size {})", out.device_queues, out.queue_size);
-    println!("segments            seg_max {}, size_max {}", out.seg_max, show(out.size_max));
+    println!(
+        "segments            seg_max {}, {} used per request, size_max {}",
+        show(out.seg_max),
+        out.max_segments,
+        show(out.size_max)
+    );
     println!("writeback           {}", out.writeback.map_or("-".to_string(), |w| w.to_string()));
     println!(
         "discard             max {} sectors, {} segments, alignment {}",
@@ -662,6 +695,8 @@ struct BenchJson {
     r#async: bool,
     event_idx: bool,
     indirect_desc: bool,
+    ring_packed: bool,
+    in_order: bool,
     duration_s: f64,
     ops: u64,
     reads: u64,
@@ -774,6 +809,8 @@ fn bench(args: &BlkArgs, b: &BenchArgs) -> Result<ExitCode, Failure> {
         r#async: b.r#async,
         event_idx: info.features.contains(virtq_vhost_user::virtq::Features::EVENT_IDX),
         indirect_desc: info.features.contains(virtq_vhost_user::virtq::Features::INDIRECT_DESC),
+        ring_packed: info.features.contains(virtq_vhost_user::virtq::Features::RING_PACKED),
+        in_order: info.features.contains(virtq_vhost_user::virtq::Features::IN_ORDER),
         duration_s: secs,
         ops: total.ops,
         reads: total.reads,
@@ -787,7 +824,7 @@ fn bench(args: &BlkArgs, b: &BenchArgs) -> Result<ExitCode, Failure> {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
         println!(
-            "{} {} reads {}% bs {} iodepth {} queues {} {}wait {:?} ({:.1} s, event_idx {}, indirect {})",
+            "{} {} reads {}% bs {} iodepth {} queues {} {}wait {:?} ({:.1} s, {} ring{}, event_idx {}, indirect {})",
             args.socket.display(),
             match b.pattern {
                 Pattern::Random => "random",
@@ -800,6 +837,8 @@ fn bench(args: &BlkArgs, b: &BenchArgs) -> Result<ExitCode, Failure> {
             if b.r#async { "async, " } else { "" },
             b.wait,
             secs,
+            if result.ring_packed { "packed" } else { "split" },
+            if result.in_order { " in order" } else { "" },
             result.event_idx,
             result.indirect_desc
         );

@@ -5,16 +5,16 @@
 //!
 //! The round trip differs from line to line: on a mesh (Intel's server parts) each line's
 //! coherence goes through a home agent chosen by its address, nearer one core or the
-//! other. On this machine the 64 lines of one page measured from 125 to 233 ns in the same
-//! run, while a ring's requests move through all the lines of its page. A single line would
+//! other, and the lines of one page can differ by nearly a factor of two in the same run,
+//! while a ring's requests move through all the lines of its page. A single line would
 //! give a figure drawn at random from that range, so the threads time each line of a 4 KiB
 //! block in turn (the descriptors of a 256-entry packed ring fill such a block), and the
 //! round trip is the mean over the lines, with the fastest and the slowest line beside it.
 //!
 //! The same exchange over two lines, where each side writes one and reads the other (a
 //! split ring's avail index and used index, which the layout cannot put on one line),
-//! takes about twice as long here (358 to 381 ns against 166 to 178 for one line): it is
-//! the floor under a split ring's round trip, and is measured beside the other.
+//! takes about twice as long as one line: it is the floor under a split ring's round trip,
+//! and is measured beside the other.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -49,8 +49,8 @@ impl Block {
 /// Round trips between two clock reads, all on one line: enough that the clock's cost
 /// (tens of ns) is spread out to under 1 ns per round trip, few enough that most samples
 /// fall between two preemptions on a busy machine (each line's median then ignores the
-/// others). A round trip that also moves to the next line costs more than one that stays
-/// (about 330 against 180 ns here, when every round trip moved), so moves are not timed.
+/// others). A round trip that also moves to the next line costs more than one that stays,
+/// so moves are not timed.
 const ROUNDS_PER_SAMPLE: u32 = 64;
 
 /// The value that tells the pong thread to exit (odd, like a ping).

@@ -9,15 +9,16 @@
 //!   -device vhost-user-blk-pci,chardev=blk0,num-queues=4[,packed=on]
 //! ```
 //!
-//! It serves one frontend at a time, forever: when a frontend disconnects (or sends
-//! something malformed, which is logged) it waits for the next one.
+//! It serves frontends concurrently, each on its own thread, forever: a frontend that
+//! disconnects, sends something malformed, stalls or shrinks its memory ends its own
+//! connection (logged), and the others go on.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use virtq_vhost_user::backend::blk::{BlkBackend, BlkBackendOptions};
-use virtq_vhost_user::backend::Server;
+use virtq_vhost_user::backend::{Server, ServerOptions};
 
 /// Options of `virtq serve-blk`.
 #[derive(clap::Args, Debug, Clone)]
@@ -40,6 +41,9 @@ pub struct ServeBlkArgs {
     /// Serve a single frontend connection, then exit.
     #[arg(long)]
     pub once: bool,
+    /// Most frontends served at once; one more is closed at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_connections: u32,
 }
 
 /// Runs `virtq serve-blk`.
@@ -70,7 +74,8 @@ pub fn run(args: ServeBlkArgs) -> ExitCode {
         if args.readonly { ", read-only" } else { "" },
         args.socket.display()
     );
-    let mut server = match Server::bind(&args.socket, Arc::new(device)) {
+    let limits = ServerOptions { max_connections: args.max_connections as usize, ..Default::default() };
+    let mut server = match Server::bind_with(&args.socket, Arc::new(device), limits) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("virtq serve-blk: cannot listen on {}: {e}", args.socket.display());

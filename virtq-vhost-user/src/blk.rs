@@ -57,6 +57,16 @@ use crate::virtio_blk::{req as req_type, status, WRITE_ZEROES_FLAG_UNMAP};
 /// What the status byte holds until the device writes it: not a valid status.
 const STATUS_UNWRITTEN: u8 = 0xff;
 
+/// Most data segments this driver puts in one request, whatever the device's `seg_max`.
+///
+/// Each ring entry has an indirect table preallocated for the longest request (16 bytes a
+/// segment, plus header, range and status), so the pool grows with `seg_max`: a legal
+/// `seg_max` of 65535 would take about 268 MB per 256-entry queue, and connecting would
+/// fail. 256 segments is 1 MiB of 4 KiB pages, the most the `*_at` helpers send in one
+/// request, and keeps the pool at about 1 MiB per 256 entries. Requests with more
+/// segments are refused ([`BlkError::InvalidRequest`]) before they reach the ring.
+pub const MAX_SEGMENTS: u32 = 256;
+
 /// Bytes of config space read: `struct virtio_blk_config` up to and including
 /// `write_zeroes_may_unmap` and its padding (the fields every virtio-blk device has).
 pub const CONFIG_SIZE: u32 = 60;
@@ -172,10 +182,11 @@ impl BlkInfo {
         }
     }
 
-    /// Most data segments per request: `seg_max`, or 1 without `SEG_MAX` (as Linux); without
-    /// indirect descriptors also what fits in the ring beside header and status.
+    /// Most data segments per request: `seg_max`, or 1 without `SEG_MAX` (as Linux), and
+    /// never more than [`MAX_SEGMENTS`]; without indirect descriptors also what fits in the
+    /// ring beside header and status.
     pub fn max_segments(&self) -> u32 {
-        let seg_max = if self.has(feature::SEG_MAX) { self.config.seg_max.max(1) } else { 1 };
+        let seg_max = if self.has(feature::SEG_MAX) { self.config.seg_max.clamp(1, MAX_SEGMENTS) } else { 1 };
         if self.features.contains(Features::INDIRECT_DESC) {
             seg_max
         } else {
@@ -214,6 +225,10 @@ pub struct BlkOptions {
     pub event_idx: bool,
     /// Negotiate `INDIRECT_DESC` if offered.
     pub indirect_desc: bool,
+    /// Negotiate `RING_PACKED` if offered (the packed layout).
+    pub ring_packed: bool,
+    /// Negotiate `IN_ORDER` if offered.
+    pub in_order: bool,
     /// Feature bits the device must offer (virtio numbering), on top of `VERSION_1`.
     pub required_features: u64,
     /// Guest memory shared with the device (rings, control blocks, data buffers).
@@ -237,6 +252,8 @@ impl Default for BlkOptions {
             queue_size: 256,
             event_idx: true,
             indirect_desc: true,
+            ring_packed: true,
+            in_order: true,
             required_features: 0,
             memory: MemoryConfig::default(),
             control_timeout: Duration::from_secs(5),
@@ -271,6 +288,15 @@ pub enum RequestError {
     /// The virtqueue broke (the device broke the ring protocol).
     #[error("the virtqueue broke: {0}")]
     QueueBroken(String),
+    /// A read the device reported done without writing all its data: the used length
+    /// (data and status) is short, so the buffer holds stale bytes.
+    #[error("the device completed a read with a used length of {used} bytes; its {expected} bytes of data and status were not all written")]
+    ShortRead {
+        /// Data bytes asked for, plus the status byte.
+        expected: u32,
+        /// The used length the device reported.
+        used: u32,
+    },
 }
 
 /// The result a status byte stands for (VIRTIO 1.3, 5.2.6).
@@ -467,13 +493,17 @@ struct Slot {
     user_data: u64,
     /// Numbers requests for `run`, which waits for its own.
     seq: u64,
+    /// The least used length that completes the request: for a read, its data and the
+    /// status byte (VIRTIO 1.3, 2.7.8: the used length is what the device wrote); 0 for
+    /// others, whose status byte says all.
+    min_used: u32,
     /// Empty (and unallocated) while the slot is free.
     bufs: Vec<DmaBuffer>,
 }
 
 impl Default for Slot {
     fn default() -> Self {
-        Self { active: false, op: Op::Flush, user_data: 0, seq: 0, bufs: Vec::new() }
+        Self { active: false, op: Op::Flush, user_data: 0, seq: 0, min_used: 0, bufs: Vec::new() }
     }
 }
 
@@ -528,6 +558,8 @@ impl BlkDevice {
                 required_features: opts.required_features,
                 event_idx: opts.event_idx,
                 indirect_desc: opts.indirect_desc,
+                ring_packed: opts.ring_packed,
+                in_order: opts.in_order,
                 config_size: CONFIG_SIZE,
                 memory: opts.memory,
                 timeout: opts.control_timeout,
@@ -761,7 +793,7 @@ impl BlkQueue {
         }
         if segs > self.max_segs {
             return Err(BlkError::InvalidRequest(format!(
-                "{segs} data segments, the device takes at most {} (seg_max)",
+                "{segs} data segments, at most {} are sent (seg_max, capped at {MAX_SEGMENTS})",
                 self.max_segs
             )));
         }
@@ -915,6 +947,11 @@ impl BlkQueue {
                 s.user_data = req.user_data;
                 s.op = req.op;
                 s.seq = self.seq;
+                s.min_used = if req.op == Op::Read {
+                    req.bufs.iter().fold(1u32, |n, b| n.saturating_add(b.len() as u32))
+                } else {
+                    0
+                };
                 // A free slot's vector is empty (completions take it).
                 s.bufs = req.bufs;
                 Ok(())
@@ -974,11 +1011,19 @@ impl BlkQueue {
             // is done with the request (the ring returned it), and `get_buf` ordered its
             // writes before this read.
             let status = unsafe { std::ptr::read_volatile(host) };
+            // The usual OK first: the full match costs a dozen instructions. An OK read
+            // whose used length does not cover its data left stale bytes in the buffer.
+            let result = if status != status::OK {
+                status_result(status)
+            } else if used.len < s.min_used {
+                Err(RequestError::ShortRead { expected: s.min_used, used: used.len })
+            } else {
+                Ok(())
+            };
             out.push(Completion {
                 user_data: s.user_data,
                 op: s.op,
-                // The usual OK first: the full match costs a dozen instructions.
-                result: if status == status::OK { Ok(()) } else { status_result(status) },
+                result,
                 bufs: std::mem::take(&mut s.bufs),
                 len: used.len,
                 seq: s.seq,
@@ -1408,7 +1453,17 @@ impl AsyncBlkQueue {
                 let BlkIo { ctl, data: buf } = used.token;
                 let status = ctl[CTL_STATUS];
                 self.ctl_pool.lock().push(ctl);
-                match status_result(status) {
+                // As for the synchronous queue: an OK read whose used length does not
+                // cover its data and status left stale bytes in the buffer.
+                let expected = if READ { n as u32 + 1 } else { 0 };
+                let result = if status != status::OK {
+                    status_result(status)
+                } else if used.len < expected {
+                    Err(RequestError::ShortRead { expected, used: used.len })
+                } else {
+                    Ok(())
+                };
+                match result {
                     Ok(()) => Ok(buf),
                     Err(e) => Err(AsyncBlkError { error: e.into(), buf: Some(buf) }),
                 }

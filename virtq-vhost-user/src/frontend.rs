@@ -24,6 +24,16 @@
 //! the request's deadline passes; the blocked receive then sees end-of-file and the request
 //! fails, and the connection is marked dead.
 //!
+//! `GET_CONFIG` is exchanged here by hand rather than by `vhost`, whose reader waits for
+//! as many bytes as it asked for: a back end that answers with fewer would look silent,
+//! where the error can say what it sent.
+//!
+//! Dropping queues stops their rings with `GET_VRING_BASE`. All such stops of one
+//! connection share one budget of [`ConnectOptions::timeout`]: a back end that answers
+//! each just in time, or not at all, holds the whole teardown up for that long at most.
+//! A ring whose stop was not acknowledged keeps its memory out of the allocator (the back
+//! end may still write it).
+//!
 //! Ring addresses in `SET_VRING_ADDR` are in the frontend's address space (host
 //! addresses), as the vhost-user protocol requires; descriptors carry GPAs.
 
@@ -34,17 +44,17 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtq::{CreateError, Direction, Dma, DmaRegion, Features, Notify, NotifyData, QueueConfig, Virtqueue};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::{MemoryConfig, SharedMemory};
+use crate::watchdog::WatchdogThread;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`: the back end speaks the protocol-feature extension.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -90,6 +100,14 @@ pub enum Error {
         request: &'static str,
         /// The time allowed.
         timeout: Duration,
+    },
+    /// The back end's reply is malformed; `detail` says what arrived.
+    #[error("vhost-user request {request}: {detail}")]
+    BadReply {
+        /// The request, by its protocol name.
+        request: &'static str,
+        /// What the back end sent instead of a well-formed reply.
+        detail: String,
     },
     /// The device does not offer features the driver requires.
     #[error("the device does not offer required virtio features {missing:?} (offered {offered:?})")]
@@ -146,6 +164,11 @@ pub struct ConnectOptions {
     pub event_idx: bool,
     /// Negotiate `VIRTIO_RING_F_INDIRECT_DESC` if offered.
     pub indirect_desc: bool,
+    /// Negotiate `VIRTIO_F_RING_PACKED` if offered (off by default here; class drivers
+    /// such as [`crate::blk`] turn it on).
+    pub ring_packed: bool,
+    /// Negotiate `VIRTIO_F_IN_ORDER` if offered (off by default here, as `ring_packed`).
+    pub in_order: bool,
     /// Bytes of device config space to read with `GET_CONFIG` (0: none).
     pub config_size: u32,
     /// Guest memory to share.
@@ -161,63 +184,12 @@ impl Default for ConnectOptions {
             required_features: 0,
             event_idx: true,
             indirect_desc: true,
+            ring_packed: false,
+            in_order: false,
             config_size: 0,
             memory: MemoryConfig::default(),
             timeout: Duration::from_secs(5),
         }
-    }
-}
-
-/// Shuts the socket down when a control request overruns its deadline (see the module
-/// documentation for why).
-struct Watchdog {
-    state: Mutex<WatchState>,
-    cv: Condvar,
-}
-
-#[derive(Default)]
-struct WatchState {
-    deadline: Option<Instant>,
-    fired: bool,
-    stop: bool,
-}
-
-impl Watchdog {
-    fn lock(&self) -> MutexGuard<'_, WatchState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn run(&self, fd: RawFd) {
-        let mut s = self.lock();
-        while !s.stop {
-            match s.deadline {
-                None => s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        // SAFETY: `fd` is the connection's socket, open until this thread
-                        // has been joined (`ConnInner::drop`); shutdown touches no memory.
-                        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-                        s.fired = true;
-                        s.deadline = None;
-                    } else {
-                        s = self.cv.wait_timeout(s, d - now).unwrap_or_else(|e| e.into_inner()).0;
-                    }
-                }
-            }
-        }
-    }
-
-    fn arm(&self, deadline: Instant) {
-        self.lock().deadline = Some(deadline);
-        self.cv.notify_one();
-    }
-
-    /// Disarms; returns whether it fired.
-    fn disarm(&self) -> bool {
-        let mut s = self.lock();
-        s.deadline = None;
-        std::mem::take(&mut s.fired)
     }
 }
 
@@ -226,9 +198,10 @@ struct ConnInner {
     path: PathBuf,
     frontend: Mutex<Frontend>,
     sock: RawFd,
-    watchdog: Arc<Watchdog>,
-    watchdog_thread: Option<JoinHandle<()>>,
+    watchdog: WatchdogThread,
     timeout: Duration,
+    /// Time left for the `GET_VRING_BASE` of dropped queues, all together.
+    teardown_budget: Mutex<Duration>,
     dead: AtomicBool,
     memory: Arc<SharedMemory>,
     features: Features,
@@ -242,17 +215,30 @@ struct ConnInner {
 impl ConnInner {
     /// Runs one control request under the watchdog.
     fn control<R>(&self, request: &'static str, f: impl FnOnce(&mut Frontend) -> vhost::Result<R>) -> Result<R, Error> {
+        self.control_within(request, |_| self.timeout, f)
+    }
+
+    /// Runs one control request under the watchdog, allowed the time `limit` gives once
+    /// the socket is ours.
+    fn control_within<R>(
+        &self,
+        request: &'static str,
+        limit: impl FnOnce(Instant) -> Duration,
+        f: impl FnOnce(&mut Frontend) -> vhost::Result<R>,
+    ) -> Result<R, Error> {
         if self.dead.load(Ordering::Relaxed) {
             return Err(Error::Disconnected);
         }
         let mut fe = self.frontend.lock().unwrap_or_else(|e| e.into_inner());
-        self.watchdog.arm(Instant::now() + self.timeout);
+        let start = Instant::now();
+        let timeout = limit(start);
+        self.watchdog.get().arm(start + timeout);
         let r = f(&mut fe);
-        let fired = self.watchdog.disarm();
+        let fired = self.watchdog.get().disarm();
         r.map_err(|e| {
             if fired {
                 self.dead.store(true, Ordering::Relaxed);
-                Error::ControlTimeout { request, timeout: self.timeout }
+                Error::ControlTimeout { request, timeout }
             } else if is_disconnect(&e) {
                 self.dead.store(true, Ordering::Relaxed);
                 Error::Disconnected
@@ -260,6 +246,130 @@ impl ConnInner {
                 Error::Protocol { request, source: e }
             }
         })
+    }
+
+    /// `GET_CONFIG` of `size` bytes at `offset`, by hand (see the module documentation):
+    /// the request, then a reply read header first and payload by its announced length,
+    /// under the watchdog. A reply that is short, empty, or for something else is an
+    /// [`Error::BadReply`] saying what arrived.
+    fn get_config(&self, offset: u32, size: u32) -> Result<Vec<u8>, Error> {
+        const REQUEST: &str = "GET_CONFIG";
+        const GET_CONFIG: u32 = 24;
+        /// `VhostUserConfig`: offset, size, flags.
+        const CONFIG_HEADER: usize = 12;
+        if offset as usize + size as usize > CONFIG_SPACE_MAX {
+            let source = vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::InvalidParam);
+            return Err(Error::Protocol { request: REQUEST, source });
+        }
+        if self.dead.load(Ordering::Relaxed) {
+            return Err(Error::Disconnected);
+        }
+        let bad = |detail: String| {
+            self.dead.store(true, Ordering::Relaxed);
+            Error::BadReply { request: REQUEST, detail }
+        };
+        // Held so that no other request shares the socket meanwhile.
+        let _fe = self.frontend.lock().unwrap_or_else(|e| e.into_inner());
+        let mut msg = Vec::with_capacity(24 + size as usize);
+        for word in [GET_CONFIG, 1, (CONFIG_HEADER as u32) + size, offset, size, 0] {
+            msg.extend_from_slice(&word.to_le_bytes());
+        }
+        msg.resize(24 + size as usize, 0);
+        self.watchdog.get().arm(Instant::now() + self.timeout);
+        // What arrived when the reply stopped short: the header's bytes, or the payload's
+        // (with its announced length).
+        enum Short {
+            Request,
+            Header(usize),
+            Payload { announced: usize, got: usize },
+        }
+        let reply = (|| {
+            send_all(self.sock, &msg).map_err(|_| (Short::Request, "the connection broke"))?;
+            let mut header = [0u8; 12];
+            recv_exact(self.sock, &mut header).map_err(|(got, end)| (Short::Header(got), end))?;
+            let (code, flags, len) = (le32(&header[0..4]), le32(&header[4..8]), le32(&header[8..12]) as usize);
+            // Version 1, with the reply bit.
+            if code != GET_CONFIG || flags & 0x7 != 0x5 {
+                return Ok(Err(format!("the reply is for request {code} with flags {flags:#x}, not GET_CONFIG")));
+            }
+            if len > CONFIG_HEADER + CONFIG_SPACE_MAX {
+                return Ok(Err(format!("the reply announces {len} payload bytes; GET_CONFIG's carry at most 268")));
+            }
+            let mut payload = vec![0u8; len];
+            recv_exact(self.sock, &mut payload).map_err(|(got, end)| (Short::Payload { announced: len, got }, end))?;
+            Ok(Ok(payload))
+        })();
+        let fired = self.watchdog.get().disarm();
+        let payload = match reply {
+            Ok(Ok(p)) => p,
+            Ok(Err(detail)) => return Err(bad(detail)),
+            Err((short, end)) => {
+                let how = if fired { format!("then nothing for {:?}", self.timeout) } else { end.to_string() };
+                let what = match short {
+                    Short::Request => "the request could not be sent".to_string(),
+                    Short::Header(got) => format!("the back end sent {got} of the 12 bytes of a reply header"),
+                    Short::Payload { announced, got } => {
+                        format!("the reply announced {announced} payload bytes and {got} arrived")
+                    }
+                };
+                return Err(bad(format!("{what}, {how}; connection closed")));
+            }
+        };
+        if payload.len() < CONFIG_HEADER {
+            return Err(bad(format!(
+                "the reply's payload is {} bytes, shorter than the {CONFIG_HEADER}-byte config header",
+                payload.len()
+            )));
+        }
+        let (r_offset, r_size) = (le32(&payload[0..4]), le32(&payload[4..8]));
+        let space = &payload[CONFIG_HEADER..];
+        if r_size == 0 && space.is_empty() {
+            return Err(Error::BadReply {
+                request: REQUEST,
+                detail: "the back end answered with an empty config space (it failed the request)".into(),
+            });
+        }
+        if r_offset != offset || r_size != size || space.len() != size as usize {
+            return Err(Error::BadReply {
+                request: REQUEST,
+                detail: format!(
+                    "the reply holds {} bytes of config space (announced {r_size} at offset {r_offset}); {size} at \
+                     offset {offset} were asked for",
+                    space.len()
+                ),
+            });
+        }
+        Ok(space.to_vec())
+    }
+
+    /// Stops ring `index` as its queue is dropped, within what is left of the teardown
+    /// budget (see the module documentation). Whether the back end acknowledged the stop.
+    fn stop_in_teardown(&self, index: u16) -> bool {
+        if self.peer_gone() {
+            return false;
+        }
+        let mut spent = Duration::ZERO;
+        let r = self.control_within(
+            "GET_VRING_BASE",
+            |_| {
+                let left = *self.teardown_budget.lock().unwrap_or_else(|e| e.into_inner());
+                left.min(self.timeout)
+            },
+            |fe| {
+                let start = Instant::now();
+                let r = fe.get_vring_base(index as usize);
+                spent = start.elapsed();
+                r
+            },
+        );
+        let mut left = self.teardown_budget.lock().unwrap_or_else(|e| e.into_inner());
+        *left = left.saturating_sub(spent);
+        if left.is_zero() {
+            // The budget is gone: the back end is not answering in time. Later stops are
+            // skipped (their rings leaked), and so is every other request.
+            self.dead.store(true, Ordering::Relaxed);
+        }
+        r.is_ok()
     }
 
     /// Whether the peer has closed its end (checks the socket without blocking).
@@ -280,12 +390,54 @@ impl ConnInner {
 
 impl Drop for ConnInner {
     fn drop(&mut self) {
-        self.watchdog.lock().stop = true;
-        self.watchdog.cv.notify_one();
-        if let Some(t) = self.watchdog_thread.take() {
-            let _ = t.join();
+        // Before the socket (in `frontend`) is closed.
+        self.watchdog.stop();
+    }
+}
+
+/// Most bytes of device config space (the vhost-user limit).
+const CONFIG_SPACE_MAX: usize = 256;
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Sends all of `buf` on the blocking socket `fd`.
+fn send_all(fd: RawFd, mut buf: &[u8]) -> Result<(), ()> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is valid for its length; MSG_NOSIGNAL: a closed peer is an error,
+        // not SIGPIPE.
+        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(());
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
+/// Fills `buf` from the blocking socket `fd`, or says how many bytes arrived and how the
+/// receive ended.
+fn recv_exact(fd: RawFd, buf: &mut [u8]) -> Result<(), (usize, &'static str)> {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: the unfilled tail of `buf`, valid for writes of its length.
+        let n = unsafe { libc::recv(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
+        match n {
+            0 => return Err((got, "then closed the connection")),
+            n if n < 0 => {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err((got, "then the connection broke"));
+            }
+            n => got += n as usize,
         }
     }
+    Ok(())
 }
 
 fn is_disconnect(e: &vhost::Error) -> bool {
@@ -340,14 +492,8 @@ impl Connection {
         let stream = UnixStream::connect(&path).map_err(|source| Error::Connect { path: path.clone(), source })?;
         let sock = stream.as_raw_fd();
         let memory = SharedMemory::new(opts.memory).map_err(Error::Memory)?;
-        let watchdog = Arc::new(Watchdog { state: Mutex::new(WatchState::default()), cv: Condvar::new() });
-        let thread = {
-            let w = watchdog.clone();
-            std::thread::Builder::new()
-                .name("vhost-user-watchdog".into())
-                .spawn(move || w.run(sock))
-                .map_err(|e| Error::Connect { path: path.clone(), source: e })?
-        };
+        let watchdog = WatchdogThread::spawn("vhost-user-watchdog", sock)
+            .map_err(|e| Error::Connect { path: path.clone(), source: e })?;
         let mut inner = ConnInner {
             path: path.clone(),
             // A generous queue limit until GET_QUEUE_NUM says otherwise (devices without MQ,
@@ -355,8 +501,8 @@ impl Connection {
             frontend: Mutex::new(Frontend::from_stream(stream, 256)),
             sock,
             watchdog,
-            watchdog_thread: Some(thread),
             timeout: opts.timeout,
+            teardown_budget: Mutex::new(opts.timeout),
             dead: AtomicBool::new(false),
             memory,
             features: Features::empty(),
@@ -395,16 +541,14 @@ impl Connection {
             if !inner.protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
                 return Err(Error::MissingProtocolFeature("CONFIG (needed for GET_CONFIG)"));
             }
-            let size = opts.config_size;
-            let buf = vec![0u8; size as usize];
-            let (_, payload) =
-                inner.control("GET_CONFIG", |fe| fe.get_config(0, size, VhostUserConfigFlags::empty(), &buf))?;
-            inner.config = payload;
+            inner.config = inner.get_config(0, opts.config_size)?;
         }
 
         let ring_wanted = Features::VERSION_1
             | if opts.event_idx { Features::EVENT_IDX } else { Features::empty() }
-            | if opts.indirect_desc { Features::INDIRECT_DESC } else { Features::empty() };
+            | if opts.indirect_desc { Features::INDIRECT_DESC } else { Features::empty() }
+            | if opts.ring_packed { Features::RING_PACKED } else { Features::empty() }
+            | if opts.in_order { Features::IN_ORDER } else { Features::empty() };
         let required = Features::from_bits(opts.required_features) | Features::VERSION_1;
         let offered_f = Features::from_bits(offered & !VHOST_USER_F_PROTOCOL_FEATURES);
         let missing = required & !offered_f;
@@ -459,10 +603,7 @@ impl Connection {
         if !self.inner.protocol_features.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(Error::MissingProtocolFeature("CONFIG (needed for GET_CONFIG)"));
         }
-        let buf = vec![0u8; size as usize];
-        let (_, payload) =
-            self.inner.control("GET_CONFIG", |fe| fe.get_config(offset, size, VhostUserConfigFlags::empty(), &buf))?;
-        Ok(payload)
+        self.inner.get_config(offset, size)
     }
 
     /// The guest memory shared with the back end.
@@ -824,8 +965,12 @@ impl<T> Queue<T> {
 impl<T> Drop for Queue<T> {
     fn drop(&mut self) {
         let in_flight = self.vq.num_free() < self.vq.vring_size();
-        if self.started && !self.conn.peer_gone() {
-            let _ = self.stop();
+        if self.started {
+            self.started = false;
+            if !self.conn.stop_in_teardown(self.index) {
+                // Not acknowledged: the back end may still be using the ring.
+                self.leak_on_drop();
+            }
         }
         if in_flight {
             // The back end may still complete them (QEMU finishes requests in flight after

@@ -34,6 +34,7 @@ pub mod frontend;
 pub mod memory;
 pub mod reactor;
 pub mod virtio_blk;
+mod watchdog;
 
 /// The core crate, re-exported for its types (`Features`, `Sg`, ...).
 pub use virtq;

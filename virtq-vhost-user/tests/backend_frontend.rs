@@ -286,3 +286,27 @@ fn reconnect_finds_the_data() {
     assert_eq!(server.stats.connection_errors.load(Ordering::Relaxed), 0);
     server.stop();
 }
+
+/// The blk driver negotiates the packed ring and in-order when the device offers them
+/// (serve-blk does), and the split ring or out-of-order use when told to.
+#[test]
+fn blk_defaults_negotiate_packed_and_in_order() {
+    let server = TestServer::start(4 * MIB, BlkBackendOptions::default());
+    for (packed, in_order) in [(true, true), (true, false), (false, true), (false, false)] {
+        let opts = virtq_vhost_user::blk::BlkOptions { ring_packed: packed, in_order, ..Default::default() };
+        let mut dev = server.connect(&opts);
+        let f = dev.info().features;
+        assert_eq!(f.contains(Features::RING_PACKED), packed, "{f:?}");
+        assert_eq!(f.contains(Features::IN_ORDER), in_order, "{f:?}");
+        let mut q = dev.take_queues().remove(0);
+        let data = Rng::new(packed as u64 * 2 + in_order as u64).bytes(64 << 10);
+        q.write_at(MIB, &data).unwrap();
+        let mut back = vec![0u8; data.len()];
+        q.read_at(MIB, &mut back).unwrap();
+        assert!(back == data);
+    }
+    let dev = server.connect(&virtq_vhost_user::blk::BlkOptions::default());
+    assert!(dev.info().features.contains(Features::RING_PACKED | Features::IN_ORDER), "the defaults");
+    drop(dev);
+    server.stop();
+}

@@ -6,7 +6,7 @@
 //!
 //! In the same run, the same cycle with rcore's `virtio-drivers` as the driver and
 //! rust-vmm's `virtio-queue` as the device on one vm-memory region (split ring only; see
-//! `examples/cycle_baseline.rs`, which this bench includes), twice: with the device's
+//! `virtq_bench_support::baseline`), twice: with the device's
 //! `needs_notification` after each completion ("baseline"), and without it ("baseline-nn",
 //! the same work as `virtq`'s cycle, whose device publishes without deciding on an
 //! interrupt). At the end it prints virtq time / baseline time per segment count.
@@ -24,9 +24,7 @@ use virtq::{
     Sg, SplitDriverLayout,
 };
 
-#[path = "../examples/cycle_baseline.rs"]
-#[allow(dead_code)]
-mod baseline;
+use virtq_bench_support::baseline;
 
 const SIZE: u16 = baseline::SIZE as u16;
 
@@ -68,9 +66,7 @@ fn median(id: &str) -> Option<f64> {
     })
 }
 
-#[path = "../examples/support/cycle.rs"]
-mod support;
-use support::round_trip as virtq_cycle;
+use virtq_bench_support::cycle::round_trip as virtq_cycle;
 
 fn bench_virtq(c: &mut Criterion, layout: LayoutKind, segments: usize, indirect: bool) {
     let mut features = layout.apply(Features::VERSION_1 | Features::EVENT_IDX);

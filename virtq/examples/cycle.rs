@@ -22,9 +22,7 @@ use virtq::{
 
 const SIZE: u16 = 256;
 
-#[path = "support/cycle.rs"]
-mod support;
-use support::{pop_complete, round_trip};
+use virtq_bench_support::cycle::{pop_complete, round_trip};
 
 fn cycles<'m, L: DriverLayout>(
     driver: &mut DriverQueue<u64, &'m TestMemory, (), L>,

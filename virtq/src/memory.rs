@@ -198,6 +198,7 @@ impl<const N: usize> Default for GuestRegions<N> {
 
 /// Errors from [`GuestRegions::add_region`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RegionError {
     /// The table already holds `N` regions.
     TableFull,
@@ -206,6 +207,18 @@ pub enum RegionError {
     /// The region overlaps one already in the table.
     Overlap,
 }
+
+impl core::fmt::Display for RegionError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::TableFull => "the guest memory table is full",
+            Self::InvalidRange => "the guest memory region is empty or wraps the address space",
+            Self::Overlap => "the guest memory region overlaps another",
+        })
+    }
+}
+
+impl core::error::Error for RegionError {}
 
 impl<const N: usize> GuestRegions<N> {
     /// An empty table.

@@ -182,17 +182,21 @@ impl RawDesc {
 
     /// Writes the whole descriptor.
     #[inline(always)]
-    #[cfg(not(loom))]
     pub(crate) fn write<F: DescFormat>(&self, d: F) {
-        let (addr, word1) = d.to_words();
+        self.write_words(d.to_words());
+    }
+
+    /// Writes the two words of a descriptor of either format (`DescFormat::to_words`).
+    #[inline(always)]
+    #[cfg(not(loom))]
+    pub(crate) fn write_words(&self, (addr, word1): (u64, u64)) {
         self.addr.store(addr);
         self.word1.store(word1);
     }
 
     /// Under loom, field by field (see `read`).
     #[cfg(loom)]
-    pub(crate) fn write<F: DescFormat>(&self, d: F) {
-        let (addr, word1) = d.to_words();
+    pub(crate) fn write_words(&self, (addr, word1): (u64, u64)) {
         let (len, at12, at14) = word1_fields(word1);
         self.addr.store(addr);
         self.len().store(len);
@@ -236,30 +240,19 @@ impl RawDesc {
     }
 }
 
-/// Reads descriptor `i` of a table that may sit at any address: indirect tables have no
-/// alignment requirement (VIRTIO 1.3, 2.7.5.3 and 2.8.19 set none). An 8-aligned table is
-/// read as two atomic words; otherwise the 16 bytes are copied out with one volatile read,
-/// so each byte is still fetched once.
+/// Reads the 16 bytes at `entry`, which need not be aligned, as a descriptor: one
+/// volatile copy, so each byte is fetched once whatever the peer does meanwhile.
 ///
 /// # Safety
 ///
-/// `table` is valid for reads of `16 * (i + 1)` bytes for the duration of the call.
+/// `entry` is valid for reads of 16 bytes for the duration of the call.
 #[inline(always)]
-pub(crate) unsafe fn read_table_entry<F: DescFormat>(table: core::ptr::NonNull<u8>, i: usize) -> F {
-    // SAFETY: entry `i` lies inside the table, by the caller's promise.
-    let entry = unsafe { table.as_ptr().add(16 * i) };
-    if (entry as usize).is_multiple_of(core::mem::align_of::<RawDesc>()) {
-        // SAFETY: 16 valid bytes, 8-aligned: a `RawDesc`, whose fields are atomics, so a
-        // shared reference to memory the peer may write is sound.
-        unsafe { &*entry.cast::<RawDesc>() }.read()
-    } else {
-        // SAFETY: 16 valid bytes; `[u8; 16]` has alignment 1. The read copies a snapshot
-        // that the peer cannot change afterwards.
-        let bytes = unsafe { core::ptr::read_volatile(entry.cast::<[u8; 16]>()) };
-        let (lo, hi) = bytes.split_at(8);
-        let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
-        F::from_words(word(lo), word(hi))
-    }
+pub(crate) unsafe fn read_unaligned_desc<F: DescFormat>(entry: *const u8) -> F {
+    // SAFETY: 16 valid bytes, by the caller's promise; `[u8; 16]` has alignment 1.
+    let bytes = unsafe { core::ptr::read_volatile(entry.cast::<[u8; 16]>()) };
+    let (lo, hi) = bytes.split_at(8);
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+    F::from_words(word(lo), word(hi))
 }
 
 #[cfg(test)]

@@ -525,6 +525,19 @@ fn caller_memory_queues_work_in_every_layout() {
             device_addr: addr,
             size: total,
         };
+        // A region a byte short, or not 16-aligned, is refused as such (not as a failed
+        // allocation).
+        let short = virtq::DmaRegion { size: total - 1, ..region };
+        let unaligned = virtq::DmaRegion {
+            cpu: virtq::GuestMemory::translate(&mem, addr + 8, total as u64).unwrap(),
+            device_addr: addr + 8,
+            size: total,
+        };
+        for bad in [short, unaligned] {
+            // SAFETY: test memory that outlives the call; the queue is refused anyway.
+            let r = unsafe { Virtqueue::<u32, _, _>::new_in(QueueConfig::new(0, 8, features), bad, &mem, ()) };
+            assert_eq!(r.err(), Some(virtq::CreateError::RegionTooSmall), "{layout:?}");
+        }
         // SAFETY: fresh zeroed test memory, 4096-aligned, that outlives the queue.
         let mut driver =
             unsafe { Virtqueue::<u32, _, _>::new_in(QueueConfig::new(0, 8, features), region, &mem, ()) }.unwrap();

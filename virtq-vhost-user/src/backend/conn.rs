@@ -10,8 +10,13 @@
 //!
 //! Any request this back end cannot honour fails; the connection loop then logs the error
 //! and closes the connection.
+//!
+//! Kick, call and error fds must be eventfds: anything else (`/dev/zero`, a regular file,
+//! a pipe) is refused at `SET_VRING_KICK` / `SET_VRING_CALL` / `SET_VRING_ERR`, since a
+//! worker sleeping on a kick fd that is always readable would spin.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{
@@ -22,10 +27,13 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 use virtq::{DeviceConfig, DeviceQueue, Features};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::memory::GuestMemoryMap;
-use super::vring::{decode_base, set_nonblocking, RingAddrs, Vring, Worker};
+use super::log::ConnLog;
+use super::memory::{GuestMemoryMap, MemoryFault};
+use super::vring::{decode_base, set_nonblocking, RingAddrs, Vring, Worker, WorkerLinks};
 use super::{Device, Stats, CONFIG_SPACE_MAX, MAX_QUEUE_SIZE, VHOST_USER_F_PROTOCOL_FEATURES};
+use crate::watchdog::Watchdog;
 
 /// The ring features this back end offers on top of the device's own.
 pub const RING_FEATURES: u64 = Features::VERSION_1.bits()
@@ -43,21 +51,57 @@ fn invalid(what: &'static str) -> VuError {
     VuError::InvalidOperation(what)
 }
 
+/// What a connection's state shares with the connection loop and the workers.
+pub(crate) struct ConnLinks {
+    /// The connection's log (and its rate limit), entered by each worker.
+    pub log: Arc<ConnLog>,
+    /// Written by a worker whose guest memory faulted, to wake the connection loop.
+    pub fault_event: Arc<EventFd>,
+    /// The deadline on the frontend's message, paused while workers stop.
+    pub watchdog: Arc<Watchdog>,
+}
+
 /// The state of one connection.
 pub(crate) struct ConnState {
     device: Arc<dyn Device>,
     stats: Arc<Stats>,
+    links: ConnLinks,
     offered: u64,
     acked: Option<u64>,
     memory: Option<Arc<GuestMemoryMap>>,
+    /// A fault on a memory table that has since been replaced.
+    memory_fault: Option<MemoryFault>,
     vrings: Vec<Vring>,
 }
 
+/// Refuses a kick, call or error descriptor that is not an eventfd. The kernel names each
+/// open file in `/proc/self/fd`; an eventfd is the anonymous inode `[eventfd]` (fstat cannot
+/// tell it from a timerfd or signalfd, which share that inode).
+fn check_eventfd(f: &File, what: &str, index: u32) -> VuResult<()> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()));
+    match link {
+        Ok(l) if l.as_os_str() == "anon_inode:[eventfd]" => Ok(()),
+        Ok(l) => {
+            log_error!("queue {index}: the {what} fd is not an eventfd but {}; refused", l.display());
+            Err(VuError::InvalidParam)
+        }
+        Err(e) => {
+            log_error!("queue {index}: cannot tell whether the {what} fd is an eventfd (/proc/self/fd: {e}); refused");
+            Err(VuError::InvalidParam)
+        }
+    }
+}
+
 impl ConnState {
-    pub fn new(device: Arc<dyn Device>, stats: Arc<Stats>) -> Self {
+    pub fn new(device: Arc<dyn Device>, stats: Arc<Stats>, links: ConnLinks) -> Self {
         let offered = device.device_features() | RING_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES;
         let vrings = (0..device.num_queues()).map(Vring::new).collect();
-        Self { device, stats, offered, acked: None, memory: None, vrings }
+        Self { device, stats, links, offered, acked: None, memory: None, memory_fault: None, vrings }
+    }
+
+    /// Guest memory that faulted under this connection, now or in a table since replaced.
+    pub fn memory_fault(&self) -> Option<MemoryFault> {
+        self.memory_fault.clone().or_else(|| self.memory.as_ref().and_then(|m| m.fault()))
     }
 
     fn packed(&self) -> bool {
@@ -74,15 +118,24 @@ impl ConnState {
 
     /// Stops every worker (the connection ends, or something they all use changes).
     pub fn stop_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop(i);
+        }
+    }
+
+    /// Stops ring `index`'s worker, if it runs. Stopping waits for the request it is
+    /// processing: the frontend's deadline does not run meanwhile.
+    fn stop(&mut self, index: usize) {
         let packed = self.packed();
-        for v in &mut self.vrings {
+        let v = &mut self.vrings[index];
+        if v.is_running() {
+            let _paused = self.links.watchdog.pause();
             v.stop(packed);
         }
     }
 
     /// Starts or stops ring `index` to match its configuration.
     fn reconcile(&mut self, index: usize) -> VuResult<()> {
-        let packed = self.packed();
         let protocol_ext = self.acked.is_some_and(|f| f & VHOST_USER_F_PROTOCOL_FEATURES != 0);
         let v = &self.vrings[index];
         let ready = self.memory.is_some()
@@ -92,7 +145,7 @@ impl ConnState {
             && v.kick.is_some()
             && (v.enabled || !protocol_ext);
         if !ready {
-            self.vrings[index].stop(packed);
+            self.stop(index);
             return Ok(());
         }
         if v.is_running() {
@@ -124,17 +177,28 @@ impl ConnState {
             used_base,
         };
         // Validate here, where an error can fail the request; the worker attaches again.
-        if let Err(e) = DeviceQueue::new(&*mem, config) {
+        let attached = DeviceQueue::new(&*mem, config).map(drop);
+        // Attaching reads the ring: guest memory that faulted fails the request.
+        if let Some(f) = mem.fault() {
+            log_error!("queue {index}: {f}");
+            return Err(VuError::InvalidParam);
+        }
+        if let Err(e) = attached {
             log_error!("queue {index}: cannot serve the ring ({config:?}): {e}");
             return Err(VuError::InvalidParam);
         }
         let handler = self.device.queue_handler(index as u16, features);
-        let worker =
-            Worker::spawn(index as u16, mem, config, kick, v.call.clone(), v.err.clone(), handler, self.stats.clone())
-                .map_err(|e| {
-                    log_error!("queue {index}: cannot start a worker thread: {e}");
-                    VuError::ReqHandlerError(e)
-                })?;
+        let links = WorkerLinks {
+            call: v.call.clone(),
+            err: v.err.clone(),
+            stats: self.stats.clone(),
+            log: self.links.log.clone(),
+            fault_event: self.links.fault_event.clone(),
+        };
+        let worker = Worker::spawn(index as u16, mem, config, kick, handler, links).map_err(|e| {
+            log_error!("queue {index}: cannot start a worker thread: {e}");
+            VuError::ReqHandlerError(e)
+        })?;
         log_debug!(
             "queue {index}: started, {} ring of {} entries, base {:#x}",
             if packed { "packed" } else { "split" },
@@ -150,6 +214,14 @@ impl ConnState {
             self.reconcile(i)?;
         }
         Ok(())
+    }
+
+    /// Replaces the memory table (the workers are stopped), keeping a fault of the old one.
+    fn replace_memory(&mut self, memory: Option<Arc<GuestMemoryMap>>) {
+        if self.memory_fault.is_none() {
+            self.memory_fault = self.memory.as_ref().and_then(|m| m.fault());
+        }
+        self.memory = memory;
     }
 
     fn reset(&mut self) {
@@ -217,7 +289,7 @@ impl VhostUserBackendReqHandlerMut for ConnState {
         log_debug!("memory table: {mem:?}");
         // Workers borrow the old table: stop them before it goes.
         self.stop_all();
-        self.memory = Some(Arc::new(mem));
+        self.replace_memory(Some(Arc::new(mem)));
         self.reconcile_all()?;
         Ok(None)
     }
@@ -247,11 +319,10 @@ impl VhostUserBackendReqHandlerMut for ConnState {
         if flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG) {
             return Err(invalid("dirty logging is not supported"));
         }
-        let packed = self.packed();
-        let v = self.vring(index)?;
+        self.vring(index)?;
         // Addresses may change on a running ring: restart it on the new ones.
-        v.stop(packed);
-        v.addrs = Some(RingAddrs { desc: descriptor, avail: available, used });
+        self.stop(index as usize);
+        self.vrings[index as usize].addrs = Some(RingAddrs { desc: descriptor, avail: available, used });
         self.reconcile(index as usize)
     }
 
@@ -265,38 +336,42 @@ impl VhostUserBackendReqHandlerMut for ConnState {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
-        let packed = self.packed();
-        let v = self.vring(index)?;
+        self.vring(index)?;
         // GET_VRING_BASE stops the ring; the next SET_VRING_KICK starts it again.
-        v.stop(packed);
+        self.stop(index as usize);
+        let v = &mut self.vrings[index as usize];
         v.kick = None;
         Ok(VhostUserVringState::new(index, v.base))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let packed = self.packed();
+        self.vring(index as u32)?;
         if let Some(f) = &fd {
+            check_eventfd(f, "kick", index as u32)?;
             set_nonblocking(f).map_err(VuError::ReqHandlerError)?;
         }
-        let v = self.vring(index as u32)?;
-        v.stop(packed);
-        v.kick = Some(fd.map(Arc::new));
+        self.stop(index as usize);
+        self.vrings[index as usize].kick = Some(fd.map(Arc::new));
         self.reconcile(index as usize)
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.vring(index as u32)?;
         if let Some(f) = &fd {
+            check_eventfd(f, "call", index as u32)?;
             set_nonblocking(f).map_err(VuError::ReqHandlerError)?;
         }
-        self.vring(index as u32)?.call.set(fd);
+        self.vrings[index as usize].call.set(fd);
         Ok(())
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.vring(index as u32)?;
         if let Some(f) = &fd {
+            check_eventfd(f, "error", index as u32)?;
             set_nonblocking(f).map_err(VuError::ReqHandlerError)?;
         }
-        self.vring(index as u32)?.err.set(fd);
+        self.vrings[index as usize].err.set(fd);
         Ok(())
     }
 

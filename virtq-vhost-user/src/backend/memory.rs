@@ -19,6 +19,8 @@ use vhost::vhost_user::message::VhostUserMemoryRegion;
 use virtq::memory::RegionError;
 use virtq::{GuestMemory, GuestRegions};
 
+use super::sigbus;
+
 /// Most regions in one memory table: the vhost-user baseline (QEMU sends at most this many
 /// in `SET_MEM_TABLE` when `CONFIGURE_MEM_SLOTS` is not negotiated, which this back end
 /// does not offer).
@@ -71,6 +73,9 @@ pub enum MemoryError {
     /// Two regions overlap in guest physical addresses.
     #[error("memory region {0} overlaps another in guest physical addresses")]
     Overlap(usize),
+    /// Every slot of the process's `SIGBUS` guard is taken (too many connections at once).
+    #[error("memory region {0}: the process already guards {n} guest memory mappings, the most it can", n = sigbus::SLOTS)]
+    TooManyMappings(usize),
     /// `fstat` or `mmap` failed.
     #[error("memory region {index}: {source}")]
     Io {
@@ -81,15 +86,52 @@ pub enum MemoryError {
     },
 }
 
+/// Guest memory that faulted under the back end: the frontend shrank the region's file
+/// below the mapping (or a hugetlbfs file had no huge page to give).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryFault {
+    /// Position of the region in the memory table.
+    pub region: usize,
+    /// The region's first guest physical address.
+    pub region_gpa: u64,
+    /// The region's size.
+    pub region_size: u64,
+    /// The guest physical address that faulted (`None`: in the part of the file before the
+    /// region, which this mapping also covers).
+    pub gpa: Option<u64>,
+    /// The file's kind, as `fstatfs` tells it ("hugetlbfs", "tmpfs", ...).
+    pub file_kind: &'static str,
+}
+
+impl std::fmt::Display for MemoryFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "guest memory region {} (gpa {:#x}, {:#x} bytes, a {} file) faulted (SIGBUS)",
+            self.region, self.region_gpa, self.region_size, self.file_kind
+        )?;
+        if let Some(gpa) = self.gpa {
+            write!(f, " at gpa {gpa:#x}")?;
+        }
+        f.write_str(": the frontend shrank the file under the mapping, or its pages are gone")
+    }
+}
+
 /// One mapped region.
 struct Mapping {
     gpa: u64,
     size: u64,
     user_addr: u64,
+    /// The region's first byte is this far into the mapping.
+    offset: u64,
     /// What `mmap` returned and its length (the mapping starts at file offset 0 and covers
-    /// `offset + size` bytes, so that no offset alignment is needed).
+    /// `offset + size` bytes rounded up to whole pages, so that no offset alignment is
+    /// needed).
     map_addr: usize,
     map_len: usize,
+    file_kind: &'static str,
+    /// Registered while mapped.
+    guard: Option<sigbus::Guard>,
 }
 
 /// The frontend's memory, mapped: guest-physical translation for the queues
@@ -138,8 +180,12 @@ impl GuestMemoryMap {
             if meta.len() < map_len {
                 return Err(MemoryError::FileTooSmall { index, offset, size, file_size: meta.len() });
             }
+            let (file_kind, page) = file_kind(file).map_err(|source| MemoryError::Io { index, source })?;
+            // Whole pages, as munmap and the SIGBUS guard want them (a hugetlbfs file's size
+            // is a multiple of its page size, so this stays inside the file there).
+            let map_len = map_len.next_multiple_of(page as u64);
             // SAFETY: a new shared mapping at an address the kernel chooses; it aliases no
-            // Rust object. The file is at least `map_len` bytes long (checked above).
+            // Rust object. The file is at least `offset + size` bytes long (checked above).
             let p = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
@@ -154,7 +200,22 @@ impl GuestMemoryMap {
                 return Err(MemoryError::Io { index, source: io::Error::last_os_error() });
             }
             // Recorded at once, so that `Drop` unmaps it whatever happens next.
-            this.maps.push(Mapping { gpa, size, user_addr, map_addr: p as usize, map_len: map_len as usize });
+            this.maps.push(Mapping {
+                gpa,
+                size,
+                user_addr,
+                offset,
+                map_addr: p as usize,
+                map_len: map_len as usize,
+                file_kind,
+                guard: None,
+            });
+            // Guarded before any use: from here on, a shrink of the file cannot kill us.
+            match sigbus::Guard::register(p as usize, map_len as usize, page) {
+                Ok(Some(g)) => this.maps[index].guard = Some(g),
+                Ok(None) => return Err(MemoryError::TooManyMappings(index)),
+                Err(source) => return Err(MemoryError::Io { index, source }),
+            }
             let host = NonNull::new((p as usize + offset as usize) as *mut u8).ok_or(MemoryError::InvalidRange {
                 index,
                 gpa,
@@ -168,7 +229,8 @@ impl GuestMemoryMap {
                 Ok(()) => {}
                 Err(RegionError::Overlap) => return Err(MemoryError::Overlap(index)),
                 Err(RegionError::TableFull) => return Err(MemoryError::TooManyRegions(regions.len())),
-                Err(RegionError::InvalidRange) => return Err(MemoryError::InvalidRange { index, gpa, size, offset }),
+                // `InvalidRange`, and whatever the table may refuse in the future.
+                Err(_) => return Err(MemoryError::InvalidRange { index, gpa, size, offset }),
             }
         }
         // The files may be closed: a mapping keeps its file alive.
@@ -196,6 +258,38 @@ impl GuestMemoryMap {
     pub fn total_size(&self) -> u64 {
         self.maps.iter().map(|m| m.size).sum()
     }
+
+    /// The first region that faulted under an access (see the module documentation), if
+    /// any. A few atomic loads: cheap enough to ask after every request.
+    pub fn fault(&self) -> Option<MemoryFault> {
+        self.maps.iter().enumerate().find_map(|(region, m)| {
+            let addr = m.guard.as_ref()?.fault()?;
+            let into_region = (addr - m.map_addr) as u64;
+            let gpa = into_region.checked_sub(m.offset).filter(|&o| o < m.size).map(|o| m.gpa + o);
+            Some(MemoryFault { region, region_gpa: m.gpa, region_size: m.size, gpa, file_kind: m.file_kind })
+        })
+    }
+}
+
+/// The file system a region's file lives on, and its page size there (a huge page on
+/// hugetlbfs, whose pages are mapped and replaced whole).
+fn file_kind(file: &File) -> io::Result<(&'static str, usize)> {
+    // SAFETY: `statfs` is plain old data; all zeroes is a valid value to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs on a descriptor we own, into a valid out-pointer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: sysconf has no memory arguments.
+    let base = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    Ok(match st.f_type {
+        libc::HUGETLBFS_MAGIC => {
+            let huge = st.f_bsize as usize;
+            ("hugetlbfs", if huge.is_power_of_two() && huge >= base { huge } else { base })
+        }
+        libc::TMPFS_MAGIC => ("tmpfs", base),
+        _ => ("regular", base),
+    })
 }
 
 // SAFETY: forwards to `GuestRegions`, whose pointers stay valid while `self` lives (the
@@ -210,7 +304,9 @@ unsafe impl GuestMemory for GuestMemoryMap {
 impl Drop for GuestMemoryMap {
     fn drop(&mut self) {
         self.table.clear();
-        for m in self.maps.drain(..) {
+        for mut m in self.maps.drain(..) {
+            // Unguarded first: once unmapped, the addresses may be reused by any mapping.
+            drop(m.guard.take());
             // SAFETY: the mapping was created by `map` with this address and length and is
             // unmapped once; nothing refers to it any more (queues borrow `self`).
             unsafe { libc::munmap(m.map_addr as *mut libc::c_void, m.map_len) };

@@ -4,14 +4,25 @@
 //!
 //! ```text
 //! Server::bind(path, device)          a unix socket (vhost's Listener)
-//!   run(): accept, serve, accept ...  one frontend at a time; a disconnect, or a frontend
-//!                                     that sends garbage, closes that connection only
-//!     control thread                  vhost's BackendReqHandler decodes each request and
+//!   run(): accept ...                 each frontend on its own thread, up to
+//!                                     ServerOptions::max_connections; a disconnect, garbage,
+//!                                     a stall or a memory fault closes that connection only
+//!     connection thread               vhost's BackendReqHandler decodes each request and
 //!                                     calls conn::ConnState (features, memory table, vrings,
-//!                                     config, GET_VRING_BASE, ...)
+//!                                     config, GET_VRING_BASE, ...); a watchdog bounds each
+//!                                     message once begun (ServerOptions::message_timeout)
 //!     one worker thread per ring      pop / process / complete on our DeviceQueue, sleeping
 //!                                     on the kick eventfd, signalling the call eventfd
 //! ```
+//!
+//! - **Hostile frontends**: frontends are served concurrently, so one that connects and
+//!   sends nothing, or half a message, holds up no other; and every wait on a message that
+//!   has begun, or on the frontend taking its reply, is bounded, so it does not hold its
+//!   slot for ever. Kick, call and error fds must be eventfds. Guest memory that the
+//!   frontend shrinks under the back end's mappings cannot kill the process (`SIGBUS` is
+//!   caught for guest mappings, see [`MemoryFault`]): that connection ends with an error.
+//!   Each connection's log lines are rate-limited ([`LOG_BURST`] per [`LOG_INTERVAL`]),
+//!   the rest counted in [`Stats::log_lines_suppressed`].
 //!
 //! - **Layouts**: the back end offers `RING_PACKED`, `IN_ORDER`, `EVENT_IDX`,
 //!   `INDIRECT_DESC` and `VERSION_1` and runs whatever the frontend acks. For packed rings
@@ -36,7 +47,7 @@
 //!
 //! let device = BlkBackend::open("/tmp/disk.raw", &BlkBackendOptions { queues: 4, ..Default::default() })?;
 //! let mut server = Server::bind("/tmp/blk.sock", Arc::new(device))?;
-//! server.run()?; // serves frontends one after the other, forever
+//! server.run()?; // serves frontends, each on its own thread, until shut down
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
@@ -44,25 +55,32 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 use virtq::{Chain, Features, Segment};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::watchdog::WatchdogThread;
 
 #[macro_use]
 mod log;
 pub mod blk;
 mod conn;
 pub mod memory;
+mod sigbus;
 mod vring;
 
 pub use conn::RING_FEATURES;
+pub use log::{BURST as LOG_BURST, INTERVAL as LOG_INTERVAL};
+pub use memory::MemoryFault;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30 of the virtio feature word in vhost-user).
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -105,8 +123,14 @@ pub trait QueueHandler: Send {
 pub struct Stats {
     /// Connections accepted.
     pub connections: AtomicU64,
+    /// Connections being served now.
+    pub connections_active: AtomicU64,
+    /// Connections closed at once because [`ServerOptions::max_connections`] were served.
+    pub connections_refused: AtomicU64,
     /// Connections that ended with an error (not a plain disconnect).
     pub connection_errors: AtomicU64,
+    /// Connections ended because their guest memory faulted (see [`MemoryFault`]).
+    pub memory_faults: AtomicU64,
     /// Chains processed (added when a worker stops).
     pub requests: AtomicU64,
     /// Interrupts sent (call eventfd writes).
@@ -115,10 +139,15 @@ pub struct Stats {
     pub kicks: AtomicU64,
     /// Rings the driver broke (each latched broken, with its error fd signalled).
     pub queue_faults: AtomicU64,
+    /// Error and info lines the connections logged.
+    pub log_lines: AtomicU64,
+    /// Lines the per-connection rate limit dropped ([`LOG_BURST`] per [`LOG_INTERVAL`]).
+    pub log_lines_suppressed: AtomicU64,
 }
 
 /// How a connection ended.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ConnectionEnd {
     /// The frontend closed the socket.
     Disconnected,
@@ -126,6 +155,13 @@ pub enum ConnectionEnd {
     Error(VuError),
     /// [`ShutdownHandle::shutdown`] was called.
     Shutdown,
+    /// The frontend sent nothing for this long after connecting.
+    Silent(Duration),
+    /// A message stayed incomplete, or its reply was not taken, for this long.
+    Stalled(Duration),
+    /// Guest memory faulted under the back end: the frontend shrank a region's file (or
+    /// its pages went away). The rings were stopped.
+    MemoryFault(MemoryFault),
 }
 
 impl fmt::Display for ConnectionEnd {
@@ -134,7 +170,39 @@ impl fmt::Display for ConnectionEnd {
             Self::Disconnected => f.write_str("the frontend disconnected"),
             Self::Error(e) => write!(f, "error: {e}"),
             Self::Shutdown => f.write_str("shut down"),
+            Self::Silent(t) => write!(f, "error: the frontend sent no message within {t:?} of connecting"),
+            Self::Stalled(t) => {
+                write!(f, "error: the frontend left a message unfinished (or its reply untaken) for {t:?}")
+            }
+            Self::MemoryFault(m) => write!(f, "error: {m}; the connection's rings are stopped"),
         }
+    }
+}
+
+impl ConnectionEnd {
+    /// Whether the connection ended by a fault (not a disconnect or a shutdown).
+    pub fn is_error(&self) -> bool {
+        !matches!(self, Self::Disconnected | Self::Shutdown)
+    }
+}
+
+/// Limits of a [`Server`].
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Frontends served at once, each on its own thread (plus a thread per running ring).
+    /// One more is accepted and closed at once, and counted in
+    /// [`Stats::connections_refused`].
+    pub max_connections: usize,
+    /// How long a frontend may take to send its first message after connecting, to finish
+    /// a message it has begun, and to take the reply. Waiting for the next message is not
+    /// limited, and neither is the back end's own work (stopping a ring waits for the
+    /// request it is processing).
+    pub message_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self { max_connections: 64, message_timeout: Duration::from_secs(10) }
     }
 }
 
@@ -147,16 +215,17 @@ pub struct ShutdownHandle {
 struct ShutdownInner {
     flag: AtomicBool,
     wake: EventFd,
-    current: Mutex<Option<UnixStream>>,
+    /// The connections being served, by number (clones of their sockets, to shut down).
+    live: Mutex<Vec<(u64, UnixStream)>>,
 }
 
 impl ShutdownHandle {
-    /// Makes [`Server::run`] return: closes the current connection (its rings are stopped)
-    /// and stops accepting.
+    /// Makes [`Server::run`] return: closes every connection (their rings are stopped) and
+    /// stops accepting.
     pub fn shutdown(&self) {
         self.inner.flag.store(true, Ordering::Release);
         let _ = self.inner.wake.write(1);
-        if let Some(s) = &*self.inner.current.lock().unwrap_or_else(|e| e.into_inner()) {
+        for (_, s) in self.live().iter() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -164,27 +233,59 @@ impl ShutdownHandle {
     fn requested(&self) -> bool {
         self.inner.flag.load(Ordering::Acquire)
     }
+
+    fn live(&self) -> MutexGuard<'_, Vec<(u64, UnixStream)>> {
+        self.inner.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records connection `n`; a shutdown from now on closes it. A shutdown that came
+    /// first closes it at once.
+    fn track(&self, n: u64, stream: &UnixStream) {
+        if let Ok(clone) = stream.try_clone() {
+            self.live().push((n, clone));
+        }
+        if self.requested() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn untrack(&self, n: u64) {
+        self.live().retain(|(i, _)| *i != n);
+    }
 }
 
 /// A vhost-user back end listening on a unix socket.
+///
+/// [`Self::run`] serves frontends concurrently, one thread each, up to
+/// [`ServerOptions::max_connections`]: a frontend that stalls, sends garbage or faults
+/// its memory ends its own connection only. Every wait on a frontend that has begun a
+/// message is bounded too ([`ServerOptions::message_timeout`]), so a stalled frontend does
+/// not hold a connection slot for ever.
 pub struct Server {
     listener: Listener,
     path: PathBuf,
     device: Arc<dyn Device>,
     stats: Arc<Stats>,
     shutdown: ShutdownHandle,
+    options: ServerOptions,
+    log: Arc<log::ConnLog>,
 }
 
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Server").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Server").field("path", &self.path).field("options", &self.options).finish_non_exhaustive()
     }
 }
 
 impl Server {
-    /// Listens on `path`. A socket file already there is replaced; any other file is left
-    /// alone (an error).
+    /// Listens on `path` with the default [`ServerOptions`]. A socket file already there is
+    /// replaced; any other file is left alone (an error).
     pub fn bind(path: impl AsRef<Path>, device: Arc<dyn Device>) -> io::Result<Self> {
+        Self::bind_with(path, device, ServerOptions::default())
+    }
+
+    /// Listens on `path` with `options`.
+    pub fn bind_with(path: impl AsRef<Path>, device: Arc<dyn Device>, options: ServerOptions) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
         if let Ok(meta) = std::fs::symlink_metadata(&path) {
             if !meta.file_type().is_socket() {
@@ -194,15 +295,20 @@ impl Server {
                 ));
             }
         }
+        if options.max_connections == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "max_connections must be at least 1"));
+        }
         let listener = Listener::new(&path, true).map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
         let shutdown = ShutdownHandle {
             inner: Arc::new(ShutdownInner {
                 flag: AtomicBool::new(false),
                 wake: EventFd::new(libc::EFD_NONBLOCK)?,
-                current: Mutex::new(None),
+                live: Mutex::new(Vec::new()),
             }),
         };
-        Ok(Self { listener, path, device, stats: Arc::default(), shutdown })
+        let stats = Arc::<Stats>::default();
+        let log = log::ConnLog::new("server".into(), stats.clone());
+        Ok(Self { listener, path, device, stats, shutdown, options, log })
     }
 
     /// The socket path.
@@ -220,42 +326,66 @@ impl Server {
         self.shutdown.clone()
     }
 
-    /// Serves frontends one after the other until [`ShutdownHandle::shutdown`]. A
-    /// connection that fails is logged and closed; the server goes on with the next one.
+    /// Serves frontends, each on its own thread, until [`ShutdownHandle::shutdown`]; then
+    /// closes every connection and waits for their threads. A connection that fails is
+    /// logged and closed; the others go on.
     pub fn run(&mut self) -> io::Result<()> {
-        log_info!("listening on {}", self.path.display());
-        while let Some(end) = self.serve_one()? {
-            if matches!(end, ConnectionEnd::Shutdown) {
-                break;
+        let _log = log::enter(self.log.clone());
+        log_info!("listening on {} (at most {} frontends at once)", self.path.display(), self.options.max_connections);
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let result = loop {
+            let stream = match self.accept() {
+                Ok(Some(s)) => s,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            threads.retain(|t| !t.is_finished());
+            let n = self.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
+            if threads.len() >= self.options.max_connections {
+                self.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+                log_error!(
+                    "connection {n} refused: {} frontends are being served, the most allowed",
+                    self.options.max_connections
+                );
+                continue;
             }
+            let ctx = ConnCtx {
+                device: self.device.clone(),
+                stats: self.stats.clone(),
+                shutdown: Some(self.shutdown.clone()),
+                message_timeout: self.options.message_timeout,
+            };
+            match std::thread::Builder::new().name(format!("vhost-conn{n}")).spawn(move || {
+                ctx.serve(stream, n);
+            }) {
+                Ok(t) => threads.push(t),
+                Err(e) => log_error!("connection {n}: cannot start its thread: {e}"),
+            }
+        };
+        self.shutdown.shutdown();
+        for t in threads {
+            let _ = t.join();
         }
         log_info!("stopped");
-        Ok(())
+        result
     }
 
-    /// Waits for one frontend and serves it until it disconnects or fails. `None` if the
-    /// server was shut down while waiting.
+    /// Waits for one frontend and serves it on this thread until it disconnects or fails.
+    /// `None` if the server was shut down while waiting.
     pub fn serve_one(&mut self) -> io::Result<Option<ConnectionEnd>> {
         let Some(stream) = self.accept()? else { return Ok(None) };
         let n = self.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
-        log_info!("connection {n}: frontend connected");
-        if let Ok(clone) = stream.try_clone() {
-            *self.shutdown.inner.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
-        }
-        let end = serve_connection(stream, self.device.clone(), self.stats.clone(), &self.shutdown);
-        *self.shutdown.inner.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        match &end {
-            ConnectionEnd::Error(e) => {
-                self.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
-                log_error!("connection {n}: {e}; connection closed, waiting for the next frontend");
-            }
-            other => log_info!("connection {n}: {other}"),
-        }
-        Ok(Some(end))
+        let ctx = ConnCtx {
+            device: self.device.clone(),
+            stats: self.stats.clone(),
+            shutdown: Some(self.shutdown.clone()),
+            message_timeout: self.options.message_timeout,
+        };
+        Ok(Some(ctx.serve(stream, n)))
     }
 
     fn accept(&mut self) -> io::Result<Option<UnixStream>> {
-        let lfd = self.listener_fd();
+        let lfd = self.listener.as_raw_fd();
         loop {
             if self.shutdown.requested() {
                 return Ok(None);
@@ -280,38 +410,128 @@ impl Server {
             }
         }
     }
-
-    fn listener_fd(&self) -> std::os::fd::RawFd {
-        self.listener.as_raw_fd()
-    }
 }
 
-/// Serves one connection until it ends; every ring is stopped and the memory unmapped
-/// before this returns.
-fn serve_connection(
+/// Serves one frontend that is already connected (a socket pair, an inherited socket) on
+/// this thread, with the limits of `options`, until it disconnects or fails. Every ring is
+/// stopped and the memory unmapped before this returns.
+pub fn serve_stream(
     stream: UnixStream,
     device: Arc<dyn Device>,
     stats: Arc<Stats>,
-    shutdown: &ShutdownHandle,
+    options: &ServerOptions,
 ) -> ConnectionEnd {
-    let state = Arc::new(Mutex::new(conn::ConnState::new(device, stats)));
-    let mut handler = BackendReqHandler::from_stream(stream, state.clone());
-    let end = loop {
-        match handler.handle_request() {
-            Ok(()) => {}
-            Err(_) if shutdown.requested() => break ConnectionEnd::Shutdown,
-            Err(VuError::Disconnected) => break ConnectionEnd::Disconnected,
-            // End of file in the middle of a header, or a reset: the peer went away.
-            Err(VuError::PartialMessage) => break ConnectionEnd::Disconnected,
-            Err(VuError::SocketBroken(e)) if matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE)) => {
-                break ConnectionEnd::Disconnected
-            }
-            Err(e) => break ConnectionEnd::Error(e),
+    let n = stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
+    ConnCtx { device, stats, shutdown: None, message_timeout: options.message_timeout }.serve(stream, n)
+}
+
+/// What serving a connection needs from its server.
+struct ConnCtx {
+    device: Arc<dyn Device>,
+    stats: Arc<Stats>,
+    shutdown: Option<ShutdownHandle>,
+    message_timeout: Duration,
+}
+
+impl ConnCtx {
+    /// Serves connection `n`, logs how it ended, and counts it.
+    fn serve(self, stream: UnixStream, n: u64) -> ConnectionEnd {
+        let log = log::ConnLog::new(format!("connection {n}"), self.stats.clone());
+        let _log = log::enter(log.clone());
+        log_info!("frontend connected");
+        self.stats.connections_active.fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = &self.shutdown {
+            s.track(n, &stream);
         }
-    };
-    drop(handler);
-    // The handler held the other reference; a poisoned lock still holds the state.
-    let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-    s.stop_all();
-    end
+        let end = self.serve_messages(stream, &log);
+        if let Some(s) = &self.shutdown {
+            s.untrack(n);
+        }
+        self.stats.connections_active.fetch_sub(1, Ordering::Relaxed);
+        if end.is_error() {
+            self.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+            if matches!(end, ConnectionEnd::MemoryFault(_)) {
+                self.stats.memory_faults.fetch_add(1, Ordering::Relaxed);
+            }
+            log_error!("{end}; connection closed");
+        } else {
+            log_info!("{end}");
+        }
+        log.flush();
+        end
+    }
+
+    /// The message loop. Each message is awaited without a limit once the frontend has sent
+    /// its first (a guest may leave a device idle for days); once its first byte is there,
+    /// receiving the rest and sending the reply run under the watchdog.
+    fn serve_messages(&self, stream: UnixStream, log: &Arc<log::ConnLog>) -> ConnectionEnd {
+        let sock = stream.as_raw_fd();
+        // Workers write it when guest memory faults under them.
+        let fault_event = match EventFd::new(libc::EFD_NONBLOCK) {
+            Ok(e) => Arc::new(e),
+            Err(e) => return ConnectionEnd::Error(VuError::ReqHandlerError(e)),
+        };
+        let mut watchdog = match WatchdogThread::spawn("vhost-conn-watchdog", sock) {
+            Ok(w) => w,
+            Err(e) => return ConnectionEnd::Error(VuError::ReqHandlerError(e)),
+        };
+        let state = Arc::new(Mutex::new(conn::ConnState::new(
+            self.device.clone(),
+            self.stats.clone(),
+            conn::ConnLinks { log: log.clone(), fault_event: fault_event.clone(), watchdog: watchdog.get().clone() },
+        )));
+        let mut handler = BackendReqHandler::from_stream(stream, state.clone());
+        let timeout = self.message_timeout;
+        let mut spoken = false;
+        let shutting_down = || self.shutdown.as_ref().is_some_and(ShutdownHandle::requested);
+        let end = loop {
+            let wait_ms = if spoken { -1 } else { timeout.as_millis().clamp(1, i32::MAX as u128) as i32 };
+            let ready = match wait_readable(sock, fault_event.as_raw_fd(), wait_ms) {
+                Ok(r) => r,
+                Err(e) => break ConnectionEnd::Error(VuError::SocketError(e)),
+            };
+            if let Some(f) = lock(&state).memory_fault() {
+                break ConnectionEnd::MemoryFault(f);
+            }
+            if !ready {
+                break ConnectionEnd::Silent(timeout);
+            }
+            watchdog.get().arm(Instant::now() + timeout);
+            let r = handler.handle_request();
+            let stalled = watchdog.get().disarm();
+            if let Some(f) = lock(&state).memory_fault() {
+                break ConnectionEnd::MemoryFault(f);
+            }
+            match r {
+                Ok(()) => spoken = true,
+                Err(_) if shutting_down() => break ConnectionEnd::Shutdown,
+                Err(_) if stalled => break ConnectionEnd::Stalled(timeout),
+                Err(VuError::Disconnected) => break ConnectionEnd::Disconnected,
+                // End of file in the middle of a header, or a reset: the peer went away.
+                Err(VuError::PartialMessage) => break ConnectionEnd::Disconnected,
+                Err(VuError::SocketBroken(e)) if matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE)) => {
+                    break ConnectionEnd::Disconnected
+                }
+                Err(e) => break ConnectionEnd::Error(e),
+            }
+        };
+        // The watchdog may shut the socket down until it stops; the socket closes with the
+        // handler.
+        watchdog.stop();
+        drop(handler);
+        // The handler held the other reference; a poisoned lock still holds the state.
+        lock(&state).stop_all();
+        end
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits until the socket is readable (a message, end of file) or `fault` is signalled;
+/// false on timeout.
+fn wait_readable(sock: RawFd, fault: RawFd, timeout_ms: i32) -> io::Result<bool> {
+    let ready = vring::poll_in(&[sock, fault], timeout_ms)?;
+    Ok(ready[0] || ready[1])
 }

@@ -12,6 +12,12 @@
 //!
 //! Requests are processed synchronously, so when the worker stops (between two chains)
 //! nothing is in flight, and the avail and used positions it hands back are equal.
+//!
+//! Guest memory can fault under the worker (the frontend shrank a region's file; see
+//! `sigbus.rs`): the access reads zeroes, and the worker asks [`GuestMemoryMap::fault`]
+//! after each chain, each empty pop and before it sleeps. On a fault it completes nothing
+//! more (a request whose data may have read as zeroes is not reported done), signals the
+//! error fd, wakes the connection loop, which ends the connection, and waits to be stopped.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -23,6 +29,7 @@ use std::thread::JoinHandle;
 use virtq::{DeviceConfig, DeviceError, DeviceQueue, Segment};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::log::{self, ConnLog};
 use super::memory::GuestMemoryMap;
 use super::{QueueHandler, Stats};
 
@@ -176,22 +183,32 @@ pub(crate) struct Worker {
     thread: JoinHandle<WorkerExit>,
 }
 
+/// What a worker shares with its connection.
+pub(crate) struct WorkerLinks {
+    pub call: Arc<SharedFd>,
+    pub err: Arc<SharedFd>,
+    pub stats: Arc<Stats>,
+    pub log: Arc<ConnLog>,
+    /// Written when guest memory faults, to wake the connection loop.
+    pub fault_event: Arc<EventFd>,
+}
+
 impl Worker {
     /// Starts serving the ring `config` (guest physical addresses) on a new thread.
-    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         index: u16,
         mem: Arc<GuestMemoryMap>,
         config: DeviceConfig,
         kick: Option<Arc<File>>,
-        call: Arc<SharedFd>,
-        err: Arc<SharedFd>,
         handler: Box<dyn QueueHandler>,
-        stats: Arc<Stats>,
+        links: WorkerLinks,
     ) -> io::Result<Self> {
         let stop = Arc::new(StopSignal { flag: AtomicBool::new(false), fd: EventFd::new(libc::EFD_NONBLOCK)? });
-        let ctx = WorkerCtx { index, kick, call, err, stop: stop.clone(), handler, stats };
-        let thread = std::thread::Builder::new().name(format!("vq{index}")).spawn(move || ctx.run(&mem, config))?;
+        let ctx = WorkerCtx { index, kick, stop: stop.clone(), handler, links, memory_fault: false };
+        let thread = std::thread::Builder::new().name(format!("vq{index}")).spawn(move || {
+            let _log = log::enter(ctx.links.log.clone());
+            ctx.run(&mem, config)
+        })?;
         Ok(Self { stop, thread })
     }
 
@@ -206,11 +223,11 @@ impl Worker {
 struct WorkerCtx {
     index: u16,
     kick: Option<Arc<File>>,
-    call: Arc<SharedFd>,
-    err: Arc<SharedFd>,
     stop: Arc<StopSignal>,
     handler: Box<dyn QueueHandler>,
-    stats: Arc<Stats>,
+    links: WorkerLinks,
+    /// Guest memory faulted: the ring is touched no more.
+    memory_fault: bool,
 }
 
 enum Wake {
@@ -231,7 +248,7 @@ impl WorkerCtx {
             Err(e) => {
                 // Checked by the control thread before the spawn; kept for robustness.
                 log_error!("queue {}: cannot attach to the ring: {e}", self.index);
-                self.err.signal();
+                self.links.err.signal();
                 exit.fault = Some(e);
                 self.wait_for_stop();
                 return exit;
@@ -244,25 +261,34 @@ impl WorkerCtx {
                 if self.stopping() {
                     break 'serve;
                 }
+                if self.memory_faulted(mem) {
+                    break 'serve;
+                }
                 match q.pop(&mut segs) {
                     Ok(Some(chain)) => {
                         let written = self.handler.process(&chain, &segs);
+                        // The chain's data may have read as zeroes: do not report it done.
+                        if self.memory_faulted(mem) {
+                            break 'serve;
+                        }
                         q.complete(chain, written);
                         exit.chains += 1;
-                        if q.needs_notification() && self.call.signal() {
-                            self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+                        if q.needs_notification() && self.links.call.signal() {
+                            self.links.stats.interrupts.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     Ok(None) => break,
+                    // A ring that read as zeroes is not the driver's doing.
+                    Err(_) if self.memory_faulted(mem) => break 'serve,
                     Err(e) => {
                         // The core latched the queue broken; nothing more is read from the
                         // ring. Tell the frontend (SET_VRING_ERR) and wait to be stopped.
                         log_error!("queue {}: the driver broke the ring: {e}; queue stopped", self.index);
-                        self.stats.queue_faults.fetch_add(1, Ordering::Relaxed);
+                        self.links.stats.queue_faults.fetch_add(1, Ordering::Relaxed);
                         if q.needs_notification() {
-                            self.call.signal();
+                            self.links.call.signal();
                         }
-                        self.err.signal();
+                        self.links.err.signal();
                         self.wait_for_stop();
                         break 'serve;
                     }
@@ -271,20 +297,35 @@ impl WorkerCtx {
             if q.enable_notifications() {
                 continue;
             }
+            if self.memory_faulted(mem) {
+                break;
+            }
             match self.sleep() {
                 Wake::Kick => {}
                 Wake::Stop => break,
             }
         }
-        self.stats.requests.fetch_add(exit.chains, Ordering::Relaxed);
-        if q.needs_notification() {
-            self.call.signal();
+        self.links.stats.requests.fetch_add(exit.chains, Ordering::Relaxed);
+        if !self.memory_fault && q.needs_notification() {
+            self.links.call.signal();
         }
         exit.avail_base = q.avail_base();
         // A split ring's used index lives in the ring; the frontend reads it there.
         exit.used_base = if q.layout().is_packed() { q.used_base() } else { 0 };
         exit.fault = q.fault();
         exit
+    }
+
+    /// Whether guest memory faulted; if it did, reports it (once: the worker then waits to
+    /// be stopped, touching the ring no more).
+    fn memory_faulted(&mut self, mem: &GuestMemoryMap) -> bool {
+        let Some(fault) = mem.fault() else { return false };
+        self.memory_fault = true;
+        log_error!("queue {}: {fault}; queue stopped", self.index);
+        self.links.err.signal();
+        let _ = self.links.fault_event.write(1);
+        self.wait_for_stop();
+        true
     }
 
     fn wait_for_stop(&self) {
@@ -308,7 +349,7 @@ impl WorkerCtx {
             match poll_in(&[kick.as_raw_fd(), stop_fd], -1) {
                 Ok(ready) if ready[1] => return Wake::Stop,
                 Ok(ready) if ready[0] => {
-                    self.stats.kicks.fetch_add(1, Ordering::Relaxed);
+                    self.links.stats.kicks.fetch_add(1, Ordering::Relaxed);
                     let mut count = [0u8; 8];
                     match (&*kick).read(&mut count) {
                         Ok(8) => return Wake::Kick,

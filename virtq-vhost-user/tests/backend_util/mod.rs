@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use virtq_vhost_user::backend::blk::{BlkBackend, BlkBackendOptions};
-use virtq_vhost_user::backend::{Server, ShutdownHandle, Stats};
+use virtq_vhost_user::backend::{Server, ServerOptions, ShutdownHandle, Stats};
 use virtq_vhost_user::blk::{BlkDevice, BlkOptions};
 use virtq_vhost_user::virtq::Features;
 use virtq_vhost_user::{MemoryConfig, WaitMode};
@@ -61,6 +61,9 @@ pub fn blk_options(layout: Layout, queues: u16, queue_size: u16) -> BlkOptions {
         queues,
         queue_size,
         required_features: layout.features().bits(),
+        // Exactly the layout's ring features: serve-blk offers all of them.
+        ring_packed: layout.features().contains(Features::RING_PACKED),
+        in_order: layout.features().contains(Features::IN_ORDER),
         memory: MemoryConfig { size: 32 << 20, regions: 2 },
         request_timeout: Duration::from_secs(20),
         control_timeout: Duration::from_secs(5),
@@ -88,9 +91,21 @@ impl TestServer {
     }
 
     pub fn start_on(dir: tempfile::TempDir, image: PathBuf, opts: BlkBackendOptions) -> Self {
+        Self::start_full(dir, image, opts, ServerOptions::default())
+    }
+
+    /// A server with `limits` (connection count, message timeout).
+    pub fn start_with_limits(image_bytes: u64, opts: BlkBackendOptions, limits: ServerOptions) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.raw");
+        std::fs::File::create(&image).and_then(|f| f.set_len(image_bytes)).expect("image");
+        Self::start_full(dir, image, opts, limits)
+    }
+
+    fn start_full(dir: tempfile::TempDir, image: PathBuf, opts: BlkBackendOptions, limits: ServerOptions) -> Self {
         let socket = dir.path().join("blk.sock");
         let device = BlkBackend::open(&image, &opts).expect("open image");
-        let mut server = Server::bind(&socket, Arc::new(device)).expect("bind");
+        let mut server = Server::bind_with(&socket, Arc::new(device), limits).expect("bind");
         let stats = server.stats();
         let shutdown = server.shutdown_handle();
         let thread = std::thread::spawn(move || server.run());

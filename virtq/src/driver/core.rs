@@ -12,7 +12,7 @@ use core::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use super::{AddError, AddErrorKind, CreateError, Fault, Notify, QueueConfig, Sg, Shared};
 use crate::memory::{Direction, Dma, DmaRegion};
-use crate::shared::RawDesc;
+use crate::shared::{word1, RawDesc};
 use crate::{Barriers, Features};
 
 /// Private flag in [`DescExtra::flags`]: the segment was premapped, never unmap it.
@@ -64,9 +64,8 @@ impl Index {
 /// The free list through [`DescExtra::next`]: split descriptors, or packed buffer ids (one
 /// per descriptor of a chain). `add` takes from the front and a freed chain goes to the
 /// back, so an entry freed just now is reused last. Reusing it at once (a stack, as Linux
-/// does) runs the same instructions but made a polling round trip with one buffer
-/// outstanding on a packed ring 113 ns instead of 85 (`virtq bench`, 64 ns cache-line
-/// round trip).
+/// does) runs the same instructions but makes a polling round trip slower: the entry's
+/// line is still on its way back from the device when the driver writes it again.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct FreeList {
     /// The first free entry (when one is free).
@@ -130,9 +129,9 @@ pub(crate) enum Buffer<'a> {
 
 impl Buffer<'_> {
     /// Calls `f(n, segment, device_writes_it)` for each segment in order, stopping at the
-    /// first error. Plain loops: iterator adapters cost a fifth of `add` here. One call
+    /// first error. Plain loops: iterator adapters cost measurably more in `add`. One call
     /// site of `f` for both shapes: with two, the compiler stopped inlining packed `add`'s
-    /// closure into the run-time dispatching queue (packed round trip 456 instructions, not 371).
+    /// closure into the run-time dispatching queue.
     #[inline(always)]
     pub fn try_for_each(&self, mut f: impl FnMut(usize, Sg, bool) -> Result<(), ()>) -> Result<(), ()> {
         // The lists to walk now, whether the device writes them, and the writable lists
@@ -378,11 +377,11 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
             if D::MAPS && !premapped {
                 self.indirect_extra[first + n] = DescExtra { addr, len: sg.len, flags: flags | priv_flags, next: 0 };
             }
-            if split_links {
-                table[n].write(crate::split::Descriptor { addr, len: sg.len, flags, next: n as u16 + 1 });
-            } else {
-                table[n].write(crate::packed::Descriptor { addr, len: sg.len, id: 0, flags });
-            }
+            // The formats differ only in the two `u16`s of word 1: split `flags, next`
+            // (`split::Descriptor`), packed `id, flags` (`packed::Descriptor`, id unused in
+            // a table). Choosing them before one store keeps the loop branch-free.
+            let (at12, at14) = if split_links { (flags, n as u16 + 1) } else { (0, flags) };
+            table[n].write_words((addr, word1(sg.len, at12, at14)));
             Ok(())
         })?;
         Ok((table_addr, writable))

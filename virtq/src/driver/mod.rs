@@ -44,6 +44,7 @@ impl Sg {
 
 /// What went wrong in an `add_*` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AddErrorKind {
     /// Not enough free descriptors now (`-ENOSPC`). The only retryable error, and only
     /// after some buffers have come back through `get_buf`.
@@ -88,6 +89,10 @@ impl<T> fmt::Display for AddError<T> {
     }
 }
 
+impl<T> ::core::error::Error for AddError<T> {}
+
+impl ::core::error::Error for AddErrorKind {}
+
 impl fmt::Display for AddErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -103,6 +108,7 @@ impl fmt::Display for AddErrorKind {
 
 /// Why a queue latched broken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Fault {
     /// The device returned a buffer id that is not a ring index.
     UsedIdOutOfRange {
@@ -157,6 +163,8 @@ impl fmt::Display for Fault {
         }
     }
 }
+
+impl ::core::error::Error for Fault {}
 
 /// What a transport writes when it notifies the device of new buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -373,6 +381,7 @@ impl QueueConfig {
 
 /// Why a driver queue could not be created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CreateError {
     /// The size is zero, not a power of two (split), or too large.
     InvalidSize,
@@ -380,6 +389,8 @@ pub enum CreateError {
     InvalidAlign,
     /// The ring memory could not be allocated.
     NoMemory,
+    /// The memory given to `new_in` is smaller than the ring needs, or not 16-aligned.
+    RegionTooSmall,
     /// The negotiated features select a layout this queue type does not implement.
     WrongLayout,
 }
@@ -390,7 +401,10 @@ impl fmt::Display for CreateError {
             Self::InvalidSize => "invalid queue size",
             Self::InvalidAlign => "invalid ring alignment",
             Self::NoMemory => "cannot allocate ring memory",
+            Self::RegionTooSmall => "the memory given for the ring is too small or not 16-aligned",
             Self::WrongLayout => "the negotiated features select another ring layout",
         })
     }
 }
+
+impl ::core::error::Error for CreateError {}

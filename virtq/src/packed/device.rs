@@ -11,11 +11,10 @@ use super::{
 };
 use crate::device::queue::{order_for, DeviceRing, Head, OrderMode};
 use crate::device::{
-    indirect_table, push_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, SegmentSink,
+    push_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, IndirectTable, SegmentSink,
 };
 use crate::event::need_event;
 use crate::memory::GuestMemory;
-use crate::shared::read_table_entry;
 use crate::{Barriers, Features};
 
 /// The packed ring's half of a device queue. [`crate::PackedDevice`] and
@@ -73,20 +72,33 @@ impl<O: OrderMode> PackedDeviceLayout<O> {
     fn walk_indirect<'m, M: GuestMemory + ?Sized, S: SegmentSink<'m>>(
         mem: &'m M,
         table: Descriptor,
-        chain: &mut Chain,
+        chain: Chain,
         segs: &mut S,
-    ) -> Result<(), DeviceError> {
-        let (host, entries) = indirect_table(mem, table.addr, table.len)?;
-        for i in 0..entries as usize {
-            // SAFETY: `i < entries` and the table was translated for `16 * entries` bytes,
-            // valid for 'm (the `GuestMemory` contract).
-            let d: Descriptor = unsafe { read_table_entry(host, i) };
+    ) -> Result<Chain, DeviceError> {
+        let table = IndirectTable::new(mem, table.addr, table.len)?;
+        if table.aligned() {
+            Self::walk_table::<M, S, true>(mem, table, chain, segs)
+        } else {
+            Self::walk_table::<M, S, false>(mem, table, chain, segs)
+        }
+    }
+
+    #[inline(always)]
+    fn walk_table<'m, M: GuestMemory + ?Sized, S: SegmentSink<'m>, const ALIGNED: bool>(
+        mem: &'m M,
+        table: IndirectTable,
+        mut chain: Chain,
+        segs: &mut S,
+    ) -> Result<Chain, DeviceError> {
+        for i in 0..table.entries() {
+            // SAFETY: `i < entries`; `mem` is borrowed for 'm.
+            let d: Descriptor = unsafe { table.read::<_, ALIGNED>(i) };
             if d.flags & DESC_F_INDIRECT != 0 {
                 return Err(DeviceError::NestedIndirect);
             }
-            push_segment(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0, chain, segs)?;
+            push_segment(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0, &mut chain, segs)?;
         }
-        Ok(())
+        Ok(chain)
     }
 }
 
@@ -167,38 +179,20 @@ impl<O: OrderMode> DeviceRing for PackedDeviceLayout<O> {
         segs: &mut S,
     ) -> Result<Chain, DeviceError> {
         let size = self.ring.size();
+        let (mut d, mut flags) = (head.desc, head.flags);
+        let mut chain = Chain::new(d.id);
+        chain.descs = 1;
+        if flags & DESC_F_INDIRECT != 0 {
+            if !self.indirect {
+                return Err(DeviceError::IndirectNotNegotiated);
+            }
+            if flags & DESC_F_NEXT != 0 {
+                return Err(DeviceError::MisplacedIndirect);
+            }
+            return Self::walk_indirect(mem, d, chain, segs);
+        }
         let (mut pos, mut wrap) = (self.avail.pos(), self.avail.wrap());
-        let mut chain = Chain::new(0);
         loop {
-            // The head was read already (its flags published the chain); later
-            // descriptors, flags included, come with their single read here.
-            let (d, flags) = if chain.descs == 0 {
-                (head.desc, head.flags)
-            } else {
-                let d: Descriptor = self.ring.desc(pos).read();
-                if !is_avail(d.flags, wrap) {
-                    return Err(DeviceError::BadDescriptorFlags);
-                }
-                (d, d.flags)
-            };
-            chain.descs += 1;
-            // The buffer id is in the last descriptor (VIRTIO 1.3, 2.8.6).
-            chain.id = d.id;
-            pos += 1;
-            if pos == size {
-                pos = 0;
-                wrap = !wrap;
-            }
-            if flags & DESC_F_INDIRECT != 0 {
-                if !self.indirect {
-                    return Err(DeviceError::IndirectNotNegotiated);
-                }
-                if chain.descs != 1 || flags & DESC_F_NEXT != 0 {
-                    return Err(DeviceError::MisplacedIndirect);
-                }
-                Self::walk_indirect(mem, d, &mut chain, segs)?;
-                return Ok(chain);
-            }
             push_segment(mem, d.addr, d.len, flags & DESC_F_WRITE != 0, &mut chain, segs)?;
             if flags & DESC_F_NEXT == 0 {
                 return Ok(chain);
@@ -206,6 +200,24 @@ impl<O: OrderMode> DeviceRing for PackedDeviceLayout<O> {
             if chain.descs == size {
                 return Err(DeviceError::ChainTooLong);
             }
+            pos += 1;
+            if pos == size {
+                pos = 0;
+                wrap = !wrap;
+            }
+            // Each descriptor after the head, flags included, in one read; it must be
+            // available on its own lap.
+            d = self.ring.desc(pos).read();
+            flags = d.flags;
+            if !is_avail(flags, wrap) {
+                return Err(DeviceError::BadDescriptorFlags);
+            }
+            if flags & DESC_F_INDIRECT != 0 {
+                return Err(DeviceError::MisplacedIndirect);
+            }
+            chain.descs += 1;
+            // The buffer id is in the last descriptor (VIRTIO 1.3, 2.8.6).
+            chain.id = d.id;
         }
     }
 

@@ -200,7 +200,7 @@ impl<const IN_ORDER: bool> DriverLayout for PackedDriverLayout<IN_ORDER> {
     unsafe fn create_in(config: &QueueConfig, memory: DmaRegion) -> Result<Self, CreateError> {
         Self::check(config)?;
         if memory.size < ContiguousAreas::new(config.size).total || !(memory.cpu.as_ptr() as usize).is_multiple_of(16) {
-            return Err(CreateError::NoMemory);
+            return Err(CreateError::RegionTooSmall);
         }
         // SAFETY: checked size and alignment; validity is the caller's promise.
         Ok(unsafe { Self::build(None, &memory, config.size) })

@@ -6,11 +6,10 @@ use super::{
 };
 use crate::device::queue::{order_for, DeviceRing, Head, OrderMode};
 use crate::device::{
-    indirect_table, push_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, SegmentSink,
+    push_segment, translate_area, Chain, DeviceConfig, DeviceError, InOrderRun, IndirectTable, SegmentSink,
 };
 use crate::event::need_event;
 use crate::memory::GuestMemory;
-use crate::shared::read_table_entry;
 use crate::{Barriers, Features};
 
 /// The split ring's half of a device queue. [`crate::SplitDevice`] and
@@ -56,21 +55,36 @@ impl<O: OrderMode> SplitDeviceLayout<O> {
     fn walk_indirect<'m, M: GuestMemory + ?Sized, S: SegmentSink<'m>>(
         mem: &'m M,
         table: Descriptor,
-        chain: &mut Chain,
+        chain: Chain,
         segs: &mut S,
-    ) -> Result<(), DeviceError> {
-        let (host, entries) = indirect_table(mem, table.addr, table.len)?;
-        let mut i = 0u32;
+    ) -> Result<Chain, DeviceError> {
+        let table = IndirectTable::new(mem, table.addr, table.len)?;
+        if table.aligned() {
+            Self::walk_table::<M, S, true>(mem, table, chain, segs)
+        } else {
+            Self::walk_table::<M, S, false>(mem, table, chain, segs)
+        }
+    }
+
+    #[inline(always)]
+    fn walk_table<'m, M: GuestMemory + ?Sized, S: SegmentSink<'m>, const ALIGNED: bool>(
+        mem: &'m M,
+        table: IndirectTable,
+        mut chain: Chain,
+        segs: &mut S,
+    ) -> Result<Chain, DeviceError> {
+        let entries = table.entries();
+        let mut i = 0;
         for _ in 0..entries {
-            // SAFETY: `i < entries` and the table was translated for `16 * entries` bytes,
-            // valid for 'm (the `GuestMemory` contract).
-            let d: Descriptor = unsafe { read_table_entry(host, i as usize) };
+            // SAFETY: `i` is 0 or a `next` checked against `entries` below; `mem` is
+            // borrowed for 'm.
+            let d: Descriptor = unsafe { table.read::<_, ALIGNED>(i) };
             if d.flags & DESC_F_INDIRECT != 0 {
                 return Err(DeviceError::NestedIndirect);
             }
-            push_segment(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0, chain, segs)?;
+            push_segment(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0, &mut chain, segs)?;
             if d.flags & DESC_F_NEXT == 0 {
-                return Ok(());
+                return Ok(chain);
             }
             if d.next as u32 >= entries {
                 return Err(DeviceError::IndexOutOfRange { index: d.next as u32 });
@@ -177,8 +191,7 @@ impl<O: OrderMode> DeviceRing for SplitDeviceLayout<O> {
                 if n != 0 || d.flags & DESC_F_NEXT != 0 {
                     return Err(DeviceError::MisplacedIndirect);
                 }
-                Self::walk_indirect(mem, d, &mut chain, segs)?;
-                return Ok(chain);
+                return Self::walk_indirect(mem, d, chain, segs);
             }
             push_segment(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0, &mut chain, segs)?;
             if d.flags & DESC_F_NEXT == 0 {

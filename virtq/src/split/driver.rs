@@ -293,7 +293,7 @@ impl<const IN_ORDER: bool> DriverLayout for SplitDriverLayout<IN_ORDER> {
         if memory.size < ContiguousAreas::new(config.size, config.vring_align).total
             || !(memory.cpu.as_ptr() as usize).is_multiple_of(16)
         {
-            return Err(CreateError::NoMemory);
+            return Err(CreateError::RegionTooSmall);
         }
         // SAFETY: checked size and alignment; validity for the queue's life is the
         // caller's promise (`DriverQueue::new_in`).

@@ -1,5 +1,5 @@
-//! One buffer's round trip through a driver queue and a device queue, shared by
-//! `examples/cycle.rs` (instruction counts) and `benches/cycle.rs` (criterion).
+//! One buffer's round trip through a `virtq` driver queue and device queue, shared by
+//! `virtq`'s `examples/cycle.rs` (instruction counts) and `benches/cycle.rs` (criterion).
 
 use std::hint::black_box;
 
