@@ -138,6 +138,7 @@ fn every_layout_completes_hundreds_of_awaited_reads_with_the_reactor_thread() {
         write_image(&image, 8 << 20);
         let server = TestServer::start_on(dir, image, BlkBackendOptions::default());
         let (_conn, queue) = connect(&server.socket, layout.features().bits(), 16);
+        assert_eq!(queue.with_queue(|q| q.vq().layout()).name(), layout.name(), "the layout negotiated");
         let reactor = Reactor::spawn([queue.clone()]).expect("reactor");
         let mut rng = Rng::new(7);
         let offsets: Vec<u64> = (0..300).map(|_| rng.below((8 << 20) / BLOCK as u64) * BLOCK as u64).collect();
