@@ -672,6 +672,19 @@ struct QueueResult {
     latencies_ns: Vec<u32>,
 }
 
+impl QueueResult {
+    /// Adds another queue's (or task's) figures to these.
+    fn add(&mut self, r: QueueResult) {
+        self.ops += r.ops;
+        self.bytes += r.bytes;
+        self.reads += r.reads;
+        self.writes += r.writes;
+        self.errors += r.errors;
+        self.first_error = self.first_error.take().or(r.first_error);
+        self.latencies_ns.extend(r.latencies_ns);
+    }
+}
+
 #[derive(Serialize)]
 struct LatencyJson {
     mean: f64,
@@ -785,14 +798,7 @@ fn bench(args: &BlkArgs, b: &BenchArgs) -> Result<ExitCode, Failure> {
     bar.finish_and_clear();
     let mut total = QueueResult::default();
     for w in workers {
-        let r = w.join().map_err(|_| fail("a benchmark thread panicked"))??;
-        total.ops += r.ops;
-        total.bytes += r.bytes;
-        total.reads += r.reads;
-        total.writes += r.writes;
-        total.errors += r.errors;
-        total.first_error = total.first_error.or(r.first_error);
-        total.latencies_ns.extend(r.latencies_ns);
+        total.add(w.join().map_err(|_| fail("a benchmark thread panicked"))??);
     }
     // A run that stopped early (a failed request) measured only until then.
     let measured_end = Instant::now().min(plan.end);
@@ -1043,14 +1049,7 @@ fn bench_queue_async(
         }
         let mut total = QueueResult::default();
         for t in tasks {
-            let r = t.await.map_err(|e| BlkError::InvalidRequest(format!("a benchmark task failed: {e}")))?;
-            total.ops += r.ops;
-            total.bytes += r.bytes;
-            total.reads += r.reads;
-            total.writes += r.writes;
-            total.errors += r.errors;
-            total.first_error = total.first_error.or(r.first_error);
-            total.latencies_ns.extend(r.latencies_ns);
+            total.add(t.await.map_err(|e| BlkError::InvalidRequest(format!("a benchmark task failed: {e}")))?);
         }
         reactor.abort();
         Ok(total)
