@@ -262,3 +262,32 @@ fn a_submission_the_ring_refuses_gets_its_buffer_back() {
     assert_eq!(e.kind, AddErrorKind::TooManySegments);
     assert_eq!(e.buf.map(|b| b.id), Some(0));
 }
+
+#[test]
+fn a_reactor_that_takes_over_the_kicks_kicks_once_for_a_batch() {
+    for layout in LAYOUTS {
+        let mem = TestMemory::new(1 << 20);
+        let (queue, mut dev) = setup(&mem, layout, SIZE, false);
+        let bell = dev.bell.clone();
+        let kicks = || bell.kicks.load(std::sync::atomic::Ordering::Relaxed);
+        let returns = Returns::new(4);
+        let bufs: Vec<Buf> = (0..4).map(|id| Buf::new(&mem, id, &returns)).collect();
+        let sgs: Vec<[virtq::Sg; 1]> = bufs.iter().map(|b| [b.sg]).collect();
+        let mut bufs = bufs.into_iter();
+        let reactor = Arc::new(Flag::default());
+        queue.defer_kicks_to(&std::task::Waker::from(reactor.clone()));
+        let mut futs: Vec<Fut> = (0..3).map(|i| queue.submit_inbuf(&sgs[i], bufs.next().unwrap())).collect();
+        assert_eq!((kicks(), reactor.wakes()), (0, 1), "{layout:?}: no kick yet, the reactor woken once");
+        assert!(queue.kick());
+        assert_eq!(kicks(), 1, "{layout:?}: one kick for the three");
+        assert!(queue.kick());
+        assert_eq!(kicks(), 1, "{layout:?}: nothing added since");
+        assert_eq!(dev.pop_all().len(), 3, "{layout:?}");
+        // Back to a kick per submission.
+        queue.kick_immediately();
+        futs.push(queue.submit_inbuf(&sgs[3], bufs.next().unwrap()));
+        assert_eq!((kicks(), reactor.wakes()), (2, 1), "{layout:?}");
+        assert_eq!(dev.pop_all().len(), 1);
+        drop(futs);
+    }
+}

@@ -73,14 +73,16 @@ impl Flag {
     }
 }
 
-/// A notifier that can be made to fail.
+/// A notifier that counts kicks and can be made to fail.
 #[derive(Default)]
 pub struct Bell {
     pub fail: AtomicBool,
+    pub kicks: AtomicUsize,
 }
 
 impl Notify for Bell {
     fn notify(&self, _data: NotifyData) -> bool {
+        self.kicks.fetch_add(1, Relaxed);
         !self.fail.load(Relaxed)
     }
 }
