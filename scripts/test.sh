@@ -31,6 +31,11 @@ cargo test --workspace --doc
 echo "== loom models of the ring protocol (exhaustive)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p virtq --test loom --release -- --nocapture
 
+echo "== async completions: the stress test under AddressSanitizer (10,000 futures per layout)"
+# A buffer released while the device may still write it is a use after free here.
+RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zsanitizer=address" CARGO_TARGET_DIR=target/asan \
+    cargo test -p virtq --test async_stress --target "$(rustc -vV | sed -n 's/^host: //p')"
+
 echo "== fuzzing, each target ${VIRTQ_FUZZ_SECS:-60} s with AddressSanitizer (longer: scripts/fuzz.sh 3600)"
 ./scripts/fuzz.sh "${VIRTQ_FUZZ_SECS:-60}"
 

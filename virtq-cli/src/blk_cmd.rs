@@ -20,7 +20,10 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use virtq_vhost_user::blk::{BlkDevice, BlkError, BlkInfo, BlkOptions, BlkQueue, Request, RequestError, SECTOR_SIZE};
+use virtq_vhost_user::blk::{
+    AsyncBlkQueue, BlkDevice, BlkError, BlkInfo, BlkOptions, BlkQueue, Request, RequestError, SECTOR_SIZE,
+};
+use virtq_vhost_user::reactor;
 use virtq_vhost_user::{DmaBuffer, MemoryConfig, WaitMode};
 
 /// Arguments of `virtq blk`.
@@ -149,6 +152,10 @@ struct BenchArgs {
     /// How to wait for completions.
     #[arg(long, value_enum, default_value_t = WaitArg::Sleep)]
     wait: WaitArg,
+    /// Await each request on its own: one tokio task per request in flight, and a reactor
+    /// task that waits as `--wait` says (sleeps on the call eventfd, or busy-polls).
+    #[arg(long = "async")]
+    r#async: bool,
     /// Print the results as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -665,6 +672,19 @@ struct QueueResult {
     latencies_ns: Vec<u32>,
 }
 
+impl QueueResult {
+    /// Adds another queue's (or task's) figures to these.
+    fn add(&mut self, r: QueueResult) {
+        self.ops += r.ops;
+        self.bytes += r.bytes;
+        self.reads += r.reads;
+        self.writes += r.writes;
+        self.errors += r.errors;
+        self.first_error = self.first_error.take().or(r.first_error);
+        self.latencies_ns.extend(r.latencies_ns);
+    }
+}
+
 #[derive(Serialize)]
 struct LatencyJson {
     mean: f64,
@@ -683,6 +703,9 @@ struct BenchJson {
     iodepth: u16,
     queues: u16,
     wait: WaitArg,
+    /// `--async`: requests awaited by tokio tasks (their reactor waits as `wait` says).
+    #[serde(rename = "async")]
+    r#async: bool,
     event_idx: bool,
     indirect_desc: bool,
     ring_packed: bool,
@@ -699,6 +722,8 @@ struct BenchJson {
 
 struct BenchPlan {
     pattern: Pattern,
+    /// How the `--async` reactor waits.
+    wait: WaitMode,
     bs: u64,
     read_pct: u8,
     depth: usize,
@@ -713,9 +738,14 @@ fn bench(args: &BlkArgs, b: &BenchArgs) -> Result<ExitCode, Failure> {
         return Err(fail(format!("--bs {} must be a positive multiple of {SECTOR_SIZE}", b.bs)));
     }
     let memory = b.queues as usize * b.iodepth as usize * b.bs as usize + (16 << 20);
-    let mut dev =
-        BlkDevice::connect(&args.socket, &BlkOptions { wait: b.wait.mode(), ..options(args, b.queues, memory) })
-            .map_err(|e| fail(format!("connecting to {}: {e}", args.socket.display())))?;
+    let opts = BlkOptions { wait: b.wait.mode(), ..options(args, b.queues, memory) };
+    let connected = if b.r#async {
+        BlkDevice::connect_async(&args.socket, &opts)
+    } else {
+        BlkDevice::connect(&args.socket, &opts).map(|dev| (dev, Vec::new()))
+    };
+    let (mut dev, async_queues) =
+        connected.map_err(|e| fail(format!("connecting to {}: {e}", args.socket.display())))?;
     let info = dev.info().clone();
     let range = b.range.unwrap_or(info.capacity_bytes()).min(info.capacity_bytes());
     let range_blocks = range / b.bs;
@@ -728,6 +758,7 @@ fn bench(args: &BlkArgs, b: &BenchArgs) -> Result<ExitCode, Failure> {
     let start = Instant::now();
     let plan = Arc::new(BenchPlan {
         pattern: b.pattern,
+        wait: b.wait.mode(),
         bs: b.bs,
         read_pct: b.read_pct,
         depth: b.iodepth as usize,
@@ -738,7 +769,7 @@ fn bench(args: &BlkArgs, b: &BenchArgs) -> Result<ExitCode, Failure> {
     });
     let progress = Arc::new(AtomicU64::new(0));
     let abort = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = dev
+    let mut workers: Vec<_> = dev
         .take_queues()
         .into_iter()
         .map(|q| {
@@ -746,6 +777,10 @@ fn bench(args: &BlkArgs, b: &BenchArgs) -> Result<ExitCode, Failure> {
             std::thread::spawn(move || bench_queue(q, &plan, &progress, &abort))
         })
         .collect();
+    workers.extend(async_queues.into_iter().map(|q| {
+        let (plan, progress, abort) = (plan.clone(), progress.clone(), abort.clone());
+        std::thread::spawn(move || bench_queue_async(q, plan, progress, abort))
+    }));
 
     let total_ms = (b.warmup + b.duration).as_millis() as u64;
     let bar = progress_bar(total_ms, b.json || b.no_progress, "{spinner} [{elapsed_precise}] {wide_bar} {msg}");
@@ -763,14 +798,7 @@ fn bench(args: &BlkArgs, b: &BenchArgs) -> Result<ExitCode, Failure> {
     bar.finish_and_clear();
     let mut total = QueueResult::default();
     for w in workers {
-        let r = w.join().map_err(|_| fail("a benchmark thread panicked"))??;
-        total.ops += r.ops;
-        total.bytes += r.bytes;
-        total.reads += r.reads;
-        total.writes += r.writes;
-        total.errors += r.errors;
-        total.first_error = total.first_error.or(r.first_error);
-        total.latencies_ns.extend(r.latencies_ns);
+        total.add(w.join().map_err(|_| fail("a benchmark thread panicked"))??);
     }
     // A run that stopped early (a failed request) measured only until then.
     let measured_end = Instant::now().min(plan.end);
@@ -784,6 +812,7 @@ fn bench(args: &BlkArgs, b: &BenchArgs) -> Result<ExitCode, Failure> {
         iodepth: b.iodepth,
         queues: b.queues,
         wait: b.wait,
+        r#async: b.r#async,
         event_idx: info.features.contains(virtq_vhost_user::virtq::Features::EVENT_IDX),
         indirect_desc: info.features.contains(virtq_vhost_user::virtq::Features::INDIRECT_DESC),
         ring_packed: info.features.contains(virtq_vhost_user::virtq::Features::RING_PACKED),
@@ -801,7 +830,7 @@ fn bench(args: &BlkArgs, b: &BenchArgs) -> Result<ExitCode, Failure> {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
         println!(
-            "{} {} reads {}% bs {} iodepth {} queues {} wait {:?} ({:.1} s, {} ring{}, event_idx {}, indirect {})",
+            "{} {} reads {}% bs {} iodepth {} queues {} {}wait {:?} ({:.1} s, {} ring{}, event_idx {}, indirect {})",
             args.socket.display(),
             match b.pattern {
                 Pattern::Random => "random",
@@ -811,6 +840,7 @@ fn bench(args: &BlkArgs, b: &BenchArgs) -> Result<ExitCode, Failure> {
             b.bs,
             b.iodepth,
             b.queues,
+            if b.r#async { "async, " } else { "" },
             b.wait,
             secs,
             if result.ring_packed { "packed" } else { "split" },
@@ -948,6 +978,82 @@ fn bench_queue(
         }
     }
     Ok(r)
+}
+
+/// `--async`: a single-threaded tokio runtime per queue, with the queue's reactor and one
+/// task per request in flight, each submitting its next request when its last completes.
+fn bench_queue_async(
+    q: AsyncBlkQueue,
+    plan: Arc<BenchPlan>,
+    progress: Arc<AtomicU64>,
+    abort: Arc<AtomicBool>,
+) -> Result<QueueResult, BlkError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| BlkError::Transport(virtq_vhost_user::Error::EventFd(e)))?;
+    rt.block_on(async {
+        let reactor = tokio::spawn(reactor::drive_with(q.queue().clone(), plan.wait));
+        let qi = q.queue().with_queue(|q| q.index()) as u64;
+        let share = plan.range_blocks / plan.queues;
+        let cursor = Arc::new(AtomicU64::new(qi * share));
+        let mut tasks = Vec::with_capacity(plan.depth);
+        for t in 0..plan.depth as u64 {
+            let (q, plan, progress, abort, cursor) =
+                (q.clone(), plan.clone(), progress.clone(), abort.clone(), cursor.clone());
+            let mut buf = q.alloc(plan.bs as usize)?;
+            let mut rng = Rng::new(0x6a09_e667_f3bc_c908 ^ qi ^ (t << 16));
+            for chunk in buf.chunks_mut(8) {
+                chunk.copy_from_slice(&rng.next_u64().to_le_bytes()[..chunk.len()]);
+            }
+            tasks.push(tokio::spawn(async move {
+                let mut r = QueueResult::default();
+                let mut buf = Some(buf);
+                while let Some(b) = buf.take() {
+                    if Instant::now() >= plan.end || abort.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let block = match plan.pattern {
+                        Pattern::Random => rng.below(plan.range_blocks),
+                        Pattern::Sequential => {
+                            let c = cursor.fetch_add(1, Ordering::Relaxed);
+                            qi * share + (c - qi * share) % share
+                        }
+                    };
+                    let sector = block * plan.bs / SECTOR_SIZE;
+                    let is_read = plan.read_pct == 100 || (rng.below(100) as u8) < plan.read_pct;
+                    let started = Instant::now();
+                    let done = if is_read { q.read(sector, b).await } else { q.write(sector, b).await };
+                    let now = Instant::now();
+                    match done {
+                        Ok(b) => {
+                            if started >= plan.warmup_end && now <= plan.end {
+                                r.ops += 1;
+                                r.bytes += plan.bs;
+                                *if is_read { &mut r.reads } else { &mut r.writes } += 1;
+                                let ns = now.duration_since(started).as_nanos();
+                                r.latencies_ns.push(ns.min(u32::MAX as u128) as u32);
+                            }
+                            buf = Some(b);
+                        }
+                        Err(e) => {
+                            r.errors += 1;
+                            r.first_error.get_or_insert_with(|| e.to_string());
+                            abort.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    progress.fetch_add(1, Ordering::Relaxed);
+                }
+                r
+            }));
+        }
+        let mut total = QueueResult::default();
+        for t in tasks {
+            total.add(t.await.map_err(|e| BlkError::InvalidRequest(format!("a benchmark task failed: {e}")))?);
+        }
+        reactor.abort();
+        Ok(total)
+    })
 }
 
 #[cfg(test)]

@@ -134,6 +134,14 @@ fn four_layouts_against_serve_blk() {
         let bench = run(&["bench", "--duration", "300ms", "--warmup", "0s", "--json", "--iodepth", "4"]);
         assert!(bench.contains(&format!("\"ring_packed\": {packed}")), "{flags:?}: {bench}");
         assert!(bench.contains(&format!("\"in_order\": {in_order}")), "{flags:?}: {bench}");
+        // The same through async completions, reads and writes, both reactor waits.
+        for wait in ["sleep", "poll"] {
+            let args =
+                ["bench", "--duration", "300ms", "--warmup", "0s", "--json", "--iodepth", "8", "--read-pct", "50"];
+            let bench = run(&[&args[..], &["--async", "--wait", wait]].concat());
+            assert!(bench.contains("\"async\": true") && bench.contains("\"errors\": 0"), "{flags:?}: {bench}");
+            assert!(!bench.contains("\"ops\": 0,"), "{flags:?} async {wait}: no request completed: {bench}");
+        }
     }
 }
 

@@ -9,8 +9,14 @@
 //! noisy.
 //!
 //! ```sh
-//! cargo run --release -p virtq-vhost-user --example compare_blkio -- [--socket PATH] [--reps 5] [--secs 2]
+//! cargo run --release -p virtq-vhost-user --example compare_blkio -- [--socket PATH] [--reps 5] [--secs 2] [--async poll]
 //! ```
+//!
+//! `--async poll|sleep|hybrid` adds a third driver to each round: virtq's async completions
+//! (`BlkDevice::connect_async`), one tokio task per request in flight on a single-threaded
+//! runtime, whose reactor task busy-polls the ring, sleeps on the call eventfd, or polls for
+//! 50 us and then sleeps; the report then also gives its ratios to the polling virtq driver
+//! and to virtio-driver.
 //!
 //! `--ops N [--driver virtq|virtio-driver] [--qd D] [--settle US]` runs one driver for
 //! exactly N requests instead, untimed (no clock read, no latency recorded): for counting
@@ -59,12 +65,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use virtio_driver::{VhostUser, VirtioBlkQueue, VirtioBlkTransport, VirtioFeatureFlags};
 use virtq_vhost_user::blk::{BlkDevice, BlkOptions, Request, SECTOR_SIZE};
-use virtq_vhost_user::WaitMode;
+use virtq_vhost_user::{reactor, WaitMode};
 
 const BS: usize = 4096;
 const QUEUE_SIZE: u16 = 256;
+/// How the async driver's reactor waits (`--async MODE`).
+static ASYNC_WAIT: std::sync::OnceLock<WaitMode> = std::sync::OnceLock::new();
 
 /// One measurement.
 #[derive(Clone, Copy, Debug, Default)]
@@ -193,6 +204,55 @@ fn run_virtq(socket: &Path, depth: usize, span: Span) -> Sample {
             free.push(c.user_data);
         }
     }
+    summarize(&mut lat, ops, span.secs.as_secs_f64())
+}
+
+/// virtq's async completions: `depth` tokio tasks, each with one 4 KiB random read in
+/// flight, on a single-threaded runtime whose reactor task waits as `--async` says.
+fn run_virtq_async(socket: &Path, depth: usize, span: Span) -> Sample {
+    let wait = *ASYNC_WAIT.get().unwrap_or(&WaitMode::Poll);
+    let opts = BlkOptions {
+        queue_size: QUEUE_SIZE,
+        indirect_desc: env_flag("INDIRECT", false),
+        event_idx: env_flag("EVENT_IDX", true),
+        ..Default::default()
+    };
+    let (dev, mut queues) = BlkDevice::connect_async(socket, &opts).expect("virtq async: connect");
+    let blocks = dev.info().capacity_bytes() / BS as u64;
+    let q = queues.remove(0);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().expect("tokio runtime");
+    let submitted = Arc::new(AtomicU64::new(0));
+    let mut lat = rt.block_on(async {
+        tokio::spawn(reactor::drive_with(q.queue().clone(), wait));
+        let t0 = Instant::now();
+        let (measure_from, end) = (t0 + span.warmup, t0 + span.warmup + span.secs);
+        let tasks: Vec<_> = (0..depth as u64)
+            .map(|t| {
+                let (q, submitted) = (q.clone(), submitted.clone());
+                tokio::spawn(async move {
+                    let mut rng = Rng(0x1234_5678_9abc_def1 ^ (t << 20));
+                    let mut buf = q.alloc(BS).expect("buffer");
+                    let mut lat = Vec::with_capacity(1 << 16);
+                    while span.more(submitted.fetch_add(1, Ordering::Relaxed), end) {
+                        let sector = rng.below(blocks) * (BS as u64 / SECTOR_SIZE);
+                        let s = span.now(t0);
+                        buf = q.read(sector, buf).await.expect("virtq async: read failed");
+                        let done = span.now(t0);
+                        if !span.count && s >= measure_from && done <= end {
+                            lat.push(done.duration_since(s).as_nanos() as u32);
+                        }
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let mut lat = Vec::with_capacity(1 << 20);
+        for t in tasks {
+            lat.extend(t.await.expect("task"));
+        }
+        lat
+    });
+    let ops = lat.len() as u64;
     summarize(&mut lat, ops, span.secs.as_secs_f64())
 }
 
@@ -358,11 +418,7 @@ fn main() {
         let max_ops = n.parse().expect("--ops N");
         let depth = arg("--qd").map_or(1, |s| s.parse().expect("--qd N"));
         let driver = arg("--driver").unwrap_or_else(|| "virtq".into());
-        let run = match driver.as_str() {
-            "virtq" => run_virtq,
-            "virtio-driver" => run_blkio,
-            other => panic!("--driver {other}: virtq or virtio-driver"),
-        };
+        let run = run_driver(&driver);
         let settle = Duration::from_micros(arg("--settle").map_or(0, |s| s.parse().expect("--settle US")));
         let span = Span { warmup: Duration::ZERO, secs: Duration::from_secs(3600), max_ops, count: true, settle };
         let t = Instant::now();
@@ -379,52 +435,93 @@ fn main() {
         return;
     }
     let span = Span { warmup, secs, max_ops: u64::MAX, count: false, settle: Duration::ZERO };
-    println!("4 KiB random reads, 1 queue, busy-polling, {reps} rounds of {secs:?} per cell (A B A B ...)");
+    let with_async = arg("--async").is_some_and(|mode| {
+        let wait = match mode.as_str() {
+            "poll" => WaitMode::Poll,
+            "sleep" => WaitMode::Sleep,
+            "hybrid" => WaitMode::Hybrid(Duration::from_micros(50)),
+            other => panic!("--async {other}: poll, sleep or hybrid"),
+        };
+        ASYNC_WAIT.set(wait).is_ok()
+    });
+    println!(
+        "4 KiB random reads, 1 queue, busy-polling{}, {reps} rounds of {secs:?} per cell (A B A B ...)",
+        match ASYNC_WAIT.get() {
+            Some(w) => format!(" (virtq-async: reactor {w:?})"),
+            None => String::new(),
+        }
+    );
     println!("socket {}", socket.display());
     println!(
         "{:>5} {:>14} {:>10} {:>10} {:>10} {:>12}",
         "round", "driver", "QD1 IOPS", "QD1 p50", "QD1 p99", "QD32 IOPS"
     );
-    let (mut v1, mut b1, mut v32, mut b32) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut drivers: Vec<&str> = vec!["virtq", "virtio-driver"];
+    if with_async {
+        drivers.push("virtq-async");
+    }
+    // Per driver: its QD1 samples and QD32 IOPS, one per round.
+    let mut results: Vec<(Vec<Sample>, Vec<f64>)> = drivers.iter().map(|_| (Vec::new(), Vec::new())).collect();
     for round in 0..reps {
-        // The two drivers' cells of one depth run back to back, and which goes first
-        // alternates (A B B A ...), so that each round gives a pair measured in the same
-        // moments of the host's drift.
-        let order = if round % 2 == 0 { ["virtq", "virtio-driver"] } else { ["virtio-driver", "virtq"] };
-        let mut cells: Vec<(&str, Sample, Sample)> = Vec::new();
+        // The drivers' cells of one depth run back to back, and the order rotates from
+        // round to round (A B, B A, ...), so that each round gives figures measured in the
+        // same moments of the host's drift.
+        let mut order: Vec<usize> = (0..drivers.len()).collect();
+        order.rotate_left(round % drivers.len());
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let mut cells: Vec<Option<(Sample, Sample)>> = vec![None; drivers.len()];
         for qd in [1, 32] {
-            for name in order {
-                let run = if name == "virtq" { run_virtq } else { run_blkio };
-                let sample = run(&socket, qd, span);
-                match cells.iter_mut().find(|c| c.0 == name) {
-                    Some(c) => c.2 = sample,
-                    None => cells.push((name, sample, sample)),
+            for &d in &order {
+                let sample = run_driver(drivers[d])(&socket, qd, span);
+                let cell = cells[d].get_or_insert((sample, sample));
+                if qd == 32 {
+                    cell.1 = sample;
                 }
             }
         }
-        for (name, qd1, qd32) in cells {
+        for (d, cell) in cells.into_iter().enumerate() {
+            let (qd1, qd32) = cell.expect("every driver ran");
             println!(
-                "{round:>5} {name:>14} {:>10.0} {:>8.2}us {:>8.2}us {:>12.0}",
-                qd1.iops, qd1.p50_us, qd1.p99_us, qd32.iops
+                "{round:>5} {:>14} {:>10.0} {:>8.2}us {:>8.2}us {:>12.0}",
+                drivers[d], qd1.iops, qd1.p50_us, qd1.p99_us, qd32.iops
             );
-            let (l, i) = if name == "virtq" { (&mut v1, &mut v32) } else { (&mut b1, &mut b32) };
-            l.push(qd1);
-            i.push(qd32.iops);
+            results[d].0.push(qd1);
+            results[d].1.push(qd32.iops);
         }
     }
-    // Per round, virtq's figure over virtio-driver's: the median of those cancels drift
+    // Per round, one driver's figure over the other's: the median of those cancels drift
     // slower than a round, which the ratio of the two medians does not.
     let paired = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
     let field = |v: &[Sample], f: fn(&Sample) -> f64| v.iter().map(f).collect::<Vec<f64>>();
-    println!();
-    println!("medians                    virtq   virtio-driver   ratio of medians   median of ratios");
-    let row = |label: &str, a: &[f64], b: &[f64]| {
-        let (ma, mb) = (median(a.to_vec()), median(b.to_vec()));
-        println!("{label:<22} {ma:>12.2} {mb:>15.2} {:>18.3} {:>18.3}", ma / mb, paired(a, b))
+    let compare = |a: usize, b: usize| {
+        println!();
+        println!("medians {:>22} {:>15}   ratio of medians   median of ratios", drivers[a], drivers[b]);
+        let row = |label: &str, x: &[f64], y: &[f64]| {
+            let (mx, my) = (median(x.to_vec()), median(y.to_vec()));
+            println!("{label:<22} {mx:>12.2} {my:>15.2} {:>18.3} {:>18.3}", mx / my, paired(x, y))
+        };
+        let ((a1, a32), (b1, b32)) = (&results[a], &results[b]);
+        row("QD1 p50 latency (us)", &field(a1, |s| s.p50_us), &field(b1, |s| s.p50_us));
+        row("QD1 p99 latency (us)", &field(a1, |s| s.p99_us), &field(b1, |s| s.p99_us));
+        row("QD1 IOPS", &field(a1, |s| s.iops), &field(b1, |s| s.iops));
+        row("QD32 IOPS", a32, b32);
     };
-    row("QD1 p50 latency (us)", &field(&v1, |s| s.p50_us), &field(&b1, |s| s.p50_us));
-    row("QD1 p99 latency (us)", &field(&v1, |s| s.p99_us), &field(&b1, |s| s.p99_us));
-    row("QD1 IOPS", &field(&v1, |s| s.iops), &field(&b1, |s| s.iops));
-    row("QD32 IOPS", &v32, &b32);
+    compare(0, 1);
+    if with_async {
+        compare(2, 0);
+        compare(2, 1);
+    }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The run function of a driver, by name.
+fn run_driver(name: &str) -> fn(&Path, usize, Span) -> Sample {
+    match name {
+        "virtq" => run_virtq,
+        "virtio-driver" => run_blkio,
+        "virtq-async" => run_virtq_async,
+        other => panic!("--driver {other}: virtq, virtq-async or virtio-driver"),
+    }
 }

@@ -34,6 +34,7 @@ use virtq::{AddErrorKind, Features, Sg};
 
 use crate::frontend::{self, ConnectOptions, Connection, Queue, WaitMode};
 use crate::memory::{DmaBuffer, MemoryConfig, SharedMemory};
+use crate::reactor::AsyncVhostQueue;
 
 pub use crate::virtio_blk::{ID_BYTES, SECTOR as SECTOR_SIZE};
 
@@ -522,6 +523,34 @@ impl fmt::Debug for BlkDevice {
 impl BlkDevice {
     /// Connects to the vhost-user-blk back end at `path` and sets up `opts.queues` queues.
     pub fn connect(path: impl AsRef<std::path::Path>, opts: &BlkOptions) -> Result<Self, BlkError> {
+        let (conn, info, indirect_max) = Self::negotiate(path.as_ref(), opts)?;
+        let queues = (0..info.queues)
+            .map(|i| {
+                let q = conn.create_queue::<u16>(i, info.queue_size, indirect_max)?;
+                BlkQueue::new(q, info.clone(), opts)
+            })
+            .collect::<Result<Vec<_>, BlkError>>()?;
+        Ok(Self { conn, info, queues })
+    }
+
+    /// Connects like [`Self::connect`], with queues whose requests are awaited
+    /// ([`AsyncBlkQueue`]) instead; the device then has no [`BlkQueue`]s to take. Run a
+    /// reactor for each queue ([`crate::reactor`]), for instance
+    /// `tokio::spawn(reactor::drive(queue.queue().clone()))`.
+    pub fn connect_async(
+        path: impl AsRef<std::path::Path>,
+        opts: &BlkOptions,
+    ) -> Result<(Self, Vec<AsyncBlkQueue>), BlkError> {
+        let (conn, info, indirect_max) = Self::negotiate(path.as_ref(), opts)?;
+        let queues = (0..info.queues)
+            .map(|i| AsyncBlkQueue::new(conn.create_queue::<u16>(i, info.queue_size, indirect_max)?, info.clone()))
+            .collect::<Result<Vec<_>, BlkError>>()?;
+        Ok((Self { conn, info, queues: Vec::new() }, queues))
+    }
+
+    /// The handshake, the config space, and how many queues of which size: the
+    /// connection, what the device is, and the longest indirect table a request needs.
+    fn negotiate(path: &std::path::Path, opts: &BlkOptions) -> Result<(Connection, Arc<BlkInfo>, u16), BlkError> {
         let conn = Connection::connect(
             path,
             &ConnectOptions {
@@ -549,13 +578,7 @@ impl BlkDevice {
         };
         let info = Arc::new(BlkInfo { config, features, device_queues, queues, queue_size: opts.queue_size.max(2) });
         let indirect_max = (info.max_segments() + 3).min(u16::MAX as u32) as u16;
-        let queues = (0..queues)
-            .map(|i| {
-                let q = conn.create_queue::<u16>(i, info.queue_size, indirect_max)?;
-                BlkQueue::new(q, info.clone(), opts)
-            })
-            .collect::<Result<Vec<_>, BlkError>>()?;
-        Ok(Self { conn, info, queues })
+        Ok((conn, info, indirect_max))
     }
 
     /// What the device is.
@@ -1307,6 +1330,154 @@ impl Drop for BlkQueue {
             }
             if let Some(ctl) = self.ctl.take() {
                 ctl.leak();
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Async requests: each awaited on its own, through `crate::reactor`.
+
+/// What an async request owns while it is in flight: its control block (header at 0,
+/// status byte at `CTL_STATUS`) and its data buffer. The queue holds it until the device
+/// returns the request, even if the request's future is dropped first.
+pub struct BlkIo {
+    ctl: DmaBuffer,
+    data: DmaBuffer,
+}
+
+/// A failed async request: why, and its data buffer when it came back. A request that was
+/// in the ring when the device was lost keeps its buffer out of reach (the device may still
+/// write it), as a dropped request does.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct AsyncBlkError {
+    /// Why.
+    #[source]
+    pub error: BlkError,
+    /// The request's data buffer, if it came back.
+    pub buf: Option<DmaBuffer>,
+}
+
+/// A virtio-blk queue whose requests are awaited, any number at a time: `read` and `write`
+/// are futures that resolve when the device completes them, and a request that finds the
+/// ring full waits for space. Clones share the queue (one per task). Some reactor must
+/// run the queue's interrupt path: [`crate::reactor::drive`] on tokio, or a
+/// [`crate::reactor::Reactor`] thread, on [`Self::queue`].
+#[derive(Clone)]
+pub struct AsyncBlkQueue {
+    queue: Arc<AsyncVhostQueue<BlkIo>>,
+    info: Arc<BlkInfo>,
+    /// Control blocks of completed requests, for the next ones (no allocation per request).
+    ctl_pool: Arc<parking_lot::Mutex<Vec<DmaBuffer>>>,
+}
+
+impl fmt::Debug for AsyncBlkQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncBlkQueue").field("in_flight", &self.queue.in_flight()).finish_non_exhaustive()
+    }
+}
+
+impl AsyncBlkQueue {
+    fn new(q: Queue<u16>, info: Arc<BlkInfo>) -> Result<Self, BlkError> {
+        let n = 2 * q.vq().vring_size() as usize;
+        let ctl = (0..n)
+            .map(|_| q.memory().alloc(SLOT_CTL).ok_or(BlkError::OutOfMemory(SLOT_CTL)))
+            .collect::<Result<_, _>>()?;
+        let queue = AsyncVhostQueue::new(q).map_err(|e| BlkError::InvalidRequest(e.to_string()))?;
+        Ok(Self { queue: Arc::new(queue), info, ctl_pool: Arc::new(parking_lot::Mutex::new(ctl)) })
+    }
+
+    /// The async queue, for the reactor.
+    pub fn queue(&self) -> &Arc<AsyncVhostQueue<BlkIo>> {
+        &self.queue
+    }
+
+    /// What the device is.
+    pub fn info(&self) -> &BlkInfo {
+        &self.info
+    }
+
+    /// Allocates a data buffer of `len` bytes in guest memory.
+    pub fn alloc(&self, len: usize) -> Result<DmaBuffer, BlkError> {
+        self.queue.with_queue(|q| q.memory().alloc(len)).ok_or(BlkError::OutOfMemory(len))
+    }
+
+    /// Reads `buf.len()` bytes (a multiple of 512, one segment) at `sector` into `buf`, and
+    /// hands it back.
+    pub async fn read(&self, sector: u64, buf: DmaBuffer) -> Result<DmaBuffer, AsyncBlkError> {
+        self.transfer::<true>(sector, buf).await
+    }
+
+    /// Writes `buf` (a multiple of 512 bytes, one segment) at `sector`, and hands it back.
+    pub async fn write(&self, sector: u64, buf: DmaBuffer) -> Result<DmaBuffer, AsyncBlkError> {
+        self.transfer::<false>(sector, buf).await
+    }
+
+    async fn transfer<const READ: bool>(&self, sector: u64, buf: DmaBuffer) -> Result<DmaBuffer, AsyncBlkError> {
+        let n = buf.len() as u64;
+        let refuse = |error, buf| Err(AsyncBlkError { error, buf: Some(buf) });
+        if !READ && self.info.read_only() {
+            return refuse(BlkError::ReadOnly, buf);
+        }
+        if n == 0 || !n.is_multiple_of(SECTOR_SIZE) || n > self.info.max_segment_size() as u64 {
+            let why = format!("{n} bytes: a positive multiple of {SECTOR_SIZE} in one segment is needed");
+            return refuse(BlkError::InvalidRequest(why), buf);
+        }
+        if sector.checked_add(n / SECTOR_SIZE).is_none_or(|end| end > self.info.config.capacity) {
+            let why = format!("sectors from {sector} are beyond the capacity of {}", self.info.config.capacity);
+            return refuse(BlkError::InvalidRequest(why), buf);
+        }
+        let mut ctl = match self.ctl_pool.lock().pop() {
+            Some(ctl) => ctl,
+            None => match self.alloc(SLOT_CTL) {
+                Ok(ctl) => ctl,
+                Err(error) => return refuse(error, buf),
+            },
+        };
+        let ty = if READ { req_type::IN } else { req_type::OUT };
+        ctl[..4].copy_from_slice(&ty.to_le_bytes());
+        ctl[4..8].fill(0);
+        ctl[8..16].copy_from_slice(&sector.to_le_bytes());
+        ctl[CTL_STATUS] = STATUS_UNWRITTEN;
+        let (header, data, status) =
+            ([Sg::new(ctl.gpa(), 16)], [buf.sg()], [Sg::new(ctl.gpa() + CTL_STATUS as u64, 1)]);
+        let io = BlkIo { ctl, data: buf };
+        let done = if READ {
+            self.queue.submit_premapped(&[&header], &[&data, &status], io).await
+        } else {
+            self.queue.submit_premapped(&[&header, &data], &[&status], io).await
+        };
+        match done {
+            Ok(used) => {
+                let BlkIo { ctl, data: buf } = used.token;
+                let status = ctl[CTL_STATUS];
+                self.ctl_pool.lock().push(ctl);
+                // As for the synchronous queue: an OK read whose used length does not
+                // cover its data and status left stale bytes in the buffer.
+                let expected = if READ { n as u32 + 1 } else { 0 };
+                let result = if status != status::OK {
+                    status_result(status)
+                } else if used.len < expected {
+                    Err(RequestError::ShortRead { expected, used: used.len })
+                } else {
+                    Ok(())
+                };
+                match result {
+                    Ok(()) => Ok(buf),
+                    Err(e) => Err(AsyncBlkError { error: e.into(), buf: Some(buf) }),
+                }
+            }
+            Err(e) => {
+                let connected = self.queue.with_queue(|q| q.is_connected());
+                let error = if connected {
+                    RequestError::QueueBroken(
+                        self.queue.with_queue(|q| q.vq().fault()).map_or_else(|| e.to_string(), |f| f.to_string()),
+                    )
+                } else {
+                    RequestError::Disconnected
+                };
+                Err(AsyncBlkError { error: error.into(), buf: e.buf.map(|io| io.data) })
             }
         }
     }

@@ -811,6 +811,19 @@ impl<T> Queue<T> {
         !self.conn.peer_gone()
     }
 
+    /// The call eventfd, which the back end signals when it has used buffers (for a
+    /// reactor, [`crate::reactor`]).
+    pub fn call_event(&self) -> &EventFd {
+        &self.call
+    }
+
+    /// The connection's socket, which hangs up when the back end goes away.
+    pub(crate) fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the connection owns the socket (inside its `Frontend`) and keeps it open
+        // for as long as it lives, which `self.conn` guarantees for the borrow.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.conn.sock) }
+    }
+
     /// Waits until the ring has used buffers (`has_used`), the back end disconnects, the
     /// queue breaks, or `deadline` passes.
     pub fn wait(&mut self, mode: WaitMode, deadline: Option<Instant>) -> Result<(), Error> {

@@ -10,6 +10,8 @@
 //! - [`backend`]: the device's end: a vhost-user back end whose rings are `virtq` device
 //!   queues, and a virtio-blk device over a file.
 //! - [`virtio_blk`]: the virtio-blk vocabulary both sides share.
+//! - [`reactor`]: async completions: a vhost-user queue whose buffers are awaited, and
+//!   the reactor on its call eventfd (a thread, or tokio with the `tokio` feature).
 //!
 //! ```no_run
 //! use virtq_vhost_user::blk::{BlkDevice, BlkOptions};
@@ -30,6 +32,7 @@ pub mod backend;
 pub mod blk;
 pub mod frontend;
 pub mod memory;
+pub mod reactor;
 pub mod virtio_blk;
 mod watchdog;
 

@@ -53,6 +53,8 @@
 extern crate alloc;
 
 mod barrier;
+#[cfg(feature = "alloc")]
+pub mod completion;
 pub mod device;
 #[cfg(feature = "alloc")]
 pub mod driver;
@@ -78,6 +80,8 @@ pub mod testing;
 pub struct ReadmeDoctests;
 
 pub use barrier::Barriers;
+#[cfg(feature = "alloc")]
+pub use completion::{AsyncQueue, NotEmpty, Submit, SubmitError};
 pub use device::{
     AnyDeviceLayout, Chain, Device, DeviceConfig, DeviceError, DeviceLayout, DeviceQueue, PackedDevice,
     PackedInOrderDevice, Segment, SegmentSink, Segments, SplitDevice, SplitInOrderDevice,

@@ -9,7 +9,10 @@
 //! wrap so the operations cross it. The search is exhaustive (no preemption bound).
 //!
 //! Checked: no lost kick, no lost interrupt (plain, prepare + poll, and delayed), and no
-//! token lost or duplicated.
+//! token lost or duplicated. For async completions (`AsyncQueue`, whose lock is loom's
+//! mutex in this configuration): no lost wakeup when a future registers its waker while its
+//! buffer comes back, and none when a buffer comes back while the interrupt path
+//! re-enables interrupts.
 
 #![cfg(loom)]
 
@@ -17,8 +20,14 @@ mod common;
 
 use common::{layout_features, LAYOUTS};
 use loom::thread;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use virtq::testing::TestMemory;
-use virtq::{Chain, DeviceConfig, DeviceQueue, LayoutKind, QueueConfig, Segments, Virtqueue};
+
+use virtq::completion::{AsyncQueue, Submit};
+use virtq::{Chain, DeviceConfig, DeviceQueue, LayoutKind, QueueConfig, Segments, Sg, Virtqueue};
 
 type Driver = Virtqueue<u64, &'static TestMemory, ()>;
 type Device = DeviceQueue<'static, TestMemory>;
@@ -212,5 +221,120 @@ fn tokens_come_back_exactly_once_under_concurrency() {
         got.sort();
         assert_eq!(got, vec![(1, 4), (2, 4)], "{layout:?} size {size} event_idx {event_idx}");
         assert!(driver.detach_unused_buf().is_none());
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Async completions.
+
+type Ring = Virtqueue<u16, &'static TestMemory, ()>;
+type Async = AsyncQueue<u32, Ring>;
+
+/// A waker that records its wake in a loom atomic.
+#[derive(Default)]
+struct Woken(loom::sync::atomic::AtomicBool);
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Woken {
+    fn was_woken(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+fn poll_with(fut: &mut Submit<'static, u32, Ring>, woken: &Arc<Woken>) -> Poll<u32> {
+    let waker = Waker::from(woken.clone());
+    match Pin::new(fut).poll(&mut Context::from_waker(&waker)) {
+        Poll::Ready(r) => Poll::Ready(r.expect("a completion").token),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+struct AsyncSetup {
+    mem: &'static TestMemory,
+    queue: &'static Async,
+    device: Device,
+}
+
+/// An async queue and its device, after one buffer went through both (event indices stale).
+fn setup_async(layout: LayoutKind, size: u16, event_idx: bool) -> AsyncSetup {
+    let mem: &'static TestMemory = Box::leak(Box::new(TestMemory::new(8192)));
+    let features = layout_features(layout, event_idx, false);
+    let mut ring = Ring::new(QueueConfig::new(0, size, features), mem, ()).unwrap();
+    let mut config = DeviceConfig::new(size, features, ring.desc_addr(), ring.avail_addr(), ring.used_addr());
+    if matches!(layout, LayoutKind::Split | LayoutKind::SplitInOrder) {
+        ring.start_at(SPLIT_START);
+        config.avail_base = SPLIT_START;
+    }
+    let mut device = DeviceQueue::new(mem, config).unwrap();
+    let queue: &'static Async = Box::leak(Box::new(AsyncQueue::new(ring).unwrap()));
+    let sg: &'static [Sg] = Box::leak(Box::new([mem.alloc_sg(8)]));
+    let mut fut = queue.submit_inbuf(sg, 0);
+    let chain = pop(&mut device).unwrap();
+    device.complete(chain, 8);
+    device.publish_used();
+    queue.interrupt();
+    assert_eq!(poll_with(&mut fut, &Arc::default()), Poll::Ready(0));
+    AsyncSetup { mem, queue, device }
+}
+
+/// The executor polls a future (registering its waker) while the device returns its buffer
+/// and, if the driver asks for an interrupt, runs the interrupt path: the future is either
+/// ready at that poll or woken.
+#[test]
+fn async_no_lost_wakeup_when_a_waker_registers_as_the_buffer_comes_back() {
+    model(|layout, size, event_idx| {
+        let AsyncSetup { mem, queue, mut device } = setup_async(layout, size, event_idx);
+        let sg: &'static [Sg] = Box::leak(Box::new([mem.alloc_sg(8)]));
+        let mut fut = queue.submit_inbuf(sg, 1);
+        let chain = pop(&mut device).unwrap();
+        let device_thread = thread::spawn(move || {
+            device.complete(chain, 8);
+            if device.needs_notification() {
+                queue.interrupt();
+            }
+        });
+        let woken = Arc::new(Woken::default());
+        let first = poll_with(&mut fut, &woken);
+        device_thread.join().unwrap();
+        if first.is_pending() {
+            assert!(woken.was_woken(), "{layout:?} size {size} event_idx {event_idx}: lost wakeup");
+            assert_eq!(poll_with(&mut fut, &woken), Poll::Ready(1));
+        }
+    });
+}
+
+/// The interrupt path runs while the device returns a second buffer: either it takes that
+/// buffer too (its re-check after re-enabling interrupts) or the device interrupts again.
+#[test]
+fn async_no_lost_wakeup_when_a_buffer_comes_back_while_interrupts_are_re_enabled() {
+    model(|layout, size, event_idx| {
+        let AsyncSetup { mem, queue, mut device } = setup_async(layout, size, event_idx);
+        let sgs: &'static [[Sg; 1]; 2] = Box::leak(Box::new([[mem.alloc_sg(8)], [mem.alloc_sg(8)]]));
+        let mut futs = [queue.submit_inbuf(&sgs[0], 1), queue.submit_inbuf(&sgs[1], 2)];
+        let wakers = [Arc::new(Woken::default()), Arc::new(Woken::default())];
+        for (f, w) in futs.iter_mut().zip(&wakers) {
+            assert!(poll_with(f, w).is_pending());
+        }
+        let (a, b) = (pop(&mut device).unwrap(), pop(&mut device).unwrap());
+        device.complete(a, 8);
+        device.publish_used();
+        let device_thread = thread::spawn(move || {
+            device.complete(b, 8);
+            device.needs_notification()
+        });
+        // The interrupt for the first buffer.
+        queue.interrupt();
+        if device_thread.join().unwrap() {
+            queue.interrupt();
+        }
+        for (i, (f, w)) in futs.iter_mut().zip(&wakers).enumerate() {
+            assert!(w.was_woken(), "{layout:?} size {size} event_idx {event_idx}: buffer {i} lost its wakeup");
+            assert_eq!(poll_with(f, w), Poll::Ready(i as u32 + 1));
+        }
     });
 }
