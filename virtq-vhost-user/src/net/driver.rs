@@ -695,6 +695,11 @@ impl RxQueue {
         self.pair
     }
 
+    /// The vhost-user queue underneath (its ring addresses, its features).
+    pub fn queue(&self) -> &Queue<u16> {
+        &self.q
+    }
+
     /// Bytes per receive buffer, header included.
     pub fn buffer_len(&self) -> u32 {
         self.buf_len
@@ -972,6 +977,11 @@ impl TxQueue {
     /// The queue pair's index.
     pub fn pair(&self) -> u16 {
         self.pair
+    }
+
+    /// The vhost-user queue underneath (its ring addresses, its features).
+    pub fn queue(&self) -> &Queue<u16> {
+        &self.q
     }
 
     /// Largest frame a slot holds.
