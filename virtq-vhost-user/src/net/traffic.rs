@@ -394,6 +394,8 @@ pub fn run_loop(
         r
     };
     let mut unique = 0u64;
+    let mut unreported = 0u64;
+    let (mut sent_since_check, mut received_since_check, mut restart_idle) = (false, false, false);
     loop {
         let sending = (opts.frames == 0 || r.sent < opts.frames) && !stop.load(Ordering::Relaxed);
         let in_flight = r.sent - tracker.next().max(given_up_below);
@@ -410,10 +412,9 @@ pub fn run_loop(
             match sent {
                 Ok(k) => {
                     if k > 0 {
-                        last_progress = Instant::now();
-                        if in_flight == 0 {
-                            last_arrival = last_progress;
-                        }
+                        sent_since_check = true;
+                        // Nothing was in flight: the wait for an arrival starts now.
+                        restart_idle |= in_flight == 0;
                     }
                     r.sent += k as u64;
                     r.largest = largest;
@@ -447,9 +448,8 @@ pub fn run_loop(
         match got {
             Ok(0) => {}
             Ok(k) => {
-                progress.fetch_add(k as u64, Ordering::Relaxed);
-                last_arrival = Instant::now();
-                last_progress = last_arrival;
+                unreported += k as u64;
+                received_since_check = true;
             }
             Err(e) => return (finish(r, unique), Err(e)),
         }
@@ -459,8 +459,20 @@ pub fn run_loop(
             break;
         }
         spins = spins.wrapping_add(1);
+        // The clock and the shared counter now and then, not per burst: a clock read costs
+        // as much as a burst of small frames, and `progress` is shared by the pairs.
         if spins.is_multiple_of(256) {
+            progress.fetch_add(std::mem::take(&mut unreported), Ordering::Relaxed);
             let now = Instant::now();
+            if std::mem::take(&mut received_since_check) {
+                (last_arrival, last_progress) = (now, now);
+            }
+            if std::mem::take(&mut sent_since_check) {
+                last_progress = now;
+            }
+            if std::mem::take(&mut restart_idle) {
+                last_arrival = now;
+            }
             if end.is_some_and(|e| now >= e) {
                 stop.store(true, Ordering::Relaxed);
             }
@@ -486,6 +498,7 @@ pub fn run_loop(
             }
         }
     }
+    progress.fetch_add(unreported, Ordering::Relaxed);
     (finish(r, unique), Ok(()))
 }
 
