@@ -6,7 +6,8 @@
 //!
 //! Also, with an honest device: the frames the driver sends reach the device intact
 //! (copied, written in place, or chained from the caller's buffer), the config space is
-//! read from the device when it has one.
+//! read from the device when it has one, and sending, reclaiming and receiving allocate
+//! nothing (a counting allocator watches the test's thread).
 //!
 //! The device is the crate's vhost-user back end (`backend::Server`) with a small net
 //! device of its own here; runs on all four ring layouts, needs nothing outside the crate.
@@ -24,6 +25,44 @@ use virtq_vhost_user::net::wire::{feature, hdr_flags, status, NetConfig, NetHdr}
 use virtq_vhost_user::net::{DeviceFault, NetDevice, NetError, NetOptions, QueueError, QueuePair};
 use virtq_vhost_user::virtq::{Chain, Fault, Features, Segment};
 use virtq_vhost_user::{MemoryConfig, Queue, SharedMemory};
+
+/// Counts the allocations of the threads that ask it to (the device's threads allocate as
+/// they like).
+struct CountingAlloc;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+// SAFETY: every call goes to the system allocator unchanged; counting touches neither
+// the memory nor the layout.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if COUNTING.with(|c| c.get()) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's promise about `layout`, passed on.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: as above: `ptr` came from `alloc` with this `layout`.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.with(|c| c.get()) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 /// Honest frames the device sends before it lies.
 const HONEST: usize = 5;
@@ -485,5 +524,39 @@ fn frames_reach_an_honest_device_intact() {
         assert!(counts.balanced());
         assert_eq!(pair.rx.stop().unwrap().free, counts.total);
         assert_eq!(pair.tx.stop().unwrap().free, pair.tx.slots().total);
+    }
+}
+
+/// Sending (in place and copied), reclaiming and receiving allocate nothing, once the
+/// queues are set up.
+#[test]
+fn the_packet_path_does_not_allocate() {
+    for layout in LAYOUTS {
+        let dev = TestDevice::start(Lie::None);
+        let (_net, mut pair) = dev.connect(layout);
+        let frame = [0x5au8; 100];
+        let (mut sent, mut received) = (0u64, 0u64);
+        // Rounds until `goal` frames went each way (the device runs on its own threads).
+        let mut run = |pair: &mut QueuePair, goal: u64| {
+            let start = Instant::now();
+            let (sent_from, received_from) = (sent, received);
+            while sent - sent_from < goal || received - received_from < goal {
+                assert!(start.elapsed() < Duration::from_secs(10), "{layout:?}: traffic stalled");
+                sent +=
+                    pair.tx.send_with(4, |i, slot| write_frame(slot, MAC, 0, sent + i as u64, FRAME)).unwrap() as u64;
+                sent += pair.tx.send(&[&frame[..]]).unwrap() as u64;
+                pair.tx.reclaim();
+                received += pair.rx.recv(32, |f| assert!(check_frame(&f).is_ok())).unwrap() as u64;
+                assert!(pair.rx.buffers().balanced() && pair.tx.slots().balanced());
+                std::thread::yield_now();
+            }
+        };
+        run(&mut pair, 200);
+        COUNTING.with(|c| c.set(true));
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        run(&mut pair, 2000);
+        let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        COUNTING.with(|c| c.set(false));
+        assert_eq!(allocations, 0, "{layout:?}: allocations on the packet path");
     }
 }

@@ -116,7 +116,8 @@ pub struct NetOptions {
     /// plus [`L2_OVERHEAD`] (the default). Smaller slots keep a small-frame workload in
     /// fewer cache lines and pages.
     pub max_tx_frame: Option<usize>,
-    /// Guest memory shared with the device; by default sized for the queues.
+    /// Guest memory shared with the device; by default sized for the queue pairs asked
+    /// for (for 4 with `queue_pairs` 0: give more for a device with more).
     pub memory: Option<MemoryConfig>,
     /// How long one vhost-user control request may take.
     pub control_timeout: Duration,
@@ -341,11 +342,11 @@ pub struct QueuePair {
     pub tx: TxQueue,
 }
 
-/// A MAC address that is locally administered and unicast, different per call.
+/// A random MAC address, locally administered and unicast.
 fn random_mac() -> [u8; 6] {
     use std::hash::{BuildHasher, Hasher};
+    // RandomState's keys come from the system's random source.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
     h.write_u32(std::process::id());
     let r = h.finish().to_le_bytes();
     [0x02, r[0], r[1], r[2], r[3], r[4]]
@@ -383,7 +384,7 @@ impl NetDevice {
         // MRG_RXBUF, transmit slots for the largest frame, rings and slack.
         let frame_guess = opts.mtu as usize + L2_OVERHEAD;
         let buf_guess = round_up(NetHdr::SIZE + frame_guess, BUF_ALIGN).max(opts.mergeable_buf_len as usize);
-        let pairs_guess = if opts.queue_pairs == 0 { 1 } else { opts.queue_pairs as usize };
+        let pairs_guess = if opts.queue_pairs == 0 { 4 } else { opts.queue_pairs as usize };
         let per_pair = size as usize * (2 * buf_guess + 64 * 16);
         let memory = opts
             .memory
