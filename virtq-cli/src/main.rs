@@ -12,6 +12,7 @@ mod blk_cmd;
 mod device_side;
 mod driver_side;
 mod layout;
+mod net_cmd;
 mod notify;
 mod pingpong;
 mod plot;
@@ -54,6 +55,8 @@ enum Command {
     Blk(blk_cmd::BlkArgs),
     /// Serve a raw image as a vhost-user-blk back end (for QEMU and its Linux guest).
     ServeBlk(serve_blk::ServeBlkArgs),
+    /// Drive a vhost-user-net device (e.g. DPDK's net_vhost): info, tx, rx, loop, bench.
+    Net(net_cmd::NetArgs),
 }
 
 #[derive(Debug, Args)]
@@ -205,6 +208,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Blk(args) => blk_cmd::run(args),
         Command::ServeBlk(args) => serve_blk::run(args),
+        Command::Net(args) => net_cmd::run(args),
         Command::Bench(args) => match bench_command(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

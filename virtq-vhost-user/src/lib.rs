@@ -7,6 +7,9 @@
 //!   or sleeping.
 //! - [`blk`]: a virtio-blk driver on top (read, write, flush, discard, write-zeroes,
 //!   get-id), many requests in flight per queue, completions matched by token.
+//! - [`net`]: a virtio-net driver on top (queue pairs, burst transmit and receive with
+//!   frames in place in guest memory, mergeable receive buffers), and the virtio-net
+//!   vocabulary both sides share (`net::wire`).
 //! - [`backend`]: the device's end: a vhost-user back end whose rings are `virtq` device
 //!   queues, and a virtio-blk device over a file.
 //! - [`virtio_blk`]: the virtio-blk vocabulary both sides share.
@@ -32,6 +35,7 @@ pub mod backend;
 pub mod blk;
 pub mod frontend;
 pub mod memory;
+pub mod net;
 pub mod reactor;
 pub mod virtio_blk;
 mod watchdog;
