@@ -377,8 +377,6 @@ impl NetDevice {
             // MQ depends on CTRL_VQ (5.1.3.1).
             net &= !feature::MQ;
         }
-        let ring = if opts.packed { Features::RING_PACKED.bits() } else { 0 }
-            | if opts.in_order { Features::IN_ORDER.bits() } else { 0 };
 
         // Memory for the worst case of the options: every pair, receive buffers without
         // MRG_RXBUF, transmit slots for the largest frame, rings and slack.
@@ -393,10 +391,12 @@ impl NetDevice {
         let conn = Connection::connect(
             path,
             &ConnectOptions {
-                driver_features: net | ring,
+                driver_features: net,
                 required_features: opts.required_features,
                 event_idx: opts.event_idx,
                 indirect_desc: opts.indirect_desc,
+                ring_packed: opts.packed,
+                in_order: opts.in_order,
                 config_size: 0,
                 memory,
                 timeout: opts.control_timeout,
