@@ -77,10 +77,13 @@ mod conn;
 pub mod memory;
 mod sigbus;
 mod vring;
+mod worker;
 
 pub use conn::RING_FEATURES;
 pub use log::{BURST as LOG_BURST, INTERVAL as LOG_INTERVAL};
 pub use memory::MemoryFault;
+use worker::ChainWorker;
+pub use worker::{Idle, Ring, Rings, SinkFull, Wake, Worker, CHAIN_BATCH};
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30 of the virtio feature word in vhost-user).
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -92,7 +95,13 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// the device's own config read as zero.
 pub const CONFIG_SPACE_MAX: usize = 256;
 
-/// A virtio device served over vhost-user.
+/// A virtio device served over vhost-user: what a device author writes. The framework
+/// does the rest (see the module documentation).
+///
+/// Most devices answer each chain on its own: they implement [`Self::queue_handler`] and
+/// get one worker thread per queue, which pops, processes, completes and signals. A device
+/// whose queues work together (a network device's receive and transmit queues) names
+/// them in [`Self::queue_groups`] and implements [`Self::worker`], a loop over its rings.
 pub trait Device: Send + Sync + 'static {
     /// The device-class feature bits offered (0..=23, and any others the device knows).
     /// The back end adds the ring bits ([`RING_FEATURES`]) and
@@ -102,12 +111,59 @@ pub trait Device: Send + Sync + 'static {
     /// Number of virtqueues (answered to `GET_QUEUE_NUM`).
     fn num_queues(&self) -> u16;
 
-    /// The device-specific config space, little-endian (VIRTIO 1.3, 4.1.4.3).
-    fn config_space(&self) -> &[u8];
+    /// The device-specific config space, little-endian (VIRTIO 1.3, 4.1.4.3); none by
+    /// default. `GET_CONFIG` reads it through [`Self::read_config`].
+    fn config_space(&self) -> &[u8] {
+        &[]
+    }
 
-    /// A handler for queue `index`, run by that queue's worker thread. Called each time the
-    /// ring starts, with the features the frontend acked.
+    /// Fills `buf` with the config space from `offset` (at most [`CONFIG_SPACE_MAX`]
+    /// bytes in all); bytes past its end read as zero.
+    fn read_config(&self, offset: u32, buf: &mut [u8]) {
+        buf.fill(0);
+        let config = self.config_space();
+        if let Some(src) = config.get(offset as usize..) {
+            let n = src.len().min(buf.len());
+            buf[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    /// A write of the driver into the config space (`SET_CONFIG`). Refused by default:
+    /// most config fields are read-only.
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), ConfigWriteError> {
+        let _ = (offset, data);
+        Err(ConfigWriteError::ReadOnly)
+    }
+
+    /// A handler for queue `index`, run on each chain by that queue's worker thread.
+    /// Called each time the ring starts, with the features the frontend acked.
     fn queue_handler(&self, index: u16, features: Features) -> Box<dyn QueueHandler>;
+
+    /// The queues that one worker thread serves together; every queue in exactly one
+    /// group. By default each queue alone.
+    fn queue_groups(&self) -> Vec<Vec<u16>> {
+        (0..self.num_queues()).map(|q| vec![q]).collect()
+    }
+
+    /// The worker of a group (`queues` as [`Self::queue_groups`] named it), started each
+    /// time the set of its running rings changes, with the features the frontend acked.
+    /// By default the group's [`Self::queue_handler`]s, each run on every chain of its
+    /// queue.
+    fn worker(&self, queues: &[u16], features: Features) -> Box<dyn Worker> {
+        Box::new(ChainWorker::new(queues.iter().map(|&q| (q, self.queue_handler(q, features))).collect()))
+    }
+}
+
+/// Why a config-space write was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigWriteError {
+    /// The device's config space (or this part of it) is read-only.
+    #[error("the config space is read-only")]
+    ReadOnly,
+    /// The value is not valid for the field.
+    #[error("invalid value: {0}")]
+    Invalid(String),
 }
 
 /// Processes the chains of one queue, on that queue's worker thread.
@@ -198,11 +254,16 @@ pub struct ServerOptions {
     /// limited, and neither is the back end's own work (stopping a ring waits for the
     /// request it is processing).
     pub message_timeout: Duration,
+    /// How long a worker keeps polling its rings (and its device's fds) after its last
+    /// request before it turns kicks on and sleeps. Zero (the default) sleeps at once;
+    /// a few tens of microseconds save the driver a kick and the back end a wake-up per
+    /// burst, at the price of a busy CPU while the traffic lasts.
+    pub poll: Duration,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { max_connections: 64, message_timeout: Duration::from_secs(10) }
+        Self { max_connections: 64, message_timeout: Duration::from_secs(10), poll: Duration::ZERO }
     }
 }
 
@@ -349,12 +410,7 @@ impl Server {
                 );
                 continue;
             }
-            let ctx = ConnCtx {
-                device: self.device.clone(),
-                stats: self.stats.clone(),
-                shutdown: Some(self.shutdown.clone()),
-                message_timeout: self.options.message_timeout,
-            };
+            let ctx = self.conn_ctx();
             match std::thread::Builder::new().name(format!("vhost-conn{n}")).spawn(move || {
                 ctx.serve(stream, n);
             }) {
@@ -375,13 +431,17 @@ impl Server {
     pub fn serve_one(&mut self) -> io::Result<Option<ConnectionEnd>> {
         let Some(stream) = self.accept()? else { return Ok(None) };
         let n = self.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
-        let ctx = ConnCtx {
+        Ok(Some(self.conn_ctx().serve(stream, n)))
+    }
+
+    fn conn_ctx(&self) -> ConnCtx {
+        ConnCtx {
             device: self.device.clone(),
             stats: self.stats.clone(),
             shutdown: Some(self.shutdown.clone()),
             message_timeout: self.options.message_timeout,
-        };
-        Ok(Some(ctx.serve(stream, n)))
+            poll: self.options.poll,
+        }
     }
 
     fn accept(&mut self) -> io::Result<Option<UnixStream>> {
@@ -390,7 +450,7 @@ impl Server {
             if self.shutdown.requested() {
                 return Ok(None);
             }
-            let ready = vring::poll_in(&[lfd, self.shutdown.inner.wake.as_raw_fd()], -1)?;
+            let ready = worker::poll_in(&[lfd, self.shutdown.inner.wake.as_raw_fd()], -1)?;
             if ready[1] || self.shutdown.requested() {
                 return Ok(None);
             }
@@ -422,7 +482,8 @@ pub fn serve_stream(
     options: &ServerOptions,
 ) -> ConnectionEnd {
     let n = stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
-    ConnCtx { device, stats, shutdown: None, message_timeout: options.message_timeout }.serve(stream, n)
+    ConnCtx { device, stats, shutdown: None, message_timeout: options.message_timeout, poll: options.poll }
+        .serve(stream, n)
 }
 
 /// What serving a connection needs from its server.
@@ -431,6 +492,7 @@ struct ConnCtx {
     stats: Arc<Stats>,
     shutdown: Option<ShutdownHandle>,
     message_timeout: Duration,
+    poll: Duration,
 }
 
 impl ConnCtx {
@@ -478,7 +540,12 @@ impl ConnCtx {
         let state = Arc::new(Mutex::new(conn::ConnState::new(
             self.device.clone(),
             self.stats.clone(),
-            conn::ConnLinks { log: log.clone(), fault_event: fault_event.clone(), watchdog: watchdog.get().clone() },
+            conn::ConnLinks {
+                log: log.clone(),
+                fault_event: fault_event.clone(),
+                watchdog: watchdog.get().clone(),
+                poll: self.poll,
+            },
         )));
         let mut handler = BackendReqHandler::from_stream(stream, state.clone());
         let timeout = self.message_timeout;
@@ -532,6 +599,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Waits until the socket is readable (a message, end of file) or `fault` is signalled;
 /// false on timeout.
 fn wait_readable(sock: RawFd, fault: RawFd, timeout_ms: i32) -> io::Result<bool> {
-    let ready = vring::poll_in(&[sock, fault], timeout_ms)?;
+    let ready = worker::poll_in(&[sock, fault], timeout_ms)?;
     Ok(ready[0] || ready[1])
 }
