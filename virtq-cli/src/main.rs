@@ -17,7 +17,10 @@ mod pingpong;
 mod plot;
 mod report;
 mod ringtest;
+mod rng_cmd;
+mod serve;
 mod serve_blk;
+mod serve_rng;
 mod stats;
 
 use std::io::{self, Write};
@@ -54,6 +57,10 @@ enum Command {
     Blk(blk_cmd::BlkArgs),
     /// Serve a raw image as a vhost-user-blk back end (for QEMU and its Linux guest).
     ServeBlk(serve_blk::ServeBlkArgs),
+    /// Serve a vhost-user-rng back end filled from /dev/urandom (for QEMU and its guest).
+    ServeRng(serve_rng::ServeRngArgs),
+    /// Read entropy from a vhost-user-rng device with virtq's virtio-rng driver.
+    Rng(rng_cmd::RngArgs),
 }
 
 #[derive(Debug, Args)]
@@ -205,6 +212,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Blk(args) => blk_cmd::run(args),
         Command::ServeBlk(args) => serve_blk::run(args),
+        Command::ServeRng(args) => serve_rng::run(args),
+        Command::Rng(args) => rng_cmd::run(args),
         Command::Bench(args) => match bench_command(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -10,6 +10,7 @@
 //! - [`backend`]: the device's end: a vhost-user back end whose rings are `virtq` device
 //!   queues, and a virtio-blk device over a file.
 //! - [`virtio_blk`]: the virtio-blk vocabulary both sides share.
+//! - [`rng`]: virtio-rng, driver and device.
 //!
 //! ```no_run
 //! use virtq_vhost_user::blk::{BlkDevice, BlkOptions};
@@ -26,10 +27,15 @@
 
 #![warn(missing_docs)]
 
+// Lets the device modules name this crate as its users do (`virtq_vhost_user::...`), so
+// that the back end's documentation can show one of them verbatim.
+extern crate self as virtq_vhost_user;
+
 pub mod backend;
 pub mod blk;
 pub mod frontend;
 pub mod memory;
+pub mod rng;
 pub mod virtio_blk;
 mod watchdog;
 

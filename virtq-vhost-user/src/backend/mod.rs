@@ -1,6 +1,16 @@
-//! The device's end of vhost-user: a back end that a frontend such as QEMU connects to, so
-//! that a guest's own virtio drivers (Linux's `virtio_ring.c` and `virtio_blk`) drive rings
-//! that this process serves with [`virtq::DeviceQueue`].
+//! The device's end of vhost-user: a framework that serves virtio devices to frontends
+//! such as QEMU, so that a guest's own virtio drivers (Linux's `virtio_ring.c` and
+//! `virtio_blk`, `virtio_net`, `virtio-rng`) drive rings that this process serves with
+//! [`virtq::DeviceQueue`].
+//!
+//! A device author writes the device: a [`Device`] (features, config space, queues) and
+//! what it does with the chains of its queues, either one chain at a time
+//! ([`QueueHandler`]) or as a loop over a group of rings ([`Worker`], for queues that work
+//! together). The framework owns the rest: the protocol and its life cycle, the memory
+//! table, one [`virtq::DeviceQueue`] per ring in whichever layout the frontend negotiates
+//! (split, packed, each with or without `IN_ORDER`, with `EVENT_IDX` and indirect
+//! descriptors), the kick and call eventfds, the worker threads, notification
+//! suppression while a worker is busy, reconnects, and the errors of hostile peers.
 //!
 //! ```text
 //! Server::bind(path, device)          a unix socket (vhost's Listener)
@@ -11,8 +21,24 @@
 //!                                     calls conn::ConnState (features, memory table, vrings,
 //!                                     config, GET_VRING_BASE, ...); a watchdog bounds each
 //!                                     message once begun (ServerOptions::message_timeout)
-//!     one worker thread per ring      pop / process / complete on our DeviceQueue, sleeping
-//!                                     on the kick eventfd, signalling the call eventfd
+//!     one worker thread per group     Device::queue_groups (by default one group a queue):
+//!                                     the device's Worker loop over its Rings, sleeping on
+//!                                     their kick eventfds (and the device's own fds),
+//!                                     signalling their call eventfds; restarted whenever
+//!                                     the group's set of running rings changes
+//! ```
+//!
+//! A complete device, virtio-rng ([`crate::rng::device`], the code behind
+//! `virtq serve-rng`), and a server for it:
+//!
+//! ```no_run
+#![doc = include_str!("../rng/device.rs")]
+//!
+//! fn main() -> std::io::Result<()> {
+//!     use virtq_vhost_user::backend::Server;
+//!     let mut server = Server::bind("/tmp/rng.sock", Arc::new(RngDevice::new()?))?;
+//!     server.run() // each frontend on its own thread, until shut down
+//! }
 //! ```
 //!
 //! - **Hostile frontends**: frontends are served concurrently, so one that connects and
@@ -25,21 +51,21 @@
 //!   the rest counted in [`Stats::log_lines_suppressed`].
 //!
 //! - **Layouts**: the back end offers `RING_PACKED`, `IN_ORDER`, `EVENT_IDX`,
-//!   `INDIRECT_DESC` and `VERSION_1` and runs whatever the frontend acks. For packed rings
-//!   the ring base in `SET_VRING_BASE`/`GET_VRING_BASE` is QEMU's encoding: the next
-//!   available position with its wrap counter in bit 15, and the used position and wrap
-//!   counter in bits 16..32.
+//!   `INDIRECT_DESC` and `VERSION_1` ([`RING_FEATURES`]) with every device and runs
+//!   whatever the frontend acks. For packed rings the ring base in
+//!   `SET_VRING_BASE`/`GET_VRING_BASE` is QEMU's encoding: the next available position
+//!   with its wrap counter in bit 15, and the used position and wrap counter in bits
+//!   16..32.
 //! - **Addresses**: ring addresses in `SET_VRING_ADDR` are the frontend's virtual
 //!   addresses; they are translated to guest physical addresses through the memory table's
 //!   `userspace_addr`, and the queue translates those (and every buffer address) to the
 //!   mapped regions with bounds checks ([`memory::GuestMemoryMap`], over
 //!   [`virtq::GuestRegions`]).
 //! - **Hostile guests**: every buffer is a [`virtq::Segment`], translated and bounds-checked
-//!   by the core, and accessed only with `read_at`/`write_at`. A malformed ring latches the
-//!   queue broken: the worker logs it, signals the vring's error fd and waits to be stopped.
-//! - **Devices** implement [`Device`] (features, config space, queues) and one
-//!   [`QueueHandler`] per queue (one chain in, the bytes written out). [`blk::BlkBackend`]
-//!   is virtio-blk over a file.
+//!   by the core. A malformed ring latches the queue broken: the worker logs it, signals
+//!   the vring's error fd and serves it no more (see [`Ring`]).
+//! - **Devices** here: [`blk::BlkBackend`] (virtio-blk over a file),
+//!   [`crate::rng::RngDevice`].
 //!
 //! ```no_run
 //! use std::sync::Arc;
