@@ -20,6 +20,7 @@ mod ringtest;
 mod rng_cmd;
 mod serve;
 mod serve_blk;
+mod serve_net;
 mod serve_rng;
 mod stats;
 
@@ -57,6 +58,8 @@ enum Command {
     Blk(blk_cmd::BlkArgs),
     /// Serve a raw image as a vhost-user-blk back end (for QEMU and its Linux guest).
     ServeBlk(serve_blk::ServeBlkArgs),
+    /// Serve a vhost-user-net back end: frames to a TAP device, or looped back.
+    ServeNet(serve_net::ServeNetArgs),
     /// Serve a vhost-user-rng back end filled from /dev/urandom (for QEMU and its guest).
     ServeRng(serve_rng::ServeRngArgs),
     /// Read entropy from a vhost-user-rng device with virtq's virtio-rng driver.
@@ -212,6 +215,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Blk(args) => blk_cmd::run(args),
         Command::ServeBlk(args) => serve_blk::run(args),
+        Command::ServeNet(args) => serve_net::run(args),
         Command::ServeRng(args) => serve_rng::run(args),
         Command::Rng(args) => rng_cmd::run(args),
         Command::Bench(args) => match bench_command(&args) {

@@ -10,6 +10,8 @@
 //! - [`backend`]: the device's end: a vhost-user back end whose rings are `virtq` device
 //!   queues, and a virtio-blk device over a file.
 //! - [`virtio_blk`]: the virtio-blk vocabulary both sides share.
+//! - [`net`]: the virtio-net vocabulary (`net::wire`) and a virtio-net device over a TAP
+//!   device or in loopback.
 //! - [`rng`]: virtio-rng, driver and device.
 //!
 //! ```no_run
@@ -35,6 +37,7 @@ pub mod backend;
 pub mod blk;
 pub mod frontend;
 pub mod memory;
+pub mod net;
 pub mod rng;
 pub mod virtio_blk;
 mod watchdog;

@@ -97,7 +97,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::watchdog::WatchdogThread;
 
 #[macro_use]
-mod log;
+pub(crate) mod log;
 pub mod blk;
 mod conn;
 pub mod memory;
@@ -108,8 +108,7 @@ mod worker;
 pub use conn::RING_FEATURES;
 pub use log::{BURST as LOG_BURST, INTERVAL as LOG_INTERVAL};
 pub use memory::MemoryFault;
-use worker::ChainWorker;
-pub use worker::{Idle, Ring, Rings, SinkFull, Wake, Worker, CHAIN_BATCH};
+pub use worker::{read_stream, write_stream, ChainWorker, Idle, Ring, Rings, SinkFull, Wake, Worker, CHAIN_BATCH};
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30 of the virtio feature word in vhost-user).
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;

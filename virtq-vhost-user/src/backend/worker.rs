@@ -106,14 +106,15 @@ pub trait Worker: Send {
     fn run(&mut self, rings: &mut Rings<'_>);
 }
 
-/// A chain handler run on each popped chain: the default [`Worker`] of a device that
-/// answers each chain on its own (blk, rng, a network device's control queue).
+/// The [`Worker`] of queues that are answered a chain at a time, each by its
+/// [`QueueHandler`]: the default of [`super::Device::worker`] (blk, rng, a network
+/// device's control queue).
 ///
 /// Per ring and pass it pops, processes and completes up to [`CHAIN_BATCH`] chains,
 /// signalling the driver after each completion it wants an interrupt for, and asks guest
 /// memory after each chain whether it faulted (a chain whose data may have read as
 /// zeroes is not reported done).
-pub(crate) struct ChainWorker {
+pub struct ChainWorker {
     handlers: Vec<(u16, Box<dyn QueueHandler>)>,
 }
 
@@ -122,6 +123,7 @@ pub(crate) struct ChainWorker {
 pub const CHAIN_BATCH: usize = 64;
 
 impl ChainWorker {
+    /// Serves each queue with its handler; a queue not in the list is not served.
     pub fn new(handlers: Vec<(u16, Box<dyn QueueHandler>)>) -> Self {
         Self { handlers }
     }
@@ -154,6 +156,44 @@ impl Worker for ChainWorker {
             }
         }
     }
+}
+
+/// Copies `buf.len()` bytes starting `offset` bytes into the byte stream that `segs`
+/// form, into `buf`. Returns the count copied (short at the stream's end).
+pub fn read_stream(segs: &[Segment<'_>], mut offset: usize, buf: &mut [u8]) -> usize {
+    let mut done = 0;
+    for s in segs {
+        let len = s.len() as usize;
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        done += s.read_at(offset, &mut buf[done..]);
+        offset = 0;
+        if done == buf.len() {
+            break;
+        }
+    }
+    done
+}
+
+/// Copies `data` into the byte stream that `segs` form, at `offset`; returns the count
+/// copied (short at the stream's end).
+pub fn write_stream(segs: &[Segment<'_>], mut offset: usize, data: &[u8]) -> usize {
+    let mut done = 0;
+    for s in segs {
+        let len = s.len() as usize;
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        done += s.write_at(offset, &data[done..]);
+        offset = 0;
+        if done == data.len() {
+            break;
+        }
+    }
+    done
 }
 
 /// A device's segment sink was too small for a chain: the chain stays available.
