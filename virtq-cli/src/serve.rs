@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use virtq_vhost_user::backend::{Device, Server, ServerOptions};
+use virtq_vhost_user::backend::{Device, Server, ServerOptions, RING_FEATURES};
+use virtq_vhost_user::virtq::Features;
 
 /// Options of every `virtq serve-*` command.
 #[derive(clap::Args, Debug, Clone)]
@@ -25,14 +26,29 @@ pub struct ServeArgs {
     /// burst under load, at the price of a busy CPU.
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub poll_us: u64,
+    /// Do not offer VIRTIO_F_RING_PACKED: frontends that take whatever the back end
+    /// offers (QEMU's vhost-user-rng-pci) then use split rings.
+    #[arg(long)]
+    pub no_packed: bool,
+    /// Do not offer VIRTIO_F_IN_ORDER.
+    #[arg(long)]
+    pub no_in_order: bool,
 }
 
 /// Listens on `args.socket` and serves `device` until killed (or, with `--once`, one
 /// frontend). `cmd` names the command in messages.
 pub fn serve(cmd: &str, device: Arc<dyn Device>, args: &ServeArgs) -> ExitCode {
+    let mut ring_features = Features::from_bits(RING_FEATURES);
+    if args.no_packed {
+        ring_features = ring_features.difference(Features::RING_PACKED);
+    }
+    if args.no_in_order {
+        ring_features = ring_features.difference(Features::IN_ORDER);
+    }
     let limits = ServerOptions {
         max_connections: args.max_connections as usize,
         poll: Duration::from_micros(args.poll_us),
+        ring_features,
         ..Default::default()
     };
     let mut server = match Server::bind_with(&args.socket, device, limits) {

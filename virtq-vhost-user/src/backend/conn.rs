@@ -16,8 +16,8 @@
 //! worker sleeping on a kick fd that is always readable would spin.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vhost::vhost_user::message::{
@@ -63,6 +63,8 @@ pub(crate) struct ConnLinks {
     pub watchdog: Arc<Watchdog>,
     /// Busy-polling window of the workers (`ServerOptions::poll`).
     pub poll: Duration,
+    /// The ring features offered (`ServerOptions::ring_features`).
+    pub ring_features: Features,
 }
 
 /// Rings served by one worker thread (see [`Device::queue_groups`]).
@@ -80,6 +82,8 @@ pub(crate) struct ConnState {
     links: ConnLinks,
     offered: u64,
     acked: Option<u64>,
+    /// `SET_PROTOCOL_FEATURES`.
+    protocol_acked: u64,
     memory: Option<Arc<GuestMemoryMap>>,
     /// A fault on a memory table that has since been replaced.
     memory_fault: Option<MemoryFault>,
@@ -139,10 +143,23 @@ fn plan_groups(device: &dyn Device) -> (Vec<Group>, Vec<usize>) {
 
 impl ConnState {
     pub fn new(device: Arc<dyn Device>, stats: Arc<Stats>, links: ConnLinks) -> Self {
-        let offered = device.device_features() | RING_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES;
+        let ring = (links.ring_features.bits() & RING_FEATURES) | Features::VERSION_1.bits();
+        let offered = device.device_features() | ring | VHOST_USER_F_PROTOCOL_FEATURES;
         let vrings = (0..device.num_queues()).map(|_| Vring::new()).collect();
         let (groups, group_of) = plan_groups(&*device);
-        Self { device, stats, links, offered, acked: None, memory: None, memory_fault: None, vrings, groups, group_of }
+        Self {
+            device,
+            stats,
+            links,
+            offered,
+            acked: None,
+            protocol_acked: 0,
+            memory: None,
+            memory_fault: None,
+            vrings,
+            groups,
+            group_of,
+        }
     }
 
     /// Guest memory that faulted under this connection, now or in a table since replaced.
@@ -323,6 +340,80 @@ impl ConnState {
     }
 }
 
+/// `VHOST_USER_SET_VRING_ENABLE`.
+const SET_VRING_ENABLE: u32 = 18;
+/// Header flags: the version (1), a reply, a reply wanted.
+const HDR_VERSION: u32 = 0x1;
+const HDR_REPLY: u32 = 0x4;
+const HDR_NEED_REPLY: u32 = 0x8;
+
+/// Takes a `SET_VRING_ENABLE` that comes before the first `SET_FEATURES` off the socket
+/// and handles it here; `Ok(false)` if the next message is anything else.
+///
+/// QEMU's vhost-user-net enables its first queue pair as soon as it connects, before it
+/// sends any `SET_FEATURES` (it counts `VHOST_USER_F_PROTOCOL_FEATURES` as negotiated
+/// once offered and the protocol features are set). rust-vmm's `vhost` crate refuses
+/// that message until `SET_FEATURES` has acked the bit, which would end the connection;
+/// so until then the next message is peeked, and this one alone is read and answered
+/// here, as the crate would (an acknowledgement if `NEED_REPLY` was asked for with
+/// `REPLY_ACK` negotiated).
+pub(crate) fn take_early_vring_enable(sock: RawFd, state: &Mutex<ConnState>) -> VuResult<bool> {
+    let (protocol_ext, reply_ack) = {
+        let s = state.lock().unwrap_or_else(|e| e.into_inner());
+        let acked = s.acked.is_some_and(|f| f & VHOST_USER_F_PROTOCOL_FEATURES != 0);
+        (acked, s.protocol_acked & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0)
+    };
+    if protocol_ext {
+        return Ok(false);
+    }
+    let mut msg = [0u8; 20];
+    let peeked = recv(sock, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT).map_err(VuError::SocketError)?;
+    let word = |m: &[u8; 20], i: usize| u32::from_le_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
+    let (request, flags, size) = (word(&msg, 0), word(&msg, 4), word(&msg, 8));
+    if peeked < msg.len() || request != SET_VRING_ENABLE || flags & 0x3 != HDR_VERSION || size != 8 {
+        return Ok(false);
+    }
+    // The 20 bytes are there (peeked); nothing else reads this socket.
+    let got = recv(sock, &mut msg, libc::MSG_DONTWAIT).map_err(VuError::SocketError)?;
+    if got != msg.len() {
+        return Err(VuError::PartialMessage);
+    }
+    let (index, num) = (word(&msg, 12), word(&msg, 16));
+    let r = match num {
+        0 | 1 => state.lock().unwrap_or_else(|e| e.into_inner()).set_vring_enable(index, num == 1),
+        _ => Err(VuError::InvalidParam),
+    };
+    if flags & HDR_NEED_REPLY != 0 && reply_ack {
+        let mut reply = [0u8; 20];
+        reply[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+        reply[4..8].copy_from_slice(&(HDR_VERSION | HDR_REPLY).to_le_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+        reply[12..20].copy_from_slice(&u64::from(r.is_err()).to_le_bytes());
+        // SAFETY: send(2) of a local buffer on a socket we hold open.
+        let n = unsafe { libc::send(sock, reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL) };
+        if n != reply.len() as isize {
+            return Err(VuError::SocketError(std::io::Error::last_os_error()));
+        }
+    }
+    r.map(|()| true)
+}
+
+fn recv(sock: RawFd, buf: &mut [u8], flags: libc::c_int) -> std::io::Result<usize> {
+    loop {
+        // SAFETY: recv(2) into a local buffer of `buf.len()` bytes.
+        let n = unsafe { libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), flags) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => continue,
+            std::io::ErrorKind::WouldBlock => return Ok(0),
+            _ => return Err(e),
+        }
+    }
+}
+
 impl Drop for ConnState {
     fn drop(&mut self) {
         self.stop_all();
@@ -479,6 +570,7 @@ impl VhostUserBackendReqHandlerMut for ConnState {
             log_error!("the frontend acked protocol features {:#x} that were not offered", features & !known);
             return Err(VuError::InvalidParam);
         }
+        self.protocol_acked = features;
         Ok(())
     }
 

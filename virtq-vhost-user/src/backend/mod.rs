@@ -284,11 +284,21 @@ pub struct ServerOptions {
     /// a few tens of microseconds save the driver a kick and the back end a wake-up per
     /// burst, at the price of a busy CPU while the traffic lasts.
     pub poll: Duration,
+    /// The ring features offered with the device's own (a subset of [`RING_FEATURES`];
+    /// `VERSION_1` is always offered). Leaving out `RING_PACKED` keeps frontends that
+    /// take whatever the back end offers, such as QEMU's `vhost-user-rng-pci`, on split
+    /// rings.
+    pub ring_features: Features,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { max_connections: 64, message_timeout: Duration::from_secs(10), poll: Duration::ZERO }
+        Self {
+            max_connections: 64,
+            message_timeout: Duration::from_secs(10),
+            poll: Duration::ZERO,
+            ring_features: Features::from_bits(RING_FEATURES),
+        }
     }
 }
 
@@ -464,8 +474,7 @@ impl Server {
             device: self.device.clone(),
             stats: self.stats.clone(),
             shutdown: Some(self.shutdown.clone()),
-            message_timeout: self.options.message_timeout,
-            poll: self.options.poll,
+            options: self.options.clone(),
         }
     }
 
@@ -507,8 +516,7 @@ pub fn serve_stream(
     options: &ServerOptions,
 ) -> ConnectionEnd {
     let n = stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
-    ConnCtx { device, stats, shutdown: None, message_timeout: options.message_timeout, poll: options.poll }
-        .serve(stream, n)
+    ConnCtx { device, stats, shutdown: None, options: options.clone() }.serve(stream, n)
 }
 
 /// What serving a connection needs from its server.
@@ -516,8 +524,7 @@ struct ConnCtx {
     device: Arc<dyn Device>,
     stats: Arc<Stats>,
     shutdown: Option<ShutdownHandle>,
-    message_timeout: Duration,
-    poll: Duration,
+    options: ServerOptions,
 }
 
 impl ConnCtx {
@@ -569,11 +576,12 @@ impl ConnCtx {
                 log: log.clone(),
                 fault_event: fault_event.clone(),
                 watchdog: watchdog.get().clone(),
-                poll: self.poll,
+                poll: self.options.poll,
+                ring_features: self.options.ring_features,
             },
         )));
         let mut handler = BackendReqHandler::from_stream(stream, state.clone());
-        let timeout = self.message_timeout;
+        let timeout = self.options.message_timeout;
         let mut spoken = false;
         let shutting_down = || self.shutdown.as_ref().is_some_and(ShutdownHandle::requested);
         let end = loop {
@@ -589,7 +597,11 @@ impl ConnCtx {
                 break ConnectionEnd::Silent(timeout);
             }
             watchdog.get().arm(Instant::now() + timeout);
-            let r = handler.handle_request();
+            let r = match conn::take_early_vring_enable(sock, &state) {
+                Ok(true) => Ok(()),
+                Ok(false) => handler.handle_request(),
+                Err(e) => Err(e),
+            };
             let stalled = watchdog.get().disarm();
             if let Some(f) = lock(&state).memory_fault() {
                 break ConnectionEnd::MemoryFault(f);
