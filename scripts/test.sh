@@ -24,6 +24,13 @@ if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 16 ]; then
     echo 16 > /proc/sys/vm/nr_hugepages || echo "cannot reserve huge pages" >&2
 fi
 
+echo "== real peer: DPDK testpmd (dpdk-dev), a vhost-user-net device for the net tests"
+if ! command -v dpdk-testpmd >/dev/null; then
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends dpdk-dev ||
+        { apt-get -o DPkg::Lock::Timeout=600 update -qq &&
+            apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends dpdk-dev; }
+fi
+
 echo "== unit, integration, property and doc tests"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
