@@ -263,6 +263,8 @@ const ETH_VLAN_HLEN: usize = 14 + 4;
 const TX_BURST: usize = 64;
 /// Segments of a transmit chain served in a burst; longer chains are served alone.
 const TX_SEGS: usize = 64;
+/// Frames looped back per pass.
+const LOOP_BURST: usize = 32;
 /// Frames read from a TAP per pass.
 const RX_BURST: usize = 64;
 /// Segments of a receive chain taken in place; longer chains go through a spill list.
@@ -299,9 +301,12 @@ impl Worker for PairWorker {
 }
 
 impl PairWorker {
+    /// The loop, a burst at a time: the burst's transmit chains are popped first and
+    /// their frames' first lines prefetched, then as many receive chains (their first lines
+    /// prefetched for writing), and only then are the frames copied. The misses on lines
+    /// the driver wrote last overlap instead of coming one after the other.
     fn run_loopback<'m>(&mut self, rings: &mut Rings<'m>) {
-        let mut txsegs = Segments::<'m, TX_SEGS>::new();
-        let mut long_chain: Vec<Segment<'m>> = Vec::new();
+        let mut txb = TxBatch::new();
         let mut rxb = RxBufs::new();
         let mut counts = Counts::default();
         let kicks = [self.tx];
@@ -310,24 +315,19 @@ impl PairWorker {
             let mut rx = rx;
             let mut served = 0;
             if let Some(tx) = tx {
-                let mrg = self.mrg;
-                let mut frame = |chain: &Chain, segs: &[Segment<'m>]| {
-                    loop_frame(chain, segs, rx.as_deref_mut(), &mut rxb, mrg, &mut counts);
-                    0
-                };
-                served = match tx.serve(TX_BURST, &mut txsegs, &mut frame) {
-                    Ok(n) => n,
-                    Err(_) => match tx.pop(&mut long_chain) {
-                        Ok(Some(chain)) => {
-                            frame(&chain, &long_chain[..]);
-                            tx.complete(chain, 0);
-                            1
-                        }
-                        _ => 0,
-                    },
-                };
+                txb.pop(tx, LOOP_BURST);
+                served = txb.len();
+                if let Some(rx) = rx.as_deref_mut() {
+                    rxb.top_up(rx, served);
+                }
+                for i in 0..served {
+                    let (chain, segs) = txb.get(i);
+                    loop_frame(chain, segs, rx.as_deref_mut(), &mut rxb, self.mrg, &mut counts);
+                }
+                txb.complete(tx);
             }
             if let Some(rx) = rx {
+                rxb.complete_filled(rx);
                 rx.hold_from(rxb.resume_at());
             }
             counts.flush(&self.stats);
@@ -391,7 +391,7 @@ impl PairWorker {
                             did = true;
                         }
                         Ok(n) => {
-                            rxb.deliver(rx, n, &mut counts);
+                            rxb.deliver(n, &mut counts);
                             did = true;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -405,6 +405,7 @@ impl PairWorker {
                         }
                     }
                 }
+                rxb.complete_filled(rx);
                 rx.hold_from(rxb.resume_at());
             }
             counts.flush(&self.stats);
@@ -487,26 +488,150 @@ fn loop_frame<'m>(
     let buffers = rxb.buffers_for(total) as u16;
     rxb.write(0, &NetHdr { num_buffers: buffers, ..Default::default() }.to_bytes());
     rxb.copy_in(NetHdr::SIZE, &segs[..chain.readable_segments() as usize], NetHdr::SIZE, frame_len);
-    rxb.complete(rx, total, buffers as usize);
+    rxb.mark_filled(total, buffers as usize);
     counts.rx_frames += 1;
     counts.rx_bytes += frame_len as u64;
 }
 
-/// A receive chain popped and not yet filled.
+/// Asks the CPU for the cache line at `p`, to read it or (`write`) to own it for writing
+/// (PREFETCHW, where the CPU has it: a line the driver last wrote then moves once, not
+/// once shared and again exclusive at the store). A hint: it reads and writes nothing and
+/// cannot fault, whatever the address.
+#[inline(always)]
+fn prefetch(p: *const u8, write: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if write && has_prefetchw() {
+            // SAFETY: PREFETCHW is a hint: it returns nothing, writes no memory and does
+            // not fault whatever the address; the CPU was checked to implement it.
+            unsafe { core::arch::asm!("prefetchw [{}]", in(reg) p, options(nostack, preserves_flags, readonly)) };
+        } else {
+            // SAFETY: PREFETCHT0 is a hint with no architectural effect, part of SSE,
+            // which every x86-64 CPU has.
+            unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, write);
+}
+
+/// Whether the CPU has PREFETCHW (CPUID 0x8000_0001, ECX bit 8), asked once. `std`'s
+/// feature detection does not know this bit.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn has_prefetchw() -> bool {
+    use std::sync::atomic::AtomicU8;
+    static CACHED: AtomicU8 = AtomicU8::new(0);
+    match CACHED.load(Ordering::Relaxed) {
+        0 => {
+            let max_extended = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+            let present = max_extended >= 0x8000_0001 && core::arch::x86_64::__cpuid(0x8000_0001).ecx & (1 << 8) != 0;
+            CACHED.store(if present { 2 } else { 1 }, Ordering::Relaxed);
+            present
+        }
+        state => state == 2,
+    }
+}
+
+/// Prefetches the first two lines of a frame's buffer.
+#[inline(always)]
+fn prefetch_frame(seg: &Segment<'_>, write: bool) {
+    let p = seg.host_ptr();
+    prefetch(p, write);
+    if seg.len() > 64 {
+        prefetch(p.wrapping_add(64), write);
+    }
+}
+
+/// A burst of transmit chains popped together, with their segments.
+struct TxBatch<'m> {
+    /// Each chain and where its segments start in `segs`.
+    chains: Vec<(Chain, usize)>,
+    segs: Vec<Segment<'m>>,
+    sink: Segments<'m, TX_SEGS>,
+    long: Vec<Segment<'m>>,
+}
+
+impl<'m> TxBatch<'m> {
+    fn new() -> Self {
+        Self {
+            chains: Vec::with_capacity(LOOP_BURST),
+            segs: Vec::with_capacity(LOOP_BURST * 4),
+            sink: Segments::new(),
+            long: Vec::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.chains.len()
+    }
+
+    /// Pops up to `max` chains, prefetching the first lines of each frame.
+    fn pop(&mut self, tx: &mut Ring<'m>, max: usize) {
+        self.chains.clear();
+        self.segs.clear();
+        while self.chains.len() < max {
+            let start = self.segs.len();
+            let chain = match tx.pop(&mut self.sink) {
+                Ok(Some(chain)) => {
+                    self.segs.extend_from_slice(self.sink.as_slice());
+                    chain
+                }
+                Ok(None) => break,
+                // More segments than the sink holds: a list that grows.
+                Err(_) => match tx.pop(&mut self.long) {
+                    Ok(Some(chain)) => {
+                        self.segs.extend_from_slice(&self.long);
+                        chain
+                    }
+                    _ => break,
+                },
+            };
+            if let Some(first) = self.segs.get(start) {
+                prefetch_frame(first, false);
+            }
+            self.chains.push((chain, start));
+        }
+    }
+
+    /// Chain `i` and its segments.
+    fn get(&self, i: usize) -> (&Chain, &[Segment<'m>]) {
+        let (chain, start) = &self.chains[i];
+        let end = self.chains.get(i + 1).map_or(self.segs.len(), |(_, s)| *s);
+        (chain, &self.segs[*start..end])
+    }
+
+    /// Completes every chain of the burst, in the order popped (nothing written).
+    fn complete(&mut self, tx: &mut Ring<'m>) {
+        for (chain, _) in self.chains.drain(..) {
+            tx.complete(chain, 0);
+        }
+    }
+}
+
+/// A receive chain popped and not yet completed.
 struct Held {
     chain: Chain,
-    /// Its writable segments, at the front of `RxBufs::segs` in order.
+    /// Its writable segments, in `RxBufs::segs` in order.
     segs: usize,
     capacity: usize,
+    /// Bytes of a frame written into it (filled chains only).
+    used: usize,
     /// The ring's available position before it was popped.
     avail_before: u16,
 }
 
-/// Receive chains held by a pair's worker, oldest first, with their writable segments.
+/// Receive chains held by a pair's worker, oldest first, with their writable segments:
+/// first those a frame filled, which [`Self::complete_filled`] hands back together (so
+/// that the used ring's lines, which the driver refills behind the device, move once per
+/// burst), then the free ones, which the next frames fill.
 struct RxBufs<'m> {
     held: VecDeque<Held>,
     segs: VecDeque<Segment<'m>>,
-    /// Sum of the held chains' capacities.
+    /// Chains at the front that are filled; their segments are the first `filled_segs`.
+    filled: usize,
+    filled_segs: usize,
+    /// Sum of the free chains' capacities.
     capacity: usize,
     sink: Segments<'m, RX_SEGS>,
     spill: Vec<Segment<'m>>,
@@ -517,31 +642,44 @@ impl<'m> RxBufs<'m> {
         Self {
             held: VecDeque::with_capacity(256),
             segs: VecDeque::with_capacity(256),
+            filled: 0,
+            filled_segs: 0,
             capacity: 0,
             sink: Segments::new(),
             spill: Vec::new(),
         }
     }
 
-    /// Where the frontend resumes if the ring stops now (see `Ring::hold_from`).
+    /// Where the frontend resumes if the ring stops now (see `Ring::hold_from`); call
+    /// [`Self::complete_filled`] first.
     fn resume_at(&self) -> Option<u16> {
+        debug_assert_eq!(self.filled, 0);
         self.held.front().map(|h| h.avail_before)
     }
 
-    /// Pops chains until the held ones can take `want` bytes (header included), or the
+    fn free(&self) -> usize {
+        self.held.len() - self.filled
+    }
+
+    /// Pops chains until `n` free ones are held (or the ring runs out).
+    fn top_up(&mut self, rx: &mut Ring<'m>, n: usize) {
+        while self.free() < n && self.pop(rx) {}
+    }
+
+    /// Pops chains until the free ones can take `want` bytes (header included), or the
     /// ring runs out: with `mrg` together, else the first alone. Returns the bytes the
-    /// next frame can take. A chain too short for a header (a driver mistake) is returned
-    /// with nothing written when it comes first.
+    /// next frame can take. A chain too short for a header (a driver mistake) is given
+    /// back empty when it comes first.
     fn fill(&mut self, rx: &mut Ring<'m>, want: usize, mrg: bool, counts: &mut Counts) -> usize {
         loop {
-            if let Some(front) = self.held.front() {
-                if front.capacity < NetHdr::SIZE {
-                    self.complete(rx, 0, 1);
+            if let Some(first) = self.held.get(self.filled) {
+                if first.capacity < NetHdr::SIZE {
+                    self.mark_filled(0, 1);
                     counts.rx_errors += 1;
                     continue;
                 }
                 if !mrg {
-                    return front.capacity;
+                    return first.capacity;
                 }
                 if self.capacity >= want {
                     return self.capacity;
@@ -553,7 +691,8 @@ impl<'m> RxBufs<'m> {
         }
     }
 
-    /// Pops one chain and holds it; false if the ring is empty (or broken).
+    /// Pops one chain and holds it, prefetching its first lines for writing; false if the
+    /// ring is empty (or broken).
     fn pop(&mut self, rx: &mut Ring<'m>) -> bool {
         let avail_before = rx.avail_base();
         let (chain, segs): (Chain, &[Segment<'m>]) = match rx.pop(&mut self.sink) {
@@ -565,18 +704,21 @@ impl<'m> RxBufs<'m> {
             },
         };
         let writable = &segs[chain.readable_segments() as usize..];
+        if let Some(first) = writable.first() {
+            prefetch_frame(first, true);
+        }
         self.segs.extend(writable.iter().copied());
         let capacity = chain.writable_len() as usize;
         self.capacity += capacity;
-        self.held.push_back(Held { chain, segs: writable.len(), capacity, avail_before });
+        self.held.push_back(Held { chain, segs: writable.len(), capacity, used: 0, avail_before });
         true
     }
 
-    /// How many held chains a frame of `len` bytes fills.
+    /// How many free chains a frame of `len` bytes fills.
     fn buffers_for(&self, len: usize) -> usize {
         let mut left = len;
         let mut n = 0;
-        for h in &self.held {
+        for h in self.held.iter().skip(self.filled) {
             n += 1;
             if left <= h.capacity {
                 break;
@@ -586,11 +728,16 @@ impl<'m> RxBufs<'m> {
         n
     }
 
-    /// The iovecs of the held chains' segments, up to `len` bytes.
+    /// The free chains' segments, in order.
+    fn free_segs(&self) -> impl Iterator<Item = &Segment<'m>> {
+        self.segs.iter().skip(self.filled_segs)
+    }
+
+    /// The iovecs of the free chains' segments, up to `len` bytes.
     fn iovecs(&self, len: usize, iov: &mut Vec<libc::iovec>) {
         iov.clear();
         let mut left = len;
-        for s in &self.segs {
+        for s in self.free_segs() {
             if left == 0 {
                 break;
             }
@@ -600,18 +747,25 @@ impl<'m> RxBufs<'m> {
         }
     }
 
-    /// Writes `data` into the held chains' byte stream at `offset`.
-    fn write(&self, offset: usize, data: &[u8]) {
-        let (a, b) = self.segs.as_slices();
-        let n = write_stream(a, offset, data);
-        if n < data.len() {
-            let in_a: usize = a.iter().map(|s| s.len() as usize).sum();
-            write_stream(b, (offset + n).saturating_sub(in_a), &data[n..]);
+    /// Writes `data` into the free chains' byte stream at `offset`.
+    fn write(&self, mut offset: usize, mut data: &[u8]) {
+        for s in self.free_segs() {
+            if data.is_empty() {
+                break;
+            }
+            let len = s.len() as usize;
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let n = s.write_at(offset, data);
+            data = &data[n..];
+            offset = 0;
         }
     }
 
     /// Copies `len` bytes from `src` (a chain's readable segments, from `src_off`) into
-    /// the held chains' byte stream at `dst_off`: guest memory to guest memory, once.
+    /// the free chains' byte stream at `dst_off`: guest memory to guest memory, once.
     fn copy_in(&self, dst_off: usize, src: &[Segment<'_>], src_off: usize, len: usize) {
         let mut src_iter = src.iter();
         let mut cur = src_iter.next();
@@ -626,7 +780,7 @@ impl<'m> RxBufs<'m> {
         }
         let mut d_skip = dst_off;
         let mut left = len;
-        for d in &self.segs {
+        for d in self.free_segs() {
             if left == 0 {
                 break;
             }
@@ -656,27 +810,40 @@ impl<'m> RxBufs<'m> {
         }
     }
 
-    /// Hands a received frame of `len` bytes (header included, written by the TAP but
-    /// for `num_buffers`) to the driver.
-    fn deliver(&mut self, rx: &mut Ring<'m>, len: usize, counts: &mut Counts) {
+    /// A received frame of `len` bytes (header included) is in the free chains, written
+    /// by the TAP but for `num_buffers`: fills that in and marks them filled.
+    fn deliver(&mut self, len: usize, counts: &mut Counts) {
         let buffers = self.buffers_for(len);
         self.write(10, &(buffers as u16).to_le_bytes());
-        self.complete(rx, len, buffers);
+        self.mark_filled(len, buffers);
         counts.rx_frames += 1;
         counts.rx_bytes += (len - NetHdr::SIZE) as u64;
     }
 
-    /// Completes the first `buffers` held chains with the `len` bytes of a frame.
-    fn complete(&mut self, rx: &mut Ring<'m>, len: usize, buffers: usize) {
+    /// Marks the first `buffers` free chains filled with the `len` bytes of a frame.
+    fn mark_filled(&mut self, len: usize, buffers: usize) {
         let mut left = len;
         for _ in 0..buffers {
-            let Some(h) = self.held.pop_front() else { return };
-            let used = left.min(h.capacity);
-            left -= used;
+            let Some(h) = self.held.get_mut(self.filled) else { return };
+            h.used = left.min(h.capacity);
+            left -= h.used;
             self.capacity -= h.capacity;
-            self.segs.drain(..h.segs);
-            rx.complete(h.chain, used as u32);
+            self.filled_segs += h.segs;
+            self.filled += 1;
         }
+    }
+
+    /// Hands every filled chain back to the driver, in order.
+    fn complete_filled(&mut self, rx: &mut Ring<'m>) {
+        for _ in 0..self.filled {
+            let Some(h) = self.held.pop_front() else { break };
+            rx.complete(h.chain, h.used as u32);
+        }
+        for _ in 0..self.filled_segs {
+            self.segs.pop_front();
+        }
+        self.filled = 0;
+        self.filled_segs = 0;
     }
 }
 
