@@ -108,6 +108,7 @@ mod worker;
 pub use conn::RING_FEATURES;
 pub use log::{BURST as LOG_BURST, INTERVAL as LOG_INTERVAL};
 pub use memory::MemoryFault;
+pub(crate) use worker::prefetch_for_write;
 pub use worker::{read_stream, write_stream, ChainWorker, Idle, Ring, Rings, SinkFull, Wake, Worker, CHAIN_BATCH};
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30 of the virtio feature word in vhost-user).

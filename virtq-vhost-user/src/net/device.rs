@@ -34,6 +34,7 @@ use virtq::{Chain, Features, Segment, Segments};
 use super::tap::Tap;
 use super::wire::{self, ctrl, feature, CtrlCommand, NetConfig, NetHdr, CTRL_DATA_MAX};
 use crate::backend::log::{log_debug, log_error};
+use crate::backend::prefetch_for_write;
 use crate::backend::{read_stream, write_stream, ChainWorker, Device, Idle, QueueHandler, Ring, Rings, Wake, Worker};
 
 /// Where the device's frames go.
@@ -301,12 +302,14 @@ impl Worker for PairWorker {
 }
 
 impl PairWorker {
-    /// The loop, a burst at a time: the burst's transmit chains are popped first and
-    /// their frames' first lines prefetched, then as many receive chains (their first lines
-    /// prefetched for writing), and only then are the frames copied. The misses on lines
-    /// the driver wrote last overlap instead of coming one after the other.
+    /// The loop, a burst at a time: receive chains for the burst are popped first, their
+    /// first lines prefetched for writing, then the transmit chains are served
+    /// ([`Ring::serve`]) and each frame copied; the filled receive chains are completed
+    /// together at the end. The misses on lines the driver wrote last overlap instead of
+    /// coming one after the other.
     fn run_loopback<'m>(&mut self, rings: &mut Rings<'m>) {
-        let mut txb = TxBatch::new();
+        let mut txsegs = Segments::<'m, TX_SEGS>::new();
+        let mut long_chain: Vec<Segment<'m>> = Vec::new();
         let mut rxb = RxBufs::new();
         let mut counts = Counts::default();
         let kicks = [self.tx];
@@ -315,16 +318,28 @@ impl PairWorker {
             let mut rx = rx;
             let mut served = 0;
             if let Some(tx) = tx {
-                txb.pop(tx, LOOP_BURST);
-                served = txb.len();
                 if let Some(rx) = rx.as_deref_mut() {
-                    rxb.top_up(rx, served);
+                    rxb.top_up(rx, LOOP_BURST);
+                    rx.prefetch_used(LOOP_BURST);
                 }
-                for i in 0..served {
-                    let (chain, segs) = txb.get(i);
-                    loop_frame(chain, segs, rx.as_deref_mut(), &mut rxb, self.mrg, &mut counts);
-                }
-                txb.complete(tx);
+                tx.prefetch_used(LOOP_BURST);
+                let mrg = self.mrg;
+                let mut frame = |chain: &Chain, segs: &[Segment<'m>]| {
+                    loop_frame(chain, segs, rx.as_deref_mut(), &mut rxb, mrg, &mut counts);
+                    0
+                };
+                served = match tx.serve(LOOP_BURST, &mut txsegs, &mut frame) {
+                    Ok(n) => n,
+                    // A chain of more segments than the burst's sink holds: alone.
+                    Err(_) => match tx.pop(&mut long_chain) {
+                        Ok(Some(chain)) => {
+                            frame(&chain, &long_chain[..]);
+                            tx.complete(chain, 0);
+                            1
+                        }
+                        _ => 0,
+                    },
+                };
             }
             if let Some(rx) = rx {
                 rxb.complete_filled(rx);
@@ -493,119 +508,13 @@ fn loop_frame<'m>(
     counts.rx_bytes += frame_len as u64;
 }
 
-/// Asks the CPU for the cache line at `p`, to read it or (`write`) to own it for writing
-/// (PREFETCHW, where the CPU has it: a line the driver last wrote then moves once, not
-/// once shared and again exclusive at the store). A hint: it reads and writes nothing and
-/// cannot fault, whatever the address.
+/// Prefetches the first two lines of a receive buffer, for writing.
 #[inline(always)]
-fn prefetch(p: *const u8, write: bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if write && has_prefetchw() {
-            // SAFETY: PREFETCHW is a hint: it returns nothing, writes no memory and does
-            // not fault whatever the address; the CPU was checked to implement it.
-            unsafe { core::arch::asm!("prefetchw [{}]", in(reg) p, options(nostack, preserves_flags, readonly)) };
-        } else {
-            // SAFETY: PREFETCHT0 is a hint with no architectural effect, part of SSE,
-            // which every x86-64 CPU has.
-            unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast()) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, write);
-}
-
-/// Whether the CPU has PREFETCHW (CPUID 0x8000_0001, ECX bit 8), asked once. `std`'s
-/// feature detection does not know this bit.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn has_prefetchw() -> bool {
-    use std::sync::atomic::AtomicU8;
-    static CACHED: AtomicU8 = AtomicU8::new(0);
-    match CACHED.load(Ordering::Relaxed) {
-        0 => {
-            let max_extended = core::arch::x86_64::__cpuid(0x8000_0000).eax;
-            let present = max_extended >= 0x8000_0001 && core::arch::x86_64::__cpuid(0x8000_0001).ecx & (1 << 8) != 0;
-            CACHED.store(if present { 2 } else { 1 }, Ordering::Relaxed);
-            present
-        }
-        state => state == 2,
-    }
-}
-
-/// Prefetches the first two lines of a frame's buffer.
-#[inline(always)]
-fn prefetch_frame(seg: &Segment<'_>, write: bool) {
+fn prefetch_frame(seg: &Segment<'_>) {
     let p = seg.host_ptr();
-    prefetch(p, write);
+    prefetch_for_write(p);
     if seg.len() > 64 {
-        prefetch(p.wrapping_add(64), write);
-    }
-}
-
-/// A burst of transmit chains popped together, with their segments.
-struct TxBatch<'m> {
-    /// Each chain and where its segments start in `segs`.
-    chains: Vec<(Chain, usize)>,
-    segs: Vec<Segment<'m>>,
-    sink: Segments<'m, TX_SEGS>,
-    long: Vec<Segment<'m>>,
-}
-
-impl<'m> TxBatch<'m> {
-    fn new() -> Self {
-        Self {
-            chains: Vec::with_capacity(LOOP_BURST),
-            segs: Vec::with_capacity(LOOP_BURST * 4),
-            sink: Segments::new(),
-            long: Vec::new(),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.chains.len()
-    }
-
-    /// Pops up to `max` chains, prefetching the first lines of each frame.
-    fn pop(&mut self, tx: &mut Ring<'m>, max: usize) {
-        self.chains.clear();
-        self.segs.clear();
-        while self.chains.len() < max {
-            let start = self.segs.len();
-            let chain = match tx.pop(&mut self.sink) {
-                Ok(Some(chain)) => {
-                    self.segs.extend_from_slice(self.sink.as_slice());
-                    chain
-                }
-                Ok(None) => break,
-                // More segments than the sink holds: a list that grows.
-                Err(_) => match tx.pop(&mut self.long) {
-                    Ok(Some(chain)) => {
-                        self.segs.extend_from_slice(&self.long);
-                        chain
-                    }
-                    _ => break,
-                },
-            };
-            if let Some(first) = self.segs.get(start) {
-                prefetch_frame(first, false);
-            }
-            self.chains.push((chain, start));
-        }
-    }
-
-    /// Chain `i` and its segments.
-    fn get(&self, i: usize) -> (&Chain, &[Segment<'m>]) {
-        let (chain, start) = &self.chains[i];
-        let end = self.chains.get(i + 1).map_or(self.segs.len(), |(_, s)| *s);
-        (chain, &self.segs[*start..end])
-    }
-
-    /// Completes every chain of the burst, in the order popped (nothing written).
-    fn complete(&mut self, tx: &mut Ring<'m>) {
-        for (chain, _) in self.chains.drain(..) {
-            tx.complete(chain, 0);
-        }
+        prefetch_for_write(p.wrapping_add(64));
     }
 }
 
@@ -705,7 +614,7 @@ impl<'m> RxBufs<'m> {
         };
         let writable = &segs[chain.readable_segments() as usize..];
         if let Some(first) = writable.first() {
-            prefetch_frame(first, true);
+            prefetch_frame(first);
         }
         self.segs.extend(writable.iter().copied());
         let capacity = chain.writable_len() as usize;
@@ -718,7 +627,7 @@ impl<'m> RxBufs<'m> {
     fn buffers_for(&self, len: usize) -> usize {
         let mut left = len;
         let mut n = 0;
-        for h in self.held.iter().skip(self.filled) {
+        for h in self.held.range(self.filled..) {
             n += 1;
             if left <= h.capacity {
                 break;
@@ -730,7 +639,7 @@ impl<'m> RxBufs<'m> {
 
     /// The free chains' segments, in order.
     fn free_segs(&self) -> impl Iterator<Item = &Segment<'m>> {
-        self.segs.iter().skip(self.filled_segs)
+        self.segs.range(self.filled_segs..)
     }
 
     /// The iovecs of the free chains' segments, up to `len` bytes.
