@@ -215,6 +215,50 @@ fn without_mergeable_buffers_on_every_layout() {
     }
 }
 
+/// Chains of many segments: a transmit chain of 80 (more than a burst's sink holds,
+/// served alone) and receive chains of 24 (past the in-place segment list), on every
+/// layout; the frame comes back byte for byte.
+#[test]
+fn chains_of_many_segments() {
+    let (server, _stats) = loopback(1);
+    for layout in LayoutKind::ALL {
+        let mut s = Setup::new(layout);
+        s.rx_count = 0;
+        s.queue_size = 256;
+        let mut net = TestNet::connect(&server.socket, &s);
+        let mem = net.conn.memory().clone();
+        // One receive chain of 24 segments of 64 bytes.
+        let rx_pieces: Vec<DmaBuffer> = (0..24).map(|_| mem.alloc(64).unwrap()).collect();
+        let rx_sgs: Vec<_> = rx_pieces.iter().map(|b| b.sg()).collect();
+        let rx_lists: Vec<&[_]> = rx_sgs.iter().map(std::slice::from_ref).collect();
+        net.rx.vq_mut().add_sgs_premapped(&[], &rx_lists, 0).unwrap();
+        net.rx.kick().unwrap();
+        // One transmit chain: the header, then the frame in 80 pieces.
+        let f = frame(&mut prng::Rng::new(21), 14 + 79 * 13);
+        let mut tx_pieces = vec![mem.alloc(HDR).unwrap()];
+        tx_pieces[0].fill(0);
+        for chunk in f.chunks(f.len().div_ceil(79)) {
+            let mut b = mem.alloc(chunk.len()).unwrap();
+            b.copy_from_slice(chunk);
+            tx_pieces.push(b);
+        }
+        assert!(tx_pieces.len() > 64, "{} segments", tx_pieces.len());
+        let tx_sgs: Vec<_> = tx_pieces.iter().map(|b| b.sg()).collect();
+        let tx_lists: Vec<&[_]> = tx_sgs.iter().map(std::slice::from_ref).collect();
+        net.tx.vq_mut().add_sgs_premapped(&tx_lists, &[], 0).unwrap();
+        net.tx.kick().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let used = net.next_used(deadline).expect("the frame comes back");
+        assert_eq!(used, (0, (HDR + f.len()) as u32), "{}", layout.name());
+        let got: Vec<u8> = rx_pieces.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(got[10..12], [1, 0], "num_buffers");
+        assert!(got[HDR..HDR + f.len()] == f[..], "{}: the frame differs", layout.name());
+        wait_until("the transmit chain back", Duration::from_secs(10), || net.tx.vq_mut().get_buf().is_some());
+        drop(net);
+    }
+    server.stop();
+}
+
 /// Without MRG_RXBUF a frame longer than a receive buffer cannot be delivered: it is
 /// dropped and counted, and the buffer takes the next frame that fits.
 #[test]

@@ -324,22 +324,9 @@ impl PairWorker {
                 }
                 tx.prefetch_used(LOOP_BURST);
                 let mrg = self.mrg;
-                let mut frame = |chain: &Chain, segs: &[Segment<'m>]| {
-                    loop_frame(chain, segs, rx.as_deref_mut(), &mut rxb, mrg, &mut counts);
-                    0
-                };
-                served = match tx.serve(LOOP_BURST, &mut txsegs, &mut frame) {
-                    Ok(n) => n,
-                    // A chain of more segments than the burst's sink holds: alone.
-                    Err(_) => match tx.pop(&mut long_chain) {
-                        Ok(Some(chain)) => {
-                            frame(&chain, &long_chain[..]);
-                            tx.complete(chain, 0);
-                            1
-                        }
-                        _ => 0,
-                    },
-                };
+                served = serve_transmit(tx, LOOP_BURST, &mut txsegs, &mut long_chain, |chain, segs| {
+                    loop_frame(chain, segs, rx.as_deref_mut(), &mut rxb, mrg, &mut counts)
+                });
             }
             if let Some(rx) = rx {
                 rxb.complete_filled(rx);
@@ -365,21 +352,9 @@ impl PairWorker {
             let mut did = false;
             let tx_running = tx.is_some();
             if let Some(tx) = tx {
-                let mut frame = |chain: &Chain, segs: &[Segment<'m>]| {
-                    send_to_tap(tap, chain, segs, &mut iov, &mut counts);
-                    0
-                };
-                let n = match tx.serve(TX_BURST, &mut txsegs, &mut frame) {
-                    Ok(n) => n,
-                    Err(_) => match tx.pop(&mut long_chain) {
-                        Ok(Some(chain)) => {
-                            frame(&chain, &long_chain[..]);
-                            tx.complete(chain, 0);
-                            1
-                        }
-                        _ => 0,
-                    },
-                };
+                let n = serve_transmit(tx, TX_BURST, &mut txsegs, &mut long_chain, |chain, segs| {
+                    send_to_tap(tap, chain, segs, &mut iov, &mut counts)
+                });
                 did |= n > 0;
             }
             let mut rx_starved = false;
@@ -442,6 +417,32 @@ impl PairWorker {
                 return;
             }
         }
+    }
+}
+
+/// Serves up to `max` transmit chains with `f` ([`Ring::serve`]: completed with nothing
+/// written, published once); a chain of more segments than `segs` holds is served alone,
+/// its segments gathered in `long`. Returns how many were served.
+fn serve_transmit<'m, const N: usize>(
+    tx: &mut Ring<'m>,
+    max: usize,
+    segs: &mut Segments<'m, N>,
+    long: &mut Vec<Segment<'m>>,
+    mut f: impl FnMut(&Chain, &[Segment<'m>]),
+) -> usize {
+    match tx.serve(max, segs, |chain, segs| {
+        f(chain, segs);
+        0
+    }) {
+        Ok(n) => n,
+        Err(_) => match tx.pop(long) {
+            Ok(Some(chain)) => {
+                f(&chain, long);
+                tx.complete(chain, 0);
+                1
+            }
+            _ => 0,
+        },
     }
 }
 
