@@ -89,6 +89,18 @@ wait_socket() {
     done
 }
 
+# wait_prompt LOG PID: waits until testpmd's prompt is in LOG (false if PID exits or 120 s
+# pass).
+wait_prompt() {
+    local i=0
+    until grep -aq 'testpmd> ' "$1"; do
+        kill -0 "$2" 2>/dev/null || return 1
+        i=$((i + 1))
+        [ "$i" -le 1200 ] || return 1
+        sleep 0.1
+    done
+}
+
 # run_once DEVICE LAYOUT SIZE N: one measurement; prints the driver's Mpps.
 run_once() {
     local device=$1 layout=$2 size=$3 n=$4 sock=$DIR/net-$n.sock packed=0 in_order=0 dev_pid fifo
@@ -111,25 +123,35 @@ run_once() {
             --txd=1024 --rxd=1024 --burst="$BURST" <"$fifo" >"$DIR/dev-$n.log" 2>&1 &
         dev_pid=$!
         exec 7<>"$fifo"
+        wait_prompt "$DIR/dev-$n.log" "$dev_pid" || { tail -n 20 "$DIR/dev-$n.log" >&2; die "net_vhost's testpmd did not start"; }
         printf 'set fwd io\nstart\n' >&7
     fi
     PIDS+=("$dev_pid")
     wait_socket "$sock" || { cat "$DIR/dev-$n.log" >&2; die "$device did not listen on $sock"; }
-    {
-        sleep 0.5
-        printf 'set fwd io\nset burst %s\nset txpkts %s\nstart tx_first 32\n' "$BURST" "$size"
-        sleep "$WARMUP"
-        printf 'show port stats 0\n'
-        sleep "$MEASURE"
-        printf 'show port stats 0\nstop\nquit\n'
-    } | dpdk-testpmd --lcores '0@1,1@1' "${EAL[@]}" --file-prefix="$PREFIX-v$n" \
+    local drv_fifo=$DIR/drv-$n.in drv_pid
+    mkfifo "$drv_fifo"
+    dpdk-testpmd --lcores '0@1,1@1' "${EAL[@]}" --file-prefix="$PREFIX-v$n" \
         --vdev "net_virtio_user0,path=$sock,queues=1,queue_size=1024,packed_vq=$packed,in_order=$in_order,mrg_rxbuf=1" \
-        -- -i --nb-cores=1 --txd=1024 --rxd=1024 >"$DIR/drv-$n.log" 2>&1 || true
+        -- -i --nb-cores=1 --txd=1024 --rxd=1024 <"$drv_fifo" >"$DIR/drv-$n.log" 2>&1 &
+    drv_pid=$!
+    exec 8<>"$drv_fifo"
+    # Commands only once the prompt is up: EAL can take seconds on a busy machine.
+    wait_prompt "$DIR/drv-$n.log" "$drv_pid" || { tail -n 20 "$DIR/drv-$n.log" >&2; die "the driver did not start"; }
+    printf 'set fwd io\nset burst %s\nset txpkts %s\nstart tx_first 32\n' "$BURST" "$size" >&8
+    sleep "$WARMUP"
+    printf 'show port stats 0\n' >&8
+    sleep "$MEASURE"
+    printf 'show port stats 0\nstop\nquit\n' >&8
+    local i=0
+    while kill -0 "$drv_pid" 2>/dev/null && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+    kill "$drv_pid" 2>/dev/null || true
+    wait "$drv_pid" 2>/dev/null || true
+    exec 8>&-
     if [ "$device" = dpdk ]; then
         printf 'stop\nquit\n' >&7 || true
         exec 7>&-
     fi
-    local i=0
+    i=0
     while kill -0 "$dev_pid" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
     kill "$dev_pid" 2>/dev/null || true
     wait "$dev_pid" 2>/dev/null || true

@@ -86,7 +86,8 @@ fn testpmd_or_skip() -> Option<PathBuf> {
 struct Testpmd {
     child: Child,
     prefix: String,
-    output: Option<std::thread::JoinHandle<String>>,
+    output: Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Testpmd {
@@ -105,16 +106,42 @@ impl Testpmd {
         }
         let mut child =
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start testpmd");
-        let mut out = child.stdout.take().unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let output = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            let mut e = String::new();
-            let _ = err.read_to_string(&mut e);
-            s + &e
-        });
-        Self { child, prefix: prefix.to_string(), output: Some(output) }
+        let output = Arc::new(std::sync::Mutex::new(String::new()));
+        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
+        let readers = [out, err]
+            .into_iter()
+            .map(|mut r| {
+                let output = output.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = r.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        output.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                })
+            })
+            .collect();
+        let pmd = Self { child, prefix: prefix.to_string(), output, readers };
+        // Commands before the first prompt would run while the ports still come up (EAL
+        // takes seconds on a busy machine).
+        pmd.wait_output("testpmd> ", Duration::from_secs(120));
+        pmd
+    }
+
+    /// Waits until testpmd has printed `pattern`.
+    fn wait_output(&self, pattern: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.output.lock().unwrap().contains(pattern) {
+            assert!(
+                Instant::now() < deadline,
+                "testpmd printed no '{pattern}' in {timeout:?}:\n{}",
+                self.output.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn send(&mut self, commands: &str) {
@@ -136,7 +163,11 @@ impl Testpmd {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.wait();
-        self.output.take().unwrap().join().unwrap()
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let out = self.output.lock().unwrap().clone();
+        out
     }
 }
 
