@@ -17,6 +17,13 @@ if [ ! -x /usr/bin/qemu-storage-daemon ]; then
     apt-get install -y --no-install-recommends -t bookworm-backports qemu-utils
 fi
 
+echo "== real peer: DPDK testpmd (dpdk-dev), a vhost-user-net device for the net tests"
+if ! command -v dpdk-testpmd >/dev/null; then
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends dpdk-dev ||
+        { apt-get -o DPkg::Lock::Timeout=600 update -qq &&
+            apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends dpdk-dev; }
+fi
+
 echo "== huge pages for the hugetlbfs guest-memory test (backend_hostile.rs)"
 # A shrunk hugetlbfs file must not kill the back end; the test needs one free 2 MiB page
 # and fails under CI=true without it.

@@ -1,9 +1,10 @@
 #!/bin/sh
 # /init of the test guest (busybox ash; setup.sh copies it into the initramfs).
 #
-# Loads the virtio modules, waits for /dev/vda (a vhost-user-blk-pci disk), runs the test
-# named on the kernel command line (virtq.test=pattern|mq) and prints machine-readable
-# lines on the serial console, then powers off:
+# Loads the virtio modules, runs the test named on the kernel command line
+# (virtq.test=pattern|mq: a vhost-user-blk-pci disk at /dev/vda; virtq.test=netrng: a
+# virtio-net and a virtio-rng device) and prints machine-readable lines on the serial
+# console, then powers off. The disk tests print:
 #
 #   VIRTQ-RESULT start test=<t>
 #   VIRTQ-RESULT kernel=<uname -r>
@@ -17,6 +18,18 @@
 #   VIRTQ-RESULT time total=<s>s ...
 #   VIRTQ-RESULT ok | VIRTQ-RESULT fail <why>
 #   VIRTQ-RESULT end                       (just before poweroff -f)
+#
+# virtq.test=netrng (see test-net-rng.sh, which plays the peer in a network namespace;
+# virtq.addr=<ip/len> virtq.peer=<ip> virtq.mb=<MiB each way> virtq.rng=<bytes>):
+#
+#   VIRTQ-RESULT device <net|rng> features=<64 chars of 0/1>
+#   VIRTQ-RESULT rng current=<hwrng> bytes=<n> sha256=<sum> time=<s>s
+#   VIRTQ-RESULT net up <ifname> <addr>    (the host pings the guest then)
+#   VIRTQ-RESULT net ping ok               (the guest pinged the peer)
+#   VIRTQ-RESULT net rx bytes=<n> sha256=<sum> time=<s>s   (downloaded from the peer)
+#   VIRTQ-RESULT net tx-ready bytes=<n> sha256=<sum>       (served to the peer; the guest
+#                                                           waits for the peer's tx-done)
+#   VIRTQ-RESULT net tx-done time=<s>s
 #
 # The region table and the pattern generator come from /lib/virtq/pattern.sh, the same
 # file check-image.sh sources on the host.
@@ -79,24 +92,27 @@ while read -r m; do
     insmod "/lib/virtq/modules/$m.ko" || fail "insmod $m"
 done </lib/virtq/modules.order
 
-i=0
-while [ ! -b /dev/vda ]; do
-    i=$((i + 1))
-    [ "$i" -le 300 ] || fail "no /dev/vda after 30 s"
-    sleep 0.1
-done
+# The disk tests' device: /dev/vda, its features and size.
+blk_setup() {
+    i=0
+    while [ ! -b /dev/vda ]; do
+        i=$((i + 1))
+        [ "$i" -le 300 ] || fail "no /dev/vda after 30 s"
+        sleep 0.1
+    done
 
-FEATURES=$(cat /sys/block/vda/device/features)
-[ "${#FEATURES}" -ge 36 ] || fail "unexpected features string '$FEATURES'"
-bit() { echo "$FEATURES" | cut -c "$(($1 + 1))"; }
-R "features=$FEATURES"
-R "packed=$(bit 34) event_idx=$(bit 29) indirect=$(bit 28) in_order=$(bit 35) version_1=$(bit 32) blk_mq=$(bit 12)"
+    FEATURES=$(cat /sys/block/vda/device/features)
+    [ "${#FEATURES}" -ge 36 ] || fail "unexpected features string '$FEATURES'"
+    bit() { echo "$FEATURES" | cut -c "$(($1 + 1))"; }
+    R "features=$FEATURES"
+    R "packed=$(bit 34) event_idx=$(bit 29) indirect=$(bit 28) in_order=$(bit 35) version_1=$(bit 32) blk_mq=$(bit 12)"
 
-SECTORS=$(cat /sys/block/vda/size)
-HWQ=$(find /sys/block/vda/mq -mindepth 1 -maxdepth 1 | wc -l)
-NCPU=$(nproc)
-R "disk sectors=$SECTORS hw_queues=$HWQ cpus=$NCPU"
-[ $((SECTORS * 512)) -ge "$VIRTQ_MIN_DISK_BYTES" ] || fail "disk is $((SECTORS * 512)) bytes, the regions need $VIRTQ_MIN_DISK_BYTES"
+    SECTORS=$(cat /sys/block/vda/size)
+    HWQ=$(find /sys/block/vda/mq -mindepth 1 -maxdepth 1 | wc -l)
+    NCPU=$(nproc)
+    R "disk sectors=$SECTORS hw_queues=$HWQ cpus=$NCPU"
+    [ $((SECTORS * 512)) -ge "$VIRTQ_MIN_DISK_BYTES" ] || fail "disk is $((SECTORS * 512)) bytes, the regions need $VIRTQ_MIN_DISK_BYTES"
+}
 
 irqs() {
     # "virtio0-req.0" and so on: one MSI-X vector a virtqueue. Prints NAME=COUNT (all CPUs).
@@ -235,10 +251,84 @@ test_mq() {
     [ "$used" -ge "$want" ] || fail "only $used of $want request virtqueues carried I/O"
 }
 
+# The virtio device of type $1 (0x0001 net, 0x0004 rng) in sysfs, waiting up to 30 s.
+virtio_dev() {
+    i=0
+    while :; do
+        for d in /sys/bus/virtio/devices/*; do
+            [ "$(cat "$d/device" 2>/dev/null)" = "$1" ] && { echo "$d"; return 0; }
+        done
+        i=$((i + 1))
+        [ "$i" -le 300 ] || return 1
+        sleep 0.1
+    done
+}
+
+test_netrng() {
+    ADDR=$(cmdline_arg virtq.addr)
+    PEER=$(cmdline_arg virtq.peer)
+    MB=$(cmdline_arg virtq.mb)
+    RNG_BYTES=$(cmdline_arg virtq.rng)
+    [ -n "$ADDR" ] && [ -n "$PEER" ] && [ -n "$MB" ] && [ -n "$RNG_BYTES" ] || fail "virtq.addr, virtq.peer, virtq.mb and virtq.rng are needed"
+
+    rng=$(virtio_dev 0x0004) || fail "no virtio-rng device after 30 s"
+    R "device rng features=$(cat "$rng/features")"
+    net=$(virtio_dev 0x0001) || fail "no virtio-net device after 30 s"
+    R "device net features=$(cat "$net/features")"
+
+    # Entropy: the bytes must arrive, and they must not be zeroes.
+    i=0
+    while [ ! -c /dev/hwrng ] || [ "$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)" = none ]; do
+        i=$((i + 1))
+        [ "$i" -le 100 ] || fail "no /dev/hwrng with a current rng after 10 s"
+        sleep 0.1
+    done
+    current=$(cat /sys/class/misc/hw_random/rng_current)
+    t=$(now)
+    head -c "$RNG_BYTES" /dev/hwrng >/tmp/rng.bin || fail "reading /dev/hwrng"
+    n=$(wc -c </tmp/rng.bin)
+    sum=$(sha256sum </tmp/rng.bin | cut -d' ' -f1)
+    zero=$(head -c "$RNG_BYTES" /dev/zero | sha256sum | cut -d' ' -f1)
+    R "rng current=$current bytes=$n sha256=$sum time=$(elapsed "$t")s"
+    case $current in virtio_rng*) ;; *) fail "the current hwrng is $current, not virtio_rng" ;; esac
+    [ "$n" -eq "$RNG_BYTES" ] || fail "read $n of $RNG_BYTES bytes from /dev/hwrng"
+    [ "$sum" != "$zero" ] || fail "/dev/hwrng gave zeroes"
+    rm -f /tmp/rng.bin
+
+    ifname=$(ls "$net/net" | sed -n 1p)
+    [ -n "$ifname" ] || fail "the virtio-net device has no interface"
+    ip link set lo up
+    ip addr add "$ADDR" dev "$ifname"
+    ip link set "$ifname" up
+    R "net up $ifname $ADDR"
+    ping -c 3 -W 5 "$PEER" >/tmp/ping.log 2>&1 || { cat /tmp/ping.log; fail "ping $PEER"; }
+    R "net ping ok"
+
+    t=$(now)
+    sum=$(wget -q -O - "http://$PEER:8080/rx.bin" | sha256sum | cut -d' ' -f1) || fail "downloading rx.bin from $PEER"
+    R "net rx bytes=$((MB * 1048576)) sha256=$sum time=$(elapsed "$t")s"
+
+    mkdir -p /tmp/www
+    head -c $((MB * 1048576)) /dev/urandom >/tmp/www/tx.bin
+    sum=$(sha256sum </tmp/www/tx.bin | cut -d' ' -f1)
+    httpd -p 8080 -h /tmp/www || fail "httpd"
+    t=$(now)
+    R "net tx-ready bytes=$((MB * 1048576)) sha256=$sum"
+    i=0
+    until wget -q -O /dev/null "http://$PEER:8080/tx-done" 2>/dev/null; do
+        i=$((i + 1))
+        [ "$i" -le 600 ] || fail "the peer did not fetch tx.bin within 300 s"
+        sleep 0.5
+    done
+    R "net tx-done time=$(elapsed "$t")s"
+    rm -f /tmp/www/tx.bin
+}
+
 case $TEST in
-pattern) test_pattern ;;
-mq) test_mq ;;
-*) fail "unknown test '$TEST' (virtq.test=pattern|mq)" ;;
+pattern) blk_setup; test_pattern ;;
+mq) blk_setup; test_mq ;;
+netrng) test_netrng ;;
+*) fail "unknown test '$TEST' (virtq.test=pattern|mq|netrng)" ;;
 esac
 
 for kv in $(irqs); do R "irq $kv"; done

@@ -9,7 +9,8 @@
 #   bookworm's 7.2 and remove qemu-utils 10 with qemu-storage-daemon), busybox-static, cpio,
 # - downloads the Debian kernel that linux-image-amd64 depends on and unpacks it into the
 #   cache folder ($VIRTQ_GUEST_CACHE, default $HOME/.cache/virtq-guest),
-# - builds $CACHE/initramfs.cpio.gz: busybox, the virtio modules, /init from init.sh.
+# - builds $CACHE/initramfs.cpio.gz: busybox, the virtio modules (blk, net, rng), /init
+#   from init.sh.
 #
 # Debian 12 (bookworm), x86_64, root (or sudo).
 set -euo pipefail
@@ -17,7 +18,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${VIRTQ_GUEST_CACHE:-${HOME:-/root}/.cache/virtq-guest}
 # Loaded in this order; their dependencies from modules.dep go first.
-MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk"
+MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_net virtio_rng"
 
 log() { echo "setup.sh: $*" >&2; }
 die() { echo "setup.sh: error: $*" >&2; exit 1; }

@@ -18,7 +18,11 @@ mod pingpong;
 mod plot;
 mod report;
 mod ringtest;
+mod rng_cmd;
+mod serve;
 mod serve_blk;
+mod serve_net;
+mod serve_rng;
 mod stats;
 
 use std::io::{self, Write};
@@ -57,6 +61,12 @@ enum Command {
     ServeBlk(serve_blk::ServeBlkArgs),
     /// Drive a vhost-user-net device (e.g. DPDK's net_vhost): info, tx, rx, loop, bench.
     Net(net_cmd::NetArgs),
+    /// Serve a vhost-user-net back end: frames to a TAP device, or looped back.
+    ServeNet(serve_net::ServeNetArgs),
+    /// Serve a vhost-user-rng back end filled from /dev/urandom (for QEMU and its guest).
+    ServeRng(serve_rng::ServeRngArgs),
+    /// Read entropy from a vhost-user-rng device with virtq's virtio-rng driver.
+    Rng(rng_cmd::RngArgs),
 }
 
 #[derive(Debug, Args)]
@@ -209,6 +219,9 @@ fn main() -> ExitCode {
         Command::Blk(args) => blk_cmd::run(args),
         Command::ServeBlk(args) => serve_blk::run(args),
         Command::Net(args) => net_cmd::run(args),
+        Command::ServeNet(args) => serve_net::run(args),
+        Command::ServeRng(args) => serve_rng::run(args),
+        Command::Rng(args) => rng_cmd::run(args),
         Command::Bench(args) => match bench_command(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -18,14 +18,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use virtq_vhost_user::backend::blk::{BlkBackend, BlkBackendOptions};
-use virtq_vhost_user::backend::{Server, ServerOptions};
+
+use crate::serve::{serve, ServeArgs};
 
 /// Options of `virtq serve-blk`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeBlkArgs {
-    /// Unix socket to listen on (replaced if it exists).
-    #[arg(long)]
-    pub socket: PathBuf,
+    #[command(flatten)]
+    pub serve: ServeArgs,
     /// Raw disk image to serve; its size, rounded down to 512-byte sectors, is the capacity.
     #[arg(long)]
     pub image: PathBuf,
@@ -38,12 +38,6 @@ pub struct ServeBlkArgs {
     /// Device id returned to GET_ID (at most 20 bytes).
     #[arg(long, default_value = "virtq-blk")]
     pub serial: String,
-    /// Serve a single frontend connection, then exit.
-    #[arg(long)]
-    pub once: bool,
-    /// Most frontends served at once; one more is closed at once.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    pub max_connections: u32,
 }
 
 /// Runs `virtq serve-blk`.
@@ -72,22 +66,7 @@ pub fn run(args: ServeBlkArgs) -> ExitCode {
         args.queues,
         if args.queues == 1 { "" } else { "s" },
         if args.readonly { ", read-only" } else { "" },
-        args.socket.display()
+        args.serve.socket.display()
     );
-    let limits = ServerOptions { max_connections: args.max_connections as usize, ..Default::default() };
-    let mut server = match Server::bind_with(&args.socket, Arc::new(device), limits) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("virtq serve-blk: cannot listen on {}: {e}", args.socket.display());
-            return ExitCode::from(2);
-        }
-    };
-    let r = if args.once { server.serve_one().map(|_| ()) } else { server.run() };
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("virtq serve-blk: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    serve("serve-blk", Arc::new(device), &args.serve)
 }

@@ -10,6 +10,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+#[path = "../../virtq-cli/src/serve.rs"]
+mod serve;
 #[path = "../../virtq-cli/src/serve_blk.rs"]
 mod serve_blk;
 

@@ -7,14 +7,16 @@
 //!   or sleeping.
 //! - [`blk`]: a virtio-blk driver on top (read, write, flush, discard, write-zeroes,
 //!   get-id), many requests in flight per queue, completions matched by token.
-//! - [`net`]: a virtio-net driver on top (queue pairs, burst transmit and receive with
-//!   frames in place in guest memory, mergeable receive buffers), and the virtio-net
-//!   vocabulary both sides share (`net::wire`).
-//! - [`backend`]: the device's end: a vhost-user back end whose rings are `virtq` device
-//!   queues, and a virtio-blk device over a file.
+//! - [`net`]: virtio-net: the vocabulary both sides share (`net::wire`), a driver (queue
+//!   pairs, burst transmit and receive with frames in place in guest memory, mergeable
+//!   receive buffers) and a device over a TAP or in loopback.
+//! - [`backend`]: the device's end: a framework that owns the vhost-user protocol, the
+//!   memory table, the rings and their workers, so that a device implements only itself;
+//!   virtio-blk over a file on it.
 //! - [`virtio_blk`]: the virtio-blk vocabulary both sides share.
 //! - [`reactor`]: async completions: a vhost-user queue whose buffers are awaited, and
 //!   the reactor on its call eventfd (a thread, or tokio with the `tokio` feature).
+//! - [`rng`]: virtio-rng, driver and device.
 //!
 //! ```no_run
 //! use virtq_vhost_user::blk::{BlkDevice, BlkOptions};
@@ -31,12 +33,17 @@
 
 #![warn(missing_docs)]
 
+// Lets the device modules name this crate as its users do (`virtq_vhost_user::...`), so
+// that the back end's documentation can show one of them verbatim.
+extern crate self as virtq_vhost_user;
+
 pub mod backend;
 pub mod blk;
 pub mod frontend;
 pub mod memory;
 pub mod net;
 pub mod reactor;
+pub mod rng;
 pub mod virtio_blk;
 mod watchdog;
 

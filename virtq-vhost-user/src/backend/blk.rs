@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use virtq::{Chain, Features, Segment};
 
-use super::{Device, QueueHandler};
+use super::{read_stream as stream_read, write_stream as stream_write, Device, QueueHandler};
 
 pub use crate::virtio_blk::{feature, req, status, ID_BYTES, SECTOR};
 use crate::virtio_blk::{HEADER_BYTES as HEADER, WRITE_ZEROES_FLAG_UNMAP as FLAG_UNMAP};
@@ -172,43 +172,6 @@ struct BlkQueue {
     dev: Arc<Shared>,
     features: u64,
     bounce: Vec<u8>,
-}
-
-/// Copies `buf.len()` bytes starting `offset` bytes into the byte stream the segments
-/// form. Returns the count copied (short at the stream's end).
-fn stream_read(segs: &[Segment<'_>], mut offset: usize, buf: &mut [u8]) -> usize {
-    let mut done = 0;
-    for s in segs {
-        let len = s.len() as usize;
-        if offset >= len {
-            offset -= len;
-            continue;
-        }
-        done += s.read_at(offset, &mut buf[done..]);
-        offset = 0;
-        if done == buf.len() {
-            break;
-        }
-    }
-    done
-}
-
-/// Copies `data` into the segments' byte stream at `offset`; returns the count copied.
-fn stream_write(segs: &[Segment<'_>], mut offset: usize, data: &[u8]) -> usize {
-    let mut done = 0;
-    for s in segs {
-        let len = s.len() as usize;
-        if offset >= len {
-            offset -= len;
-            continue;
-        }
-        done += s.write_at(offset, &data[done..]);
-        offset = 0;
-        if done == data.len() {
-            break;
-        }
-    }
-    done
 }
 
 /// The outcome of one request: the status and the data bytes written into the guest.

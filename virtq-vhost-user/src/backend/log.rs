@@ -151,3 +151,5 @@ macro_rules! log_debug {
         }
     };
 }
+
+pub(crate) use {log_debug, log_error};

@@ -1,6 +1,16 @@
-//! The device's end of vhost-user: a back end that a frontend such as QEMU connects to, so
-//! that a guest's own virtio drivers (Linux's `virtio_ring.c` and `virtio_blk`) drive rings
-//! that this process serves with [`virtq::DeviceQueue`].
+//! The device's end of vhost-user: a framework that serves virtio devices to frontends
+//! such as QEMU, so that a guest's own virtio drivers (Linux's `virtio_ring.c` and
+//! `virtio_blk`, `virtio_net`, `virtio-rng`) drive rings that this process serves with
+//! [`virtq::DeviceQueue`].
+//!
+//! A device author writes the device: a [`Device`] (features, config space, queues) and
+//! what it does with the chains of its queues, either one chain at a time
+//! ([`QueueHandler`]) or as a loop over a group of rings ([`Worker`], for queues that work
+//! together). The framework owns the rest: the protocol and its life cycle, the memory
+//! table, one [`virtq::DeviceQueue`] per ring in whichever layout the frontend negotiates
+//! (split, packed, each with or without `IN_ORDER`, with `EVENT_IDX` and indirect
+//! descriptors), the kick and call eventfds, the worker threads, notification
+//! suppression while a worker is busy, reconnects, and the errors of hostile peers.
 //!
 //! ```text
 //! Server::bind(path, device)          a unix socket (vhost's Listener)
@@ -11,8 +21,24 @@
 //!                                     calls conn::ConnState (features, memory table, vrings,
 //!                                     config, GET_VRING_BASE, ...); a watchdog bounds each
 //!                                     message once begun (ServerOptions::message_timeout)
-//!     one worker thread per ring      pop / process / complete on our DeviceQueue, sleeping
-//!                                     on the kick eventfd, signalling the call eventfd
+//!     one worker thread per group     Device::queue_groups (by default one group a queue):
+//!                                     the device's Worker loop over its Rings, sleeping on
+//!                                     their kick eventfds (and the device's own fds),
+//!                                     signalling their call eventfds; restarted whenever
+//!                                     the group's set of running rings changes
+//! ```
+//!
+//! A complete device, virtio-rng ([`crate::rng::device`], the code behind
+//! `virtq serve-rng`), and a server for it:
+//!
+//! ```no_run
+#![doc = include_str!("../rng/device.rs")]
+//!
+//! fn main() -> std::io::Result<()> {
+//!     use virtq_vhost_user::backend::Server;
+//!     let mut server = Server::bind("/tmp/rng.sock", Arc::new(RngDevice::new()?))?;
+//!     server.run() // each frontend on its own thread, until shut down
+//! }
 //! ```
 //!
 //! - **Hostile frontends**: frontends are served concurrently, so one that connects and
@@ -25,21 +51,21 @@
 //!   the rest counted in [`Stats::log_lines_suppressed`].
 //!
 //! - **Layouts**: the back end offers `RING_PACKED`, `IN_ORDER`, `EVENT_IDX`,
-//!   `INDIRECT_DESC` and `VERSION_1` and runs whatever the frontend acks. For packed rings
-//!   the ring base in `SET_VRING_BASE`/`GET_VRING_BASE` is QEMU's encoding: the next
-//!   available position with its wrap counter in bit 15, and the used position and wrap
-//!   counter in bits 16..32.
+//!   `INDIRECT_DESC` and `VERSION_1` ([`RING_FEATURES`]) with every device and runs
+//!   whatever the frontend acks. For packed rings the ring base in
+//!   `SET_VRING_BASE`/`GET_VRING_BASE` is QEMU's encoding: the next available position
+//!   with its wrap counter in bit 15, and the used position and wrap counter in bits
+//!   16..32.
 //! - **Addresses**: ring addresses in `SET_VRING_ADDR` are the frontend's virtual
 //!   addresses; they are translated to guest physical addresses through the memory table's
 //!   `userspace_addr`, and the queue translates those (and every buffer address) to the
 //!   mapped regions with bounds checks ([`memory::GuestMemoryMap`], over
 //!   [`virtq::GuestRegions`]).
 //! - **Hostile guests**: every buffer is a [`virtq::Segment`], translated and bounds-checked
-//!   by the core, and accessed only with `read_at`/`write_at`. A malformed ring latches the
-//!   queue broken: the worker logs it, signals the vring's error fd and waits to be stopped.
-//! - **Devices** implement [`Device`] (features, config space, queues) and one
-//!   [`QueueHandler`] per queue (one chain in, the bytes written out). [`blk::BlkBackend`]
-//!   is virtio-blk over a file.
+//!   by the core. A malformed ring latches the queue broken: the worker logs it, signals
+//!   the vring's error fd and serves it no more (see [`Ring`]).
+//! - **Devices** here: [`blk::BlkBackend`] (virtio-blk over a file),
+//!   [`crate::rng::RngDevice`].
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -71,16 +97,19 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::watchdog::WatchdogThread;
 
 #[macro_use]
-mod log;
+pub(crate) mod log;
 pub mod blk;
 mod conn;
 pub mod memory;
 mod sigbus;
 mod vring;
+mod worker;
 
 pub use conn::RING_FEATURES;
 pub use log::{BURST as LOG_BURST, INTERVAL as LOG_INTERVAL};
 pub use memory::MemoryFault;
+pub(crate) use worker::prefetch_for_write;
+pub use worker::{read_stream, write_stream, ChainWorker, Idle, Ring, Rings, SinkFull, Wake, Worker, CHAIN_BATCH};
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30 of the virtio feature word in vhost-user).
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -92,7 +121,13 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// the device's own config read as zero.
 pub const CONFIG_SPACE_MAX: usize = 256;
 
-/// A virtio device served over vhost-user.
+/// A virtio device served over vhost-user: what a device author writes. The framework
+/// does the rest (see the module documentation).
+///
+/// Most devices answer each chain on its own: they implement [`Self::queue_handler`] and
+/// get one worker thread per queue, which pops, processes, completes and signals. A device
+/// whose queues work together (a network device's receive and transmit queues) names
+/// them in [`Self::queue_groups`] and implements [`Self::worker`], a loop over its rings.
 pub trait Device: Send + Sync + 'static {
     /// The device-class feature bits offered (0..=23, and any others the device knows).
     /// The back end adds the ring bits ([`RING_FEATURES`]) and
@@ -102,12 +137,59 @@ pub trait Device: Send + Sync + 'static {
     /// Number of virtqueues (answered to `GET_QUEUE_NUM`).
     fn num_queues(&self) -> u16;
 
-    /// The device-specific config space, little-endian (VIRTIO 1.3, 4.1.4.3).
-    fn config_space(&self) -> &[u8];
+    /// The device-specific config space, little-endian (VIRTIO 1.3, 4.1.4.3); none by
+    /// default. `GET_CONFIG` reads it through [`Self::read_config`].
+    fn config_space(&self) -> &[u8] {
+        &[]
+    }
 
-    /// A handler for queue `index`, run by that queue's worker thread. Called each time the
-    /// ring starts, with the features the frontend acked.
+    /// Fills `buf` with the config space from `offset` (at most [`CONFIG_SPACE_MAX`]
+    /// bytes in all); bytes past its end read as zero.
+    fn read_config(&self, offset: u32, buf: &mut [u8]) {
+        buf.fill(0);
+        let config = self.config_space();
+        if let Some(src) = config.get(offset as usize..) {
+            let n = src.len().min(buf.len());
+            buf[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    /// A write of the driver into the config space (`SET_CONFIG`). Refused by default:
+    /// most config fields are read-only.
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), ConfigWriteError> {
+        let _ = (offset, data);
+        Err(ConfigWriteError::ReadOnly)
+    }
+
+    /// A handler for queue `index`, run on each chain by that queue's worker thread.
+    /// Called each time the ring starts, with the features the frontend acked.
     fn queue_handler(&self, index: u16, features: Features) -> Box<dyn QueueHandler>;
+
+    /// The queues that one worker thread serves together; every queue in exactly one
+    /// group. By default each queue alone.
+    fn queue_groups(&self) -> Vec<Vec<u16>> {
+        (0..self.num_queues()).map(|q| vec![q]).collect()
+    }
+
+    /// The worker of a group (`queues` as [`Self::queue_groups`] named it), started each
+    /// time the set of its running rings changes, with the features the frontend acked.
+    /// By default the group's [`Self::queue_handler`]s, each run on every chain of its
+    /// queue.
+    fn worker(&self, queues: &[u16], features: Features) -> Box<dyn Worker> {
+        Box::new(ChainWorker::new(queues.iter().map(|&q| (q, self.queue_handler(q, features))).collect()))
+    }
+}
+
+/// Why a config-space write was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigWriteError {
+    /// The device's config space (or this part of it) is read-only.
+    #[error("the config space is read-only")]
+    ReadOnly,
+    /// The value is not valid for the field.
+    #[error("invalid value: {0}")]
+    Invalid(String),
 }
 
 /// Processes the chains of one queue, on that queue's worker thread.
@@ -198,11 +280,26 @@ pub struct ServerOptions {
     /// limited, and neither is the back end's own work (stopping a ring waits for the
     /// request it is processing).
     pub message_timeout: Duration,
+    /// How long a worker keeps polling its rings (and its device's fds) after its last
+    /// request before it turns kicks on and sleeps. Zero (the default) sleeps at once;
+    /// a few tens of microseconds save the driver a kick and the back end a wake-up per
+    /// burst, at the price of a busy CPU while the traffic lasts.
+    pub poll: Duration,
+    /// The ring features offered with the device's own (a subset of [`RING_FEATURES`];
+    /// `VERSION_1` is always offered). Leaving out `RING_PACKED` keeps frontends that
+    /// take whatever the back end offers, such as QEMU's `vhost-user-rng-pci`, on split
+    /// rings.
+    pub ring_features: Features,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { max_connections: 64, message_timeout: Duration::from_secs(10) }
+        Self {
+            max_connections: 64,
+            message_timeout: Duration::from_secs(10),
+            poll: Duration::ZERO,
+            ring_features: Features::from_bits(RING_FEATURES),
+        }
     }
 }
 
@@ -349,12 +446,7 @@ impl Server {
                 );
                 continue;
             }
-            let ctx = ConnCtx {
-                device: self.device.clone(),
-                stats: self.stats.clone(),
-                shutdown: Some(self.shutdown.clone()),
-                message_timeout: self.options.message_timeout,
-            };
+            let ctx = self.conn_ctx();
             match std::thread::Builder::new().name(format!("vhost-conn{n}")).spawn(move || {
                 ctx.serve(stream, n);
             }) {
@@ -375,13 +467,16 @@ impl Server {
     pub fn serve_one(&mut self) -> io::Result<Option<ConnectionEnd>> {
         let Some(stream) = self.accept()? else { return Ok(None) };
         let n = self.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
-        let ctx = ConnCtx {
+        Ok(Some(self.conn_ctx().serve(stream, n)))
+    }
+
+    fn conn_ctx(&self) -> ConnCtx {
+        ConnCtx {
             device: self.device.clone(),
             stats: self.stats.clone(),
             shutdown: Some(self.shutdown.clone()),
-            message_timeout: self.options.message_timeout,
-        };
-        Ok(Some(ctx.serve(stream, n)))
+            options: self.options.clone(),
+        }
     }
 
     fn accept(&mut self) -> io::Result<Option<UnixStream>> {
@@ -390,7 +485,7 @@ impl Server {
             if self.shutdown.requested() {
                 return Ok(None);
             }
-            let ready = vring::poll_in(&[lfd, self.shutdown.inner.wake.as_raw_fd()], -1)?;
+            let ready = worker::poll_in(&[lfd, self.shutdown.inner.wake.as_raw_fd()], -1)?;
             if ready[1] || self.shutdown.requested() {
                 return Ok(None);
             }
@@ -422,7 +517,7 @@ pub fn serve_stream(
     options: &ServerOptions,
 ) -> ConnectionEnd {
     let n = stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
-    ConnCtx { device, stats, shutdown: None, message_timeout: options.message_timeout }.serve(stream, n)
+    ConnCtx { device, stats, shutdown: None, options: options.clone() }.serve(stream, n)
 }
 
 /// What serving a connection needs from its server.
@@ -430,7 +525,7 @@ struct ConnCtx {
     device: Arc<dyn Device>,
     stats: Arc<Stats>,
     shutdown: Option<ShutdownHandle>,
-    message_timeout: Duration,
+    options: ServerOptions,
 }
 
 impl ConnCtx {
@@ -478,10 +573,16 @@ impl ConnCtx {
         let state = Arc::new(Mutex::new(conn::ConnState::new(
             self.device.clone(),
             self.stats.clone(),
-            conn::ConnLinks { log: log.clone(), fault_event: fault_event.clone(), watchdog: watchdog.get().clone() },
+            conn::ConnLinks {
+                log: log.clone(),
+                fault_event: fault_event.clone(),
+                watchdog: watchdog.get().clone(),
+                poll: self.options.poll,
+                ring_features: self.options.ring_features,
+            },
         )));
         let mut handler = BackendReqHandler::from_stream(stream, state.clone());
-        let timeout = self.message_timeout;
+        let timeout = self.options.message_timeout;
         let mut spoken = false;
         let shutting_down = || self.shutdown.as_ref().is_some_and(ShutdownHandle::requested);
         let end = loop {
@@ -497,7 +598,11 @@ impl ConnCtx {
                 break ConnectionEnd::Silent(timeout);
             }
             watchdog.get().arm(Instant::now() + timeout);
-            let r = handler.handle_request();
+            let r = match conn::take_early_vring_enable(sock, &state) {
+                Ok(true) => Ok(()),
+                Ok(false) => handler.handle_request(),
+                Err(e) => Err(e),
+            };
             let stalled = watchdog.get().disarm();
             if let Some(f) = lock(&state).memory_fault() {
                 break ConnectionEnd::MemoryFault(f);
@@ -532,6 +637,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Waits until the socket is readable (a message, end of file) or `fault` is signalled;
 /// false on timeout.
 fn wait_readable(sock: RawFd, fault: RawFd, timeout_ms: i32) -> io::Result<bool> {
-    let ready = vring::poll_in(&[sock, fault], timeout_ms)?;
+    let ready = worker::poll_in(&[sock, fault], timeout_ms)?;
     Ok(ready[0] || ready[1])
 }

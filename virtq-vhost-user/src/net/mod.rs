@@ -1,5 +1,6 @@
 //! virtio-net over vhost-user: the vocabulary both sides share ([`wire`]), the driver
-//! ([`driver`]), and test traffic that checks itself ([`traffic`]).
+//! ([`driver`]), the device ([`device`], served by the back-end framework:
+//! `virtq serve-net`), and test traffic that checks itself ([`traffic`]).
 //!
 //! ```no_run
 //! use virtq_vhost_user::net::{NetDevice, NetOptions};
@@ -17,10 +18,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod device;
 pub mod driver;
+mod tap;
 pub mod traffic;
 pub mod wire;
 
+pub use device::{NetBackend, NetBackendOptions, NetPeer, NetStats};
 pub use driver::{
     BufferCount, DeviceFault, NetDevice, NetError, NetInfo, NetOptions, QueueError, QueuePair, QueueStats, RxFrame,
     RxQueue, TxQueue, DRIVER_FEATURES,

@@ -2,7 +2,7 @@
 //! device: feature bits, the packet header `virtio_net_hdr_v1`, the config space, and the
 //! control queue's commands and acknowledgements.
 //!
-//! Nothing here knows which side it is on: [`NetHdr::parse`] and [`NetHdr::write_to`]
+//! Nothing here knows which side it is on: [`NetHdr::parse`] and [`NetHdr::to_bytes`]
 //! serve a driver reading a received header as well as a device reading a transmitted one,
 //! and [`NetHdr::check_frame`] tells either side whether a header claims more than the
 //! frame it came with.
