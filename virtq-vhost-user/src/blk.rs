@@ -285,9 +285,12 @@ pub enum RequestError {
     /// No request completed for this long; the queue gave up on the device.
     #[error("no completion within {0:?}; the queue gave up on the device")]
     TimedOut(Duration),
-    /// The virtqueue broke (the device broke the ring protocol).
+    /// The virtqueue broke (the device broke the ring protocol, or it was stopped).
     #[error("the virtqueue broke: {0}")]
-    QueueBroken(String),
+    QueueBroken(#[source] frontend::Broken),
+    /// The transport failed otherwise (an eventfd, a timeout of the control socket).
+    #[error("the vhost-user transport failed: {0}")]
+    Transport(#[source] TransportFailure),
     /// A read the device reported done without writing all its data: the used length
     /// (data and status) is short, so the buffer holds stale bytes.
     #[error("the device completed a read with a used length of {used} bytes; its {expected} bytes of data and status were not all written")]
@@ -297,6 +300,31 @@ pub enum RequestError {
         /// The used length the device reported.
         used: u32,
     },
+}
+
+/// A transport error shared by every request it failed (requests are `Clone`; the error is
+/// not). Two are equal when they are the same failure.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct TransportFailure(pub std::sync::Arc<frontend::Error>);
+
+impl PartialEq for TransportFailure {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TransportFailure {}
+
+/// A transport failure, as the requests it fails see it.
+impl From<frontend::Error> for RequestError {
+    fn from(e: frontend::Error) -> Self {
+        match e {
+            frontend::Error::Disconnected => Self::Disconnected,
+            frontend::Error::QueueBroken(reason) => Self::QueueBroken(reason),
+            other => Self::Transport(TransportFailure(std::sync::Arc::new(other))),
+        }
+    }
 }
 
 /// The result a status byte stands for (VIRTIO 1.3, 5.2.6).
@@ -962,9 +990,9 @@ impl BlkQueue {
                     AddErrorKind::NoSpace => BlkError::QueueFull,
                     AddErrorKind::Broken => match &self.failed {
                         Some(f) => f.clone().into(),
-                        None => RequestError::QueueBroken("the virtqueue is broken".into()).into(),
+                        None => RequestError::QueueBroken(self.q.broken_reason()).into(),
                     },
-                    kind => BlkError::InvalidRequest(format!("the virtqueue refused the request: {kind:?}")),
+                    kind => RequestError::QueueBroken(frontend::Broken::Refused(kind)).into(),
                 };
                 Err(SubmitError { error, request: req })
             }
@@ -985,11 +1013,7 @@ impl BlkQueue {
     /// notification fails every request.
     fn notify_device(&mut self) {
         if let Err(e) = self.q.kick() {
-            let err = match e {
-                frontend::Error::Disconnected => RequestError::Disconnected,
-                other => RequestError::QueueBroken(other.to_string()),
-            };
-            self.abort_all(err);
+            self.abort_all(e.into());
         }
     }
 
@@ -1129,7 +1153,7 @@ impl BlkQueue {
                     return Ok(());
                 }
                 Err(e) => {
-                    self.abort_all(RequestError::QueueBroken(e.to_string()));
+                    self.abort_all(e.into());
                     return Ok(());
                 }
             }
@@ -1471,9 +1495,7 @@ impl AsyncBlkQueue {
             Err(e) => {
                 let connected = self.queue.with_queue(|q| q.is_connected());
                 let error = if connected {
-                    RequestError::QueueBroken(
-                        self.queue.with_queue(|q| q.vq().fault()).map_or_else(|| e.to_string(), |f| f.to_string()),
-                    )
+                    RequestError::QueueBroken(self.queue.with_queue(|q| q.broken_reason()))
                 } else {
                     RequestError::Disconnected
                 };
@@ -1485,6 +1507,26 @@ impl AsyncBlkQueue {
 
 #[cfg(test)]
 mod tests {
+    /// `?` into `Box<dyn Error>` keeps the chain down to the ring's own reason.
+    #[test]
+    fn errors_keep_their_sources() {
+        use std::error::Error;
+        let fault = virtq::Fault::UsedIdOutOfRange { id: 9 };
+        let request: RequestError = frontend::Error::QueueBroken(frontend::Broken::Fault(fault)).into();
+        assert_eq!(request, RequestError::QueueBroken(frontend::Broken::Fault(fault)));
+        let boxed: Box<dyn Error> = Box::new(BlkError::from(request));
+        let mut chain = Vec::new();
+        let mut e: Option<&dyn Error> = Some(&*boxed);
+        while let Some(err) = e {
+            chain.push(err.to_string());
+            e = err.source();
+        }
+        assert!(chain.last().unwrap().contains("used id 9"), "{chain:?}");
+        let eventfd: RequestError = frontend::Error::EventFd(std::io::Error::other("gone")).into();
+        assert!(matches!(eventfd, RequestError::Transport(_)));
+        assert!(eventfd.source().and_then(|s| s.source()).is_some_and(|s| s.to_string() == "gone"));
+    }
+
     use super::*;
 
     #[test]

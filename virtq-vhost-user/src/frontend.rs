@@ -150,7 +150,29 @@ pub enum Error {
     Timeout(Duration),
     /// The virtqueue latched broken.
     #[error("the virtqueue is broken: {0}")]
-    QueueBroken(String),
+    QueueBroken(#[source] Broken),
+    /// The ring memory the queue got does not lie in the memory shared with the back end.
+    #[error("virtqueue {index}: its ring is not in the memory shared with the back end")]
+    RingNotShared {
+        /// The queue index.
+        index: u16,
+    },
+}
+
+/// Why a virtqueue no longer takes work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Broken {
+    /// The driver caught the device breaking the ring protocol, or a kick could not be
+    /// delivered.
+    #[error(transparent)]
+    Fault(#[from] virtq::Fault),
+    /// The queue was stopped (`GET_VRING_BASE`), or broken on request.
+    #[error("the queue was stopped")]
+    Stopped,
+    /// The ring refused a buffer.
+    #[error("the ring refused a buffer: {0}")]
+    Refused(virtq::AddErrorKind),
 }
 
 /// How to connect.
@@ -644,9 +666,7 @@ impl Connection {
         // Interrupts stay off until a sleeping wait turns them on.
         queue.vq.disable_cb();
 
-        let translate = |gpa: u64| {
-            inner.memory.gpa_to_host(gpa, 1).ok_or(Error::CreateQueue { index, reason: CreateError::NoMemory })
-        };
+        let translate = |gpa: u64| inner.memory.gpa_to_host(gpa, 1).ok_or(Error::RingNotShared { index });
         let ring = VringConfigData {
             queue_max_size: size,
             queue_size: size,
@@ -800,10 +820,12 @@ impl<T> Queue<T> {
         if self.conn.dead.load(Ordering::Relaxed) {
             return Error::Disconnected;
         }
-        match self.vq.fault() {
-            Some(f) => Error::QueueBroken(f.to_string()),
-            None => Error::QueueBroken("the queue was stopped".into()),
-        }
+        Error::QueueBroken(self.broken_reason())
+    }
+
+    /// Why the queue is broken: the device's fault if the driver caught one, else stopped.
+    pub fn broken_reason(&self) -> Broken {
+        self.vq.fault().map_or(Broken::Stopped, Broken::Fault)
     }
 
     /// Whether the back end is still connected.
@@ -946,7 +968,7 @@ impl<T> Queue<T> {
     /// `vq_mut().detach_unused_buf()`.
     pub fn stop(&mut self) -> Result<u32, Error> {
         if !self.started {
-            return Err(Error::QueueBroken("the queue is already stopped".into()));
+            return Err(Error::QueueBroken(Broken::Stopped));
         }
         self.started = false;
         let i = self.index as usize;

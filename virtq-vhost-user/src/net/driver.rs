@@ -243,7 +243,7 @@ pub enum QueueError {
     Disconnected,
     /// The ring latched broken for a reason other than the device (a failed kick, a stop).
     #[error("the virtqueue is broken: {0}")]
-    Broken(String),
+    Broken(#[source] frontend::Broken),
     /// The queue was stopped with [`RxQueue::stop`] or [`TxQueue::stop`].
     #[error("the queue was stopped")]
     Stopped,
@@ -546,7 +546,7 @@ fn broken_reason<T>(q: &Queue<T>) -> QueueError {
     match q.vq().fault() {
         Some(f) => QueueError::Device(DeviceFault::Ring(f)),
         None if !q.is_connected() => QueueError::Disconnected,
-        None => QueueError::Broken("the virtqueue latched broken".into()),
+        None => QueueError::Broken(q.broken_reason()),
     }
 }
 

@@ -167,7 +167,7 @@ impl RngDriver {
         self.queue
             .vq_mut()
             .add_inbuf_premapped(&[sg], slot)
-            .map_err(|e| frontend::Error::QueueBroken(format!("cannot post buffer {slot}: {:?}", e.kind)))?;
+            .map_err(|e| frontend::Error::QueueBroken(frontend::Broken::Refused(e.kind)))?;
         self.in_flight[slot as usize] = true;
         Ok(())
     }
