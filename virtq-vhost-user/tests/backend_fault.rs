@@ -39,7 +39,7 @@ fn child_entry() {
     match role.as_str() {
         // A frontend that keeps 8 random 4 KiB writes and reads in flight until killed.
         "frontend-load" => {
-            let layout = Layout::from_name(&std::env::var("LAYOUT").unwrap());
+            let layout: Layout = std::env::var("LAYOUT").unwrap().parse().expect("a layout name");
             let progress = PathBuf::from(std::env::var("PROGRESS").unwrap());
             let mut dev = BlkDevice::connect(&socket, &blk_options(layout, 1, 16)).unwrap();
             let mut q = dev.take_queues().remove(0);

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
-use common::{qsd_or_skip, Backing, Daemon};
+use common::{qsd, Backing, Daemon};
 use virtq_vhost_user::blk::{BlkDevice, BlkError, BlkOptions};
 use virtq_vhost_user::Error;
 
@@ -105,8 +105,9 @@ fn peer_that_answers_a_short_message_and_waits() {
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn required_feature_the_device_lacks() {
-    let Some(bin) = qsd_or_skip("required_feature_the_device_lacks") else { return };
+    let bin = qsd("required_feature_the_device_lacks");
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&bin, dir.path(), Backing::Null { size: 1 << 20 }, 1);
     let packed = virtq::Features::RING_PACKED.bits();
@@ -123,8 +124,9 @@ fn required_feature_the_device_lacks() {
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn more_queues_than_the_device_has() {
-    let Some(bin) = qsd_or_skip("more_queues_than_the_device_has") else { return };
+    let bin = qsd("more_queues_than_the_device_has");
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&bin, dir.path(), Backing::Null { size: 1 << 20 }, 2);
     let e = BlkDevice::connect(&daemon.socket, &BlkOptions { queues: 3, ..opts() }).unwrap_err();

@@ -3,12 +3,13 @@
 
 mod common;
 
-use common::{qsd_or_skip, Backing, Daemon};
+use common::{qsd, Backing, Daemon};
 use virtq_vhost_user::blk::{feature, BlkDevice, BlkError, BlkOptions, Op, Request, RequestError, SECTOR_SIZE};
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn config_matches_the_export() {
-    let Some(bin) = qsd_or_skip("config_matches_the_export") else { return };
+    let bin = qsd("config_matches_the_export");
     let dir = tempfile::tempdir().unwrap();
     let size = 48u64 << 20;
     let daemon = Daemon::start_with(&bin, dir.path(), Backing::Null { size }, 3, &["logical-block-size=4096"]);
@@ -38,8 +39,9 @@ fn config_matches_the_export() {
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn read_only_export_sets_ro() {
-    let Some(bin) = qsd_or_skip("read_only_export_sets_ro") else { return };
+    let bin = qsd("read_only_export_sets_ro");
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start_with(&bin, dir.path(), Backing::Null { size: 1 << 20 }, 1, &["writable=off"]);
     let mut dev = BlkDevice::connect(&daemon.socket, &BlkOptions::default()).unwrap();
@@ -51,8 +53,9 @@ fn read_only_export_sets_ro() {
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn device_status_errors_and_driver_checks() {
-    let Some(bin) = qsd_or_skip("device_status_errors_and_driver_checks") else { return };
+    let bin = qsd("device_status_errors_and_driver_checks");
     let dir = tempfile::tempdir().unwrap();
     let size = 1u64 << 20;
     let daemon = Daemon::start(&bin, dir.path(), Backing::Null { size }, 1);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::{qsd_or_skip, Backing, Daemon, Rng};
+use common::{qsd, Backing, Daemon, Rng};
 use virtq_vhost_user::blk::{BlkDevice, BlkError, BlkOptions, BlkQueue, Request, RequestError};
 use virtq_vhost_user::WaitMode;
 
@@ -76,7 +76,7 @@ fn bench_until_failure(mut q: BlkQueue, depth: usize, seed: u64, progress: Arc<A
 }
 
 fn kill_mid_bench(wait_modes: &[WaitMode]) {
-    let Some(bin) = qsd_or_skip("kill_mid_bench") else { return };
+    let bin = qsd("kill_mid_bench");
     let dir = tempfile::tempdir().unwrap();
     let backing = Backing::File { path: dir.path().join("disk.raw"), size: 64 << 20 };
     let mut daemon = Daemon::start(&bin, dir.path(), backing, wait_modes.len() as u16);
@@ -128,18 +128,21 @@ fn kill_mid_bench(wait_modes: &[WaitMode]) {
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn kill_daemon_mid_bench_sleeping_and_polling_queues() {
     kill_mid_bench(&[WaitMode::Sleep, WaitMode::Poll]);
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn kill_daemon_mid_bench_four_sleeping_queues() {
     kill_mid_bench(&[WaitMode::Sleep, WaitMode::Sleep, WaitMode::Hybrid(Duration::from_micros(20)), WaitMode::Sleep]);
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn stalled_daemon_times_requests_out() {
-    let Some(bin) = qsd_or_skip("stalled_daemon_times_requests_out") else { return };
+    let bin = qsd("stalled_daemon_times_requests_out");
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&bin, dir.path(), Backing::Null { size: 1 << 20 }, 1);
     let timeout = Duration::from_millis(800);

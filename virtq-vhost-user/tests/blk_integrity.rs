@@ -13,7 +13,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{qsd_or_skip, Backing, Daemon, Rng};
+use common::{qsd, Backing, Daemon, Rng};
 use virtq_vhost_user::blk::{BlkDevice, BlkOptions, BlkQueue, Op, Request, SECTOR_SIZE};
 use virtq_vhost_user::{DmaBuffer, WaitMode};
 
@@ -145,7 +145,7 @@ fn exercise(mut q: BlkQueue, base: u64, sectors: u64, ops: usize, seed: u64) -> 
 
 fn integrity(queues: u16, indirect: bool, event_idx: bool, wait: WaitMode) {
     let name = format!("integrity q{queues} indirect={indirect} event_idx={event_idx} {wait:?}");
-    let Some(bin) = qsd_or_skip(&name) else { return };
+    let bin = qsd(&name);
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("disk.raw");
     let daemon = Daemon::start(&bin, dir.path(), Backing::File { path: image.clone(), size: DISK }, 4);
@@ -181,41 +181,49 @@ fn integrity(queues: u16, indirect: bool, event_idx: bool, wait: WaitMode) {
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn integrity_1_queue_indirect_event_idx() {
     integrity(1, true, true, WaitMode::Sleep);
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn integrity_1_queue_direct_no_event_idx() {
     integrity(1, false, false, WaitMode::Sleep);
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn integrity_1_queue_indirect_no_event_idx_polling() {
     integrity(1, true, false, WaitMode::Poll);
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn integrity_1_queue_direct_event_idx_hybrid() {
     integrity(1, false, true, WaitMode::Hybrid(Duration::from_micros(50)));
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn integrity_4_queues_indirect_event_idx() {
     integrity(4, true, true, WaitMode::Sleep);
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn integrity_4_queues_direct_no_event_idx() {
     integrity(4, false, false, WaitMode::Sleep);
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn integrity_4_queues_indirect_no_event_idx() {
     integrity(4, true, false, WaitMode::Sleep);
 }
 
 #[test]
+#[cfg_attr(not(peer = "qsd"), ignore = "needs qemu-storage-daemon (scripts/test.sh installs it)")]
 fn integrity_4_queues_direct_event_idx() {
     integrity(4, false, true, WaitMode::Sleep);
 }

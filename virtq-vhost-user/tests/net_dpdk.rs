@@ -17,15 +17,15 @@
 //! cargo test --release -p virtq-vhost-user --test net_dpdk
 //! ```
 //!
-//! Needs `dpdk-testpmd` (`apt-get install dpdk-dev`); without it each test prints
-//! "SKIPPED", or fails under `CI=true`.
+//! Needs `dpdk-testpmd` (`apt-get install dpdk-dev`); without it each test is marked
+//! ignored (build.rs looks).
 
 mod net_util;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use net_util::{serial, testpmd_or_skip, Testpmd};
+use net_util::{serial, testpmd, Testpmd};
 use virtq_vhost_user::net::traffic::{run_loop, LoopOptions, LoopReport};
 use virtq_vhost_user::net::wire::feature;
 use virtq_vhost_user::net::{NetDevice, NetError, NetOptions, QueueError};
@@ -105,7 +105,7 @@ fn run_pairs(dev: &mut NetDevice, frames_per_pair: u64, max_size: usize) -> Vec<
 }
 
 fn check_loop(test: &str, layout: Layout, pairs: u16, fwd: &str) {
-    let Some(bin) = testpmd_or_skip(test) else { return };
+    let bin = testpmd(test);
     let _serial = serial();
     let mut pmd = Testpmd::start(&bin, pairs);
     pmd.forward(fwd);
@@ -137,31 +137,37 @@ fn check_loop(test: &str, layout: Layout, pairs: u16, fwd: &str) {
 }
 
 #[test]
+#[cfg_attr(not(peer = "dpdk"), ignore = "needs DPDK testpmd (apt-get install dpdk-dev)")]
 fn loop_split_1_pair_io() {
     check_loop("loop_split_1_pair_io", Layout::Split, 1, "io");
 }
 
 #[test]
+#[cfg_attr(not(peer = "dpdk"), ignore = "needs DPDK testpmd (apt-get install dpdk-dev)")]
 fn loop_split_2_pairs_macswap() {
     check_loop("loop_split_2_pairs_macswap", Layout::Split, 2, "macswap");
 }
 
 #[test]
+#[cfg_attr(not(peer = "dpdk"), ignore = "needs DPDK testpmd (apt-get install dpdk-dev)")]
 fn loop_packed_1_pair_macswap() {
     check_loop("loop_packed_1_pair_macswap", Layout::Packed, 1, "macswap");
 }
 
 #[test]
+#[cfg_attr(not(peer = "dpdk"), ignore = "needs DPDK testpmd (apt-get install dpdk-dev)")]
 fn loop_packed_2_pairs_io() {
     check_loop("loop_packed_2_pairs_io", Layout::Packed, 2, "io");
 }
 
 #[test]
+#[cfg_attr(not(peer = "dpdk"), ignore = "needs DPDK testpmd (apt-get install dpdk-dev)")]
 fn loop_packed_in_order_1_pair_io() {
     check_loop("loop_packed_in_order_1_pair_io", Layout::PackedInOrder, 1, "io");
 }
 
 #[test]
+#[cfg_attr(not(peer = "dpdk"), ignore = "needs DPDK testpmd (apt-get install dpdk-dev)")]
 fn loop_packed_in_order_2_pairs_macswap() {
     check_loop("loop_packed_in_order_2_pairs_macswap", Layout::PackedInOrder, 2, "macswap");
 }
@@ -169,9 +175,10 @@ fn loop_packed_in_order_2_pairs_macswap() {
 /// Without MRG_RXBUF every frame must fit one receive buffer: the driver sizes them for
 /// the MTU, and the frames stay within it.
 #[test]
+#[cfg_attr(not(peer = "dpdk"), ignore = "needs DPDK testpmd (apt-get install dpdk-dev)")]
 fn loop_without_mergeable_buffers() {
     let test = "loop_without_mergeable_buffers";
-    let Some(bin) = testpmd_or_skip(test) else { return };
+    let bin = testpmd(test);
     let _serial = serial();
     let mut pmd = Testpmd::start(&bin, 1);
     pmd.forward("io");
@@ -196,9 +203,10 @@ fn loop_without_mergeable_buffers() {
 /// What the driver makes of testpmd's vhost port: testpmd has no config space to give
 /// (no `CONFIG` protocol feature), so the frontend fills it in.
 #[test]
+#[cfg_attr(not(peer = "dpdk"), ignore = "needs DPDK testpmd (apt-get install dpdk-dev)")]
 fn info_from_testpmd() {
     let test = "info_from_testpmd";
-    let Some(bin) = testpmd_or_skip(test) else { return };
+    let bin = testpmd(test);
     let _serial = serial();
     let pmd = Testpmd::start(&bin, 2);
     let mac = [0x02, 0, 0, 0x12, 0x34, 0x56];
@@ -227,9 +235,10 @@ fn info_from_testpmd() {
 /// testpmd dies mid-run: the loop fails with a disconnect within seconds, and every buffer
 /// of every queue is accounted for afterwards.
 #[test]
+#[cfg_attr(not(peer = "dpdk"), ignore = "needs DPDK testpmd (apt-get install dpdk-dev)")]
 fn testpmd_killed_mid_run() {
     let test = "testpmd_killed_mid_run";
-    let Some(bin) = testpmd_or_skip(test) else { return };
+    let bin = testpmd(test);
     let _serial = serial();
     for layout in [Layout::Split, Layout::PackedInOrder] {
         let mut pmd = Testpmd::start(&bin, 2);

@@ -90,39 +90,19 @@ enum Lie {
     TxUsedLen,
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Layout {
-    Split,
-    SplitInOrder,
-    Packed,
-    PackedInOrder,
-}
+use virtq_vhost_user::virtq::LayoutKind as Layout;
 
-const LAYOUTS: [Layout; 4] = [Layout::Split, Layout::SplitInOrder, Layout::Packed, Layout::PackedInOrder];
+const LAYOUTS: [Layout; 4] = Layout::ALL;
 
-impl Layout {
-    fn packed(self) -> bool {
-        matches!(self, Layout::Packed | Layout::PackedInOrder)
-    }
-
-    fn options(self) -> NetOptions {
-        let packed = matches!(self, Layout::Packed | Layout::PackedInOrder);
-        let in_order = matches!(self, Layout::SplitInOrder | Layout::PackedInOrder);
-        let mut required = 0;
-        if packed {
-            required |= Features::RING_PACKED.bits();
-        }
-        if in_order {
-            required |= Features::IN_ORDER.bits();
-        }
-        NetOptions {
-            queue_size: 64,
-            packed,
-            in_order,
-            required_features: required,
-            memory: Some(MemoryConfig { size: 16 << 20, regions: 1 }),
-            ..Default::default()
-        }
+/// Options that make the frontend negotiate `layout`.
+fn options(layout: Layout) -> NetOptions {
+    NetOptions {
+        queue_size: 64,
+        packed: layout.is_packed(),
+        in_order: layout.is_in_order(),
+        required_features: layout.features().bits(),
+        memory: Some(MemoryConfig { size: 16 << 20, regions: 1 }),
+        ..Default::default()
     }
 }
 
@@ -294,7 +274,7 @@ impl TestDevice {
     }
 
     fn connect(&self, layout: Layout) -> (NetDevice, QueuePair) {
-        let mut dev = NetDevice::connect(&self.socket, &layout.options()).expect("connect");
+        let mut dev = NetDevice::connect(&self.socket, &options(layout)).expect("connect");
         let pair = dev.take_queue_pairs().remove(0);
         (dev, pair)
     }
@@ -372,7 +352,7 @@ fn lie_on_receive(lie: Lie, expect: impl Fn(&DeviceFault) -> bool) {
         if lie == Lie::UsedLenBeyondBuffer {
             let id = dev.held();
             let len = pair.rx.buffer_len() + 100;
-            forge_used(pair.rx.queue(), net.memory(), layout.packed(), HONEST as u16, id, len);
+            forge_used(pair.rx.queue(), net.memory(), layout.is_packed(), HONEST as u16, id, len);
         }
         let (seqs, err) = receive_until_error(&mut pair);
         assert_eq!(seqs, (0..HONEST as u64).collect::<Vec<_>>(), "{layout:?} {lie:?}: the honest frames first");
@@ -434,7 +414,7 @@ fn used_length_on_a_transmit_buffer_breaks_the_ring() {
             sent += pair.tx.send_with(1, |_, slot| write_frame(slot, MAC, 0, sent as u64, FRAME)).unwrap();
         }
         let id = dev.held();
-        forge_used(pair.tx.queue(), net.memory(), layout.packed(), HONEST as u16, id, 100);
+        forge_used(pair.tx.queue(), net.memory(), layout.is_packed(), HONEST as u16, id, 100);
         let mut err = None;
         let start = Instant::now();
         let mut sent = sent as u64;

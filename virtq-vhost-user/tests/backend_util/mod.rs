@@ -19,41 +19,11 @@ use virtq_vhost_user::blk::{BlkDevice, BlkOptions};
 use virtq_vhost_user::virtq::Features;
 use virtq_vhost_user::{MemoryConfig, WaitMode};
 
-/// A ring layout, as the frontend negotiates it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Layout {
-    Split,
-    SplitInOrder,
-    Packed,
-    PackedInOrder,
-}
+/// A ring layout, as the frontend negotiates it: its `features()` are the ring bits the
+/// frontend is made to require.
+pub use virtq_vhost_user::virtq::LayoutKind as Layout;
 
-pub const LAYOUTS: [Layout; 4] = [Layout::Split, Layout::SplitInOrder, Layout::Packed, Layout::PackedInOrder];
-
-impl Layout {
-    /// The ring features the frontend is made to require (and so negotiate).
-    pub fn features(self) -> Features {
-        match self {
-            Layout::Split => Features::empty(),
-            Layout::SplitInOrder => Features::IN_ORDER,
-            Layout::Packed => Features::RING_PACKED,
-            Layout::PackedInOrder => Features::RING_PACKED | Features::IN_ORDER,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Layout::Split => "split",
-            Layout::SplitInOrder => "split-in-order",
-            Layout::Packed => "packed",
-            Layout::PackedInOrder => "packed-in-order",
-        }
-    }
-
-    pub fn from_name(s: &str) -> Self {
-        *LAYOUTS.iter().find(|l| l.name() == s).unwrap_or_else(|| panic!("unknown layout {s}"))
-    }
-}
+pub const LAYOUTS: [Layout; 4] = Layout::ALL;
 
 /// Frontend options for `layout`: small rings so that they wrap often.
 pub fn blk_options(layout: Layout, queues: u16, queue_size: u16) -> BlkOptions {

@@ -25,26 +25,15 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A test whose peer is missing: a visible "SKIPPED" line, or a failure under `CI=true`
-/// (where the peer must be installed, see scripts/test.sh).
-pub fn skip(test: &str, reason: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: {reason}, and CI=true requires it (scripts/test.sh installs it)");
-    }
-    eprintln!("SKIPPED {test}: {reason}");
-}
-
-/// The testpmd binary, or `None` after reporting the test skipped.
-pub fn testpmd_or_skip(test: &str) -> Option<PathBuf> {
+/// The testpmd binary. A test that needs it runs only where build.rs found it (or with
+/// `--include-ignored`), so a missing testpmd fails the test.
+pub fn testpmd(test: &str) -> PathBuf {
     if let Ok(p) = std::env::var("DPDK_TESTPMD") {
-        return Some(PathBuf::from(p));
+        return PathBuf::from(p);
     }
-    let found = std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(TESTPMD)).find(|p| p.is_file()));
-    if found.is_none() {
-        skip(test, &format!("{TESTPMD} is not installed (apt-get install dpdk-dev)"));
-    }
-    found
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(TESTPMD)).find(|p| p.is_file()))
+        .unwrap_or_else(|| panic!("{test}: {TESTPMD} is not installed (build.rs marks the test ignored without it; scripts/test.sh installs it)"))
 }
 
 /// A running testpmd with one `net_vhost` port listening on `socket`; killed on drop.
