@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the Linux-guest harness against virtq's own vhost-user-blk back end (`serve_blk`,
-# the example binary of virtq-vhost-user, the same code as `virtq serve-blk`): the guest's
-# virtio_blk and virtio_ring.c drive rings that virtq's DeviceQueue serves. For each ring
+# Runs the Linux-guest harness against virtq's own vhost-user-blk back end (`virtq
+# serve-blk`): the guest's virtio_blk and virtio_ring.c drive rings that virtq's
+# DeviceQueue serves. For each ring
 # layout (split, then packed), on a fresh 64 MiB image and one back-end process:
 #
 #   1. run.sh --test pattern                  (packed: --packed, and bit 34 must be negotiated,
@@ -11,11 +11,11 @@
 #   4. check-image.sh IMAGE --test all        the image holds both tests' regions, with the
 #                                             checksums the guests printed
 #
-#   scripts/guest/test-backend.sh [--layout split|packed|both] [--backend PATH] [--keep]
+#   scripts/guest/test-backend.sh [--layout split|packed|both] [--virtq PATH] [--keep]
 #
 #   --layout L      which ring layouts to run (default both)
-#   --backend PATH  the serve_blk binary (default: built with cargo, debug profile;
-#                   also VIRTQ_SERVE_BLK)
+#   --virtq PATH    the virtq binary whose `serve-blk` is the back end (default: built
+#                   with cargo, debug profile; also VIRTQ_BIN)
 #   --keep          keep the temp folder with the logs and images
 #
 # Runs scripts/guest/setup.sh first if the kernel or initramfs is missing. Prints one
@@ -28,12 +28,12 @@ ROOT=$(cd "$HERE/../.." && pwd)
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0" >&2; exit "${1:-2}"; }
 
 LAYOUTS=(split packed)
-BACKEND=${VIRTQ_SERVE_BLK:-}
+VIRTQ=${VIRTQ_BIN:-}
 KEEP=0
 while [ $# -gt 0 ]; do
     case $1 in
     --layout) case ${2:?} in split | packed) LAYOUTS=("$2") ;; both) LAYOUTS=(split packed) ;; *) usage ;; esac; shift 2 ;;
-    --backend) BACKEND=${2:?}; shift 2 ;;
+    --virtq) VIRTQ=${2:?}; shift 2 ;;
     --keep) KEEP=1; shift ;;
     -h | --help) usage 0 ;;
     *) echo "test-backend.sh: unknown argument $1" >&2; usage ;;
@@ -45,12 +45,12 @@ if [ ! -r "${VIRTQ_GUEST_KERNEL:-$CACHE/vmlinuz}" ] || [ ! -r "${VIRTQ_GUEST_INI
     "$HERE/setup.sh"
 fi
 
-if [ -z "$BACKEND" ]; then
-    echo "test-backend: building the serve_blk example" >&2
-    (cd "$ROOT" && cargo build -q -p virtq-vhost-user --example serve_blk)
-    BACKEND=$ROOT/target/debug/examples/serve_blk
+if [ -z "$VIRTQ" ]; then
+    echo "test-backend: building virtq" >&2
+    (cd "$ROOT" && cargo build -q -p virtq-cli --bin virtq)
+    VIRTQ=$ROOT/target/debug/virtq
 fi
-[ -x "$BACKEND" ] || { echo "test-backend: $BACKEND is not an executable" >&2; exit 2; }
+[ -x "$VIRTQ" ] || { echo "test-backend: $VIRTQ is not an executable" >&2; exit 2; }
 
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/virtq-backend.XXXXXX")
 BACKEND_PID=""
@@ -106,7 +106,7 @@ for layout in "${LAYOUTS[@]}"; do
     sock=$DIR/$layout/blk.sock
     log=$DIR/$layout/backend.log
     truncate -s 64M "$image"
-    "$BACKEND" --socket "$sock" --image "$image" --queues 4 >"$log" 2>&1 &
+    "$VIRTQ" serve-blk --socket "$sock" --image "$image" --queues 4 >"$log" 2>&1 &
     BACKEND_PID=$!
     for _ in $(seq 100); do
         [ -S "$sock" ] && break
