@@ -1,14 +1,33 @@
-//! Virtio virtqueues for both ends of the ring.
-//!
-//! - The **driver** side ([`SplitDriver`]) has every operation of Linux's
-//!   `drivers/virtio/virtio_ring.c`, with its semantics, each findable by its Linux name
-//!   (search the docs for `virtqueue_add_sgs`).
-//! - The **device** side ([`SplitDevice`]) plays the role of Linux's vringh: pop chains,
-//!   complete them, decide interrupts, with every driver-written field validated.
+//! Virtio virtqueues for both ends of the ring: split and packed, each with or without
+//! `IN_ORDER` (VIRTIO 1.3, 2.7 and 2.8), with Linux's `virtio_ring.c` semantics on the
+//! driver side and a hardened device side.
 //!
 //! The crate is `no_std`. The driver side needs the `alloc` feature (on by default) for
 //! its private bookkeeping, allocated once at creation; no operation allocates afterwards.
-//! The device side needs no allocation at all.
+//! The device side needs no allocation at all. Every counterpart of a Linux function
+//! carries its name as a doc alias: search these docs for `virtqueue_kick_prepare`.
+//!
+//! # Which type to use
+//!
+//! | you write | layout chosen at run time, by the negotiated features | layout fixed at compile time |
+//! |---|---|---|
+//! | a driver | [`Virtqueue`] | [`SplitDriver`], [`SplitInOrderDriver`], [`PackedDriver`], [`PackedInOrderDriver`] |
+//! | a device | [`DeviceQueue`] | [`SplitDevice`], [`SplitInOrderDevice`], [`PackedDevice`], [`PackedInOrderDevice`] |
+//! | a driver that awaits completions | [`AsyncQueue`] over any of the drivers | |
+//!
+//! All drivers are one type, [`DriverQueue`], with a layout parameter ([`DriverLayout`]);
+//! all devices are [`Device`] with a [`DeviceLayout`]. The methods are the same whatever
+//! the layout: a program that knows its layout saves the one `match` per call that run-time
+//! choice costs. [`LayoutKind`] names the four layouts and maps them to and from features.
+//!
+//! Memory is behind two traits, one per side:
+//! - [`Dma`]: the driver allocates its rings and maps buffers through it (Linux's DMA API).
+//!   [`IdentityDma`] is for a driver whose device sees its addresses unchanged; `*_premapped`
+//!   calls take addresses that are already the device's.
+//! - [`GuestMemory`]: the device translates guest addresses through it, with bounds checks.
+//!   [`GuestRegions`] is an allocation-free table of mapped regions.
+//!
+//! # A driver and a device in one process
 //!
 //! ```
 //! use virtq::{DeviceConfig, Features, QueueConfig, Segments, SplitDevice, SplitDriver};
@@ -43,6 +62,114 @@
 //! mem.read(reply.addr, &mut answer);
 //! assert_eq!(&answer, b"pong");
 //! ```
+//!
+//! # A driver's interrupt handler
+//!
+//! The handler takes used buffers with interrupts off, then turns them back on and looks
+//! once more: a buffer used between the last `get_buf` and `enable_cb` raises no interrupt.
+//!
+//! ```
+//! use virtq::{Dma, Notify, Virtqueue};
+//!
+//! fn on_interrupt<D: Dma, N: Notify>(queue: &mut Virtqueue<u32, D, N>, done: &mut Vec<(u32, u32)>) {
+//!     loop {
+//!         queue.disable_cb();
+//!         while let Some(used) = queue.get_buf() {
+//!             done.push((used.token, used.len));
+//!         }
+//!         if queue.enable_cb() {
+//!             break; // nothing pending: the next used buffer interrupts
+//!         }
+//!     }
+//! }
+//! # use virtq::{DeviceConfig, DeviceQueue, Features, QueueConfig, Segments};
+//! # use virtq::testing::TestMemory;
+//! # let mem = TestMemory::new(1 << 16);
+//! # let features = Features::VERSION_1 | Features::RING_PACKED | Features::EVENT_IDX;
+//! # let mut queue = Virtqueue::<u32, _, _>::new(QueueConfig::new(0, 8, features), &mem, ()).unwrap();
+//! # let config = DeviceConfig::new(8, features, queue.desc_addr(), queue.avail_addr(), queue.used_addr());
+//! # let mut device = DeviceQueue::new(&mem, config).unwrap();
+//! # for token in 0..3 { queue.add_inbuf(&[mem.alloc_sg(8)], token).unwrap(); }
+//! # let mut segs = Segments::<1>::new();
+//! # device.serve(usize::MAX, &mut segs, |_, _| 8).unwrap();
+//! let mut done = Vec::new();
+//! on_interrupt(&mut queue, &mut done);
+//! assert_eq!(done, [(0, 8), (1, 8), (2, 8)]);
+//! ```
+//!
+//! # A device's service loop
+//!
+//! Every device runs the same loop on each queue: with kicks off, pop and complete until
+//! the ring is empty, interrupt the driver if it asked, then turn kicks back on and look
+//! once more before sleeping, because a chain made available before the driver saw kicks
+//! enabled sends no kick. A driver fault latches the queue broken and ends the loop; the
+//! transport then tells the driver the device needs a reset.
+//!
+//! ```
+//! use virtq::{DeviceError, DeviceQueue, GuestMemory, Segments};
+//!
+//! /// Serves `queue` until `wait_for_kick` returns false; each chain's readable bytes are
+//! /// summed into its first writable segment.
+//! fn serve_queue<M: GuestMemory>(
+//!     queue: &mut DeviceQueue<'_, M>,
+//!     mut wait_for_kick: impl FnMut() -> bool,
+//!     mut interrupt: impl FnMut(),
+//! ) -> Result<(), DeviceError> {
+//!     let mut segs = Segments::<8>::new();
+//!     loop {
+//!         queue.disable_notifications();
+//!         while let Some(chain) = queue.pop(&mut segs)? {
+//!             let sum = segs.iter().filter(|s| !s.is_writable()).fold(0u8, |acc, s| {
+//!                 let mut buf = [0u8; 64];
+//!                 let n = s.read_at(0, &mut buf);
+//!                 buf[..n].iter().fold(acc, |a, b| a.wrapping_add(*b))
+//!             });
+//!             let written = segs.iter().find(|s| s.is_writable()).map_or(0, |s| s.write_at(0, &[sum]));
+//!             queue.complete(chain, written as u32);
+//!         }
+//!         if queue.needs_notification() {
+//!             interrupt();
+//!         }
+//!         if queue.enable_notifications() {
+//!             continue; // a chain came in while kicks were off
+//!         }
+//!         if !wait_for_kick() {
+//!             return Ok(());
+//!         }
+//!     }
+//! }
+//! # use virtq::{DeviceConfig, Features, QueueConfig, SplitDriver};
+//! # use virtq::testing::TestMemory;
+//! # let mem = TestMemory::new(1 << 16);
+//! # let features = Features::VERSION_1 | Features::EVENT_IDX;
+//! # let mut driver = SplitDriver::<u32, _, _>::new(QueueConfig::new(0, 8, features), &mem, ()).unwrap();
+//! # let config = DeviceConfig::new(8, features, driver.desc_addr(), driver.avail_addr(), driver.used_addr());
+//! # let mut device = DeviceQueue::new(&mem, config).unwrap();
+//! # let (request, reply) = (mem.alloc_sg(3), mem.alloc_sg(1));
+//! # mem.write(request.addr, &[1, 2, 3]);
+//! # driver.add_sgs(&[&[request]], &[&[reply]], 9).unwrap();
+//! let mut interrupts = 0;
+//! serve_queue(&mut device, || false, || interrupts += 1).unwrap();
+//! assert_eq!(interrupts, 1);
+//! let used = driver.get_buf().unwrap();
+//! assert_eq!((used.token, used.len), (9, 1));
+//! ```
+//!
+//! # Guest memory for a device
+//!
+//! ```
+//! use core::ptr::NonNull;
+//! use virtq::{GuestMemory, GuestRegions};
+//!
+//! let mut backing = vec![0u8; 4096];
+//! let mut regions = GuestRegions::<4>::new();
+//! // SAFETY: `backing` outlives `regions` and is not moved.
+//! unsafe { regions.add_region(0x1_0000, 4096, NonNull::new(backing.as_mut_ptr()).unwrap()) }.unwrap();
+//! assert!(regions.translate(0x1_0ff0, 16).is_some());
+//! assert!(regions.translate(0x1_0ff0, 17).is_none(), "a range that leaves the region");
+//! ```
+//!
+//! Awaiting completions instead of polling for them: see [`completion`].
 
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]

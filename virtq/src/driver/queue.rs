@@ -184,9 +184,10 @@ impl<T, D: Dma, N: Notify, L: DriverLayout> DriverQueue<T, D, N, L> {
         }
     }
 
-    /// Builds a split queue in memory the caller provides and keeps (Linux's
-    /// `vring_new_virtqueue`), using the contiguous layout of
-    /// [`crate::split::ContiguousAreas::new`]`(config.size, config.vring_align)`.
+    /// Builds a queue of any layout in memory the caller provides and keeps (Linux's
+    /// `vring_new_virtqueue`). The areas lie one after the other: for a split ring as
+    /// [`crate::split::ContiguousAreas::new`]`(config.size, config.vring_align)` places
+    /// them, for a packed ring as [`crate::packed::ContiguousAreas::new`]`(config.size)`.
     ///
     /// # Safety
     ///
