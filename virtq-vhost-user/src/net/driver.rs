@@ -85,6 +85,10 @@ pub const DEFAULT_MERGEABLE_BUF: u32 = 2048;
 /// Buffers are laid out on this boundary, so that no two share a cache line.
 const BUF_ALIGN: usize = 64;
 
+/// Where a receive buffer starts within its line: its header fills the line's end.
+const RX_HEADER_OFFSET: usize = BUF_ALIGN - NetHdr::SIZE;
+const _: () = assert!(RX_HEADER_OFFSET.is_multiple_of(4), "the header is read as three aligned u32");
+
 /// How to connect to a virtio-net device.
 #[derive(Clone, Debug)]
 pub struct NetOptions {
@@ -379,11 +383,12 @@ impl NetDevice {
         }
 
         // Memory for the worst case of the options: every pair, receive buffers without
-        // MRG_RXBUF, transmit slots for the largest frame, rings and slack.
+        // MRG_RXBUF (each a line more, for its offset), transmit slots for the largest
+        // frame, rings and slack.
         let frame_guess = opts.mtu as usize + L2_OVERHEAD;
         let buf_guess = round_up(NetHdr::SIZE + frame_guess, BUF_ALIGN).max(opts.mergeable_buf_len as usize);
         let pairs_guess = if opts.queue_pairs == 0 { 4 } else { opts.queue_pairs as usize };
-        let per_pair = size as usize * (2 * buf_guess + 64 * 16);
+        let per_pair = size as usize * (2 * buf_guess + BUF_ALIGN + 64 * 16);
         let memory = opts
             .memory
             .unwrap_or(MemoryConfig { size: (pairs_guess * per_pair + (8 << 20)).max(16 << 20), regions: 1 });
@@ -498,20 +503,28 @@ impl NetDevice {
     }
 }
 
-/// A queue's own piece of guest memory: `count` buffers of `stride` bytes.
+/// A queue's own piece of guest memory: `count` buffers of `stride` bytes, each starting
+/// `offset` bytes into its stride.
 struct BufferPool {
     /// `None` once leaked (the device may still write it).
     region: Option<DmaBuffer>,
+    /// Host address and guest address of buffer 0 (the region's start plus `offset`).
     host: usize,
     gpa: u64,
     stride: usize,
 }
 
 impl BufferPool {
-    fn new(memory: &std::sync::Arc<SharedMemory>, count: usize, stride: usize) -> Result<Self, NetError> {
+    fn new(
+        memory: &std::sync::Arc<SharedMemory>,
+        count: usize,
+        stride: usize,
+        offset: usize,
+    ) -> Result<Self, NetError> {
         let bytes = count * stride;
         let region = memory.alloc_zeroed_buffer(bytes).ok_or(NetError::OutOfMemory(bytes))?;
-        Ok(Self { host: region.as_ptr() as usize, gpa: region.gpa(), stride, region: Some(region) })
+        let (host, gpa) = (region.as_ptr() as usize + offset, region.gpa() + offset as u64);
+        Ok(Self { host, gpa, stride, region: Some(region) })
     }
 
     #[inline(always)]
@@ -687,8 +700,13 @@ impl fmt::Debug for RxQueue {
 impl RxQueue {
     fn new(q: Queue<u16>, pair: u16, info: &NetInfo) -> Result<Self, NetError> {
         let count = q.vq().vring_size() as usize;
-        let stride = round_up(info.rx_buf_len as usize, BUF_ALIGN);
-        let pool = BufferPool::new(q.memory(), count, stride)?;
+        // Each buffer starts RX_HEADER_OFFSET into a line, so that its header ends where a
+        // line ends and the frame starts on the next. The line the driver reads the header
+        // from then holds no frame bytes: a device that leaves an unchanged header
+        // unwritten (DPDK's vhost does) never has to take that line back, which the frame
+        // sharing it cost on every buffer.
+        let stride = round_up(RX_HEADER_OFFSET + info.rx_buf_len as usize, BUF_ALIGN);
+        let pool = BufferPool::new(q.memory(), count, stride, RX_HEADER_OFFSET)?;
         let mut rx = Self {
             q,
             pair,
@@ -784,12 +802,14 @@ impl RxQueue {
         let p = self.pool.host(id);
         // SAFETY: buffer `id` was returned by the device and not reposted, so it is the
         // driver's; it holds at least the header (the caller checked its used length), and
-        // it starts on a 64-byte boundary, so both loads are aligned. Volatile: the device
-        // shares the memory, and each byte is to be read exactly once.
-        let (lo, hi) = unsafe { (p.cast::<u64>().read_volatile(), p.add(8).cast::<u32>().read_volatile()) };
+        // it starts RX_HEADER_OFFSET (a multiple of 4) past a 64-byte boundary, so the
+        // three loads are aligned. Volatile: the device shares the memory, and each byte is
+        // to be read exactly once.
+        let words = unsafe { [0, 4, 8].map(|at| p.add(at).cast::<u32>().read_volatile()) };
         let mut b = [0u8; NetHdr::SIZE];
-        b[..8].copy_from_slice(&lo.to_ne_bytes());
-        b[8..].copy_from_slice(&hi.to_ne_bytes());
+        for (chunk, word) in b.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
         NetHdr::parse(&b)
     }
 
@@ -984,7 +1004,7 @@ impl TxQueue {
         let stride = round_up(NetHdr::SIZE + info.max_tx_frame, BUF_ALIGN);
         // Zeroed: every slot's header is already the all-zero header this driver sends
         // (no offloads requested, `num_buffers` 0 on transmit).
-        let pool = BufferPool::new(q.memory(), count, stride)?;
+        let pool = BufferPool::new(q.memory(), count, stride, 0)?;
         Ok(Self {
             q,
             pair,
