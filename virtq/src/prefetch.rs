@@ -1,8 +1,8 @@
-//! Prefetch for writing. A driver filling a batch writes descriptors into lines the device
+//! Prefetch. For writing: a driver filling a batch writes descriptors into lines the device
 //! last read, so each store needs the line back in exclusive state. Asking for all of a
 //! batch's lines before the first store lets those ownership transfers overlap; left to
-//! the stores, they wait one behind the other in the store buffer. A hint: it changes no
-//! value that either side reads.
+//! the stores, they wait one behind the other in the store buffer. For reading: see
+//! [`line_for_read`]. Hints: they change no value that either side reads.
 
 #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
 mod x86 {
@@ -56,4 +56,21 @@ pub(crate) fn lines_for_write(start: usize, end: usize) {
     }
     #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
     let _ = (start, end);
+}
+
+/// Asks the CPU to fetch the 64-byte line holding address `addr` for reading, where it has
+/// an instruction for that (x86-64); elsewhere, nothing. For loads whose address the CPU
+/// cannot know early: a packed driver finds its next used descriptor only after looking
+/// up how many descriptors the last one's chain held, so without a hint each line the
+/// device wrote arrives one behind the other.
+#[inline(always)]
+pub(crate) fn line_for_read(addr: usize) {
+    #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
+    // SAFETY: PREFETCHT0 (part of SSE, which every x86-64 CPU has) is a hint: it returns
+    // nothing, writes no memory, and does not fault whatever the address.
+    unsafe {
+        core::arch::asm!("prefetcht0 [{}]", in(reg) addr, options(nostack, preserves_flags, readonly))
+    };
+    #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
+    let _ = addr;
 }

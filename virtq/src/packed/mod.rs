@@ -295,6 +295,12 @@ impl PackedRing {
         }
     }
 
+    /// Prefetches for reading the line that holds descriptor `i`.
+    #[inline(always)]
+    pub(crate) fn prefetch_for_read(&self, i: u16) {
+        crate::prefetch::line_for_read(self.desc(i) as *const RawDesc as usize);
+    }
+
     /// The `flags` of descriptor `i`.
     #[inline(always)]
     pub(crate) fn flags(&self, i: u16) -> &Le16 {
