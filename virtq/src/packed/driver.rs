@@ -168,7 +168,7 @@ impl<const IN_ORDER: bool> PackedDriverLayout<IN_ORDER> {
         // would wait for each line the device wrote in turn. Asked for a few lines ahead
         // (once per line when each buffer has a descriptor), they arrive together.
         let size = self.ring.size();
-        if size > 2 * USED_READ_AHEAD && (IN_ORDER || pos % 4 == 0) {
+        if size > 2 * USED_READ_AHEAD && (IN_ORDER || pos.is_multiple_of(4)) {
             let ahead = pos + USED_READ_AHEAD;
             self.ring.prefetch_for_read(if ahead >= size { ahead - size } else { ahead });
         }
