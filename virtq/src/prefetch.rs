@@ -65,11 +65,12 @@ pub(crate) fn lines_for_write(start: usize, end: usize) {
 /// device wrote arrives one behind the other.
 #[inline(always)]
 pub(crate) fn line_for_read(addr: usize) {
+    // The intrinsic rather than `asm!`: the compiler schedules it like any other load.
     #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
-    // SAFETY: PREFETCHT0 (part of SSE, which every x86-64 CPU has) is a hint: it returns
-    // nothing, writes no memory, and does not fault whatever the address.
+    // SAFETY: PREFETCHT0 is part of SSE, which every x86-64 CPU has; it is a hint that
+    // returns nothing, writes no memory, and does not fault whatever the address.
     unsafe {
-        core::arch::asm!("prefetcht0 [{}]", in(reg) addr, options(nostack, preserves_flags, readonly))
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(addr as *const i8)
     };
     #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
     let _ = addr;

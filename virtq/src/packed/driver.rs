@@ -153,6 +153,17 @@ impl<const IN_ORDER: bool> PackedDriverLayout<IN_ORDER> {
         }
     }
 
+    /// Asks for the line of the used descriptor [`USED_READ_AHEAD`] positions after `pos`,
+    /// where the driver found one. Where the next used descriptor is depends on the length
+    /// of this one's chain (in order, on the run it closes), which the CPU learns only from
+    /// the id and the driver's state for it: it cannot fetch the lines ahead on its own,
+    /// and would wait for each line the device wrote in turn. Asked for a few lines
+    /// ahead, they arrive together.
+    #[inline(always)]
+    fn prefetch_used_ahead(&self, pos: u16) {
+        self.ring.prefetch_for_read(pos + USED_READ_AHEAD);
+    }
+
     /// Reads the used descriptor at the driver's position, if there is one: `(id, len)`,
     /// not yet validated.
     #[inline(always)]
@@ -161,16 +172,6 @@ impl<const IN_ORDER: bool> PackedDriverLayout<IN_ORDER> {
         let flags = self.ring.flags(pos).load();
         if !is_used(flags, self.used.wrap()) {
             return None;
-        }
-        // Where the next used descriptor is depends on the length of this one's chain (in
-        // order, on the run it closes), which the CPU learns only from the id read below
-        // and the driver's state for it: it cannot fetch the lines ahead on its own, and
-        // would wait for each line the device wrote in turn. Asked for a few lines ahead
-        // (once per line when each buffer has a descriptor), they arrive together.
-        let size = self.ring.size();
-        if size > 2 * USED_READ_AHEAD && (IN_ORDER || pos.is_multiple_of(4)) {
-            let ahead = pos + USED_READ_AHEAD;
-            self.ring.prefetch_for_read(if ahead >= size { ahead - size } else { ahead });
         }
         // The id and length only after the flags that published them; pairs with the
         // device's wmb before it writes the flags (`PackedDevice::complete`).
@@ -464,6 +465,10 @@ impl<const IN_ORDER: bool> DriverLayout for PackedDriverLayout<IN_ORDER> {
     fn get_buf<T, D: Dma, N: Notify>(&mut self, core: &mut DriverCore<T, D, N>) -> Option<(T, u32, Option<usize>)> {
         if !IN_ORDER {
             let (id, len) = self.read_used(core)?;
+            // Once per line of used descriptors.
+            if self.used.pos().is_multiple_of(4) {
+                self.prefetch_used_ahead(self.used.pos());
+            }
             let (token, ctx, descs) = core.take_used(id as u32, len, &mut self.free)?;
             self.after_used(core, self.used.advance(descs, self.ring.size()));
             return Some((token, len, ctx));
@@ -507,6 +512,8 @@ impl<const IN_ORDER: bool> DriverLayout for PackedDriverLayout<IN_ORDER> {
                 Some(batch) => batch,
                 None => {
                     let Some((id, len)) = self.read_used(core) else { break };
+                    // A run may start anywhere in a line.
+                    self.prefetch_used_ahead(self.used.pos());
                     if !core.check_used(id as u32, len) {
                         break;
                     }

@@ -295,10 +295,15 @@ impl PackedRing {
         }
     }
 
-    /// Prefetches for reading the line that holds descriptor `i`.
+    /// Prefetches for reading the line that holds descriptor `i`, counted on from the end
+    /// of the ring to its start (`i < 2 * size`).
     #[inline(always)]
     pub(crate) fn prefetch_for_read(&self, i: u16) {
-        crate::prefetch::line_for_read(self.desc(i) as *const RawDesc as usize);
+        let i = usize::from(i);
+        let size = usize::from(self.size);
+        let i = if i >= size { i - size } else { i };
+        // A hint, whatever the address: no access is made through this pointer.
+        crate::prefetch::line_for_read(self.desc.as_ptr().wrapping_add(i) as usize);
     }
 
     /// The `flags` of descriptor `i`.
