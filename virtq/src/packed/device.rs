@@ -254,10 +254,14 @@ impl<O: OrderMode> DeviceRing for PackedDeviceLayout<O> {
             // A descriptor that holds this id and length already (the driver put the id
             // there and the device wrote the whole buffer) is left alone: the store would
             // take the line back from a driver that may still be filling the rest of it,
-            // long before the flags go out. The load hits, the line is here from the pop,
-            // and decides only whether to store: a driver that rewrote the descriptor
-            // meanwhile gets its own values back.
-            if !ring.holds_len_id(pos, written, chain.id) {
+            // long before the flags go out. The load decides only whether to store: a
+            // driver that rewrote the descriptor meanwhile gets its own values back. It
+            // is made only where the values can match, a writable part written whole:
+            // elsewhere (a buffer only read, a frame shorter than its buffer) it would
+            // fetch a line the driver took back for reading, just before the store
+            // fetches it again for writing.
+            let may_hold = written != 0 && written == chain.writable_len();
+            if !may_hold || !ring.holds_len_id(pos, written, chain.id) {
                 ring.id(pos).store(chain.id);
                 ring.desc(pos).len().store(written);
             }
