@@ -60,9 +60,7 @@ pub(crate) fn lines_for_write(start: usize, end: usize) {
 
 /// Asks the CPU to fetch the 64-byte line holding address `addr` for reading, where it has
 /// an instruction for that (x86-64); elsewhere, nothing. For loads whose address the CPU
-/// cannot know early: a packed driver finds its next used descriptor only after looking
-/// up how many descriptors the last one's chain held, so without a hint each line the
-/// device wrote arrives one behind the other.
+/// learns too late to fetch ahead, such as the packed driver's next used descriptor.
 #[inline(always)]
 pub(crate) fn line_for_read(addr: usize) {
     // The intrinsic rather than `asm!`: the compiler schedules it like any other load.

@@ -295,14 +295,15 @@ impl PackedRing {
         }
     }
 
-    /// Prefetches for reading the line that holds descriptor `i`, counted on from the end
-    /// of the ring to its start (`i < 2 * size`).
+    /// Prefetches for reading the line that holds descriptor `i`; a position past the
+    /// ring's end counts on from its start.
     #[inline(always)]
     pub(crate) fn prefetch_for_read(&self, i: u16) {
         let i = usize::from(i);
         let size = usize::from(self.size);
         let i = if i >= size { i - size } else { i };
-        // A hint, whatever the address: no access is made through this pointer.
+        // No access is made through this pointer, so it may point anywhere (past the
+        // ring, for a ring shorter than the distance asked for): a hint cannot fault.
         crate::prefetch::line_for_read(self.desc.as_ptr().wrapping_add(i) as usize);
     }
 
