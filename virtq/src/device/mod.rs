@@ -385,10 +385,15 @@ impl<'m, const N: usize> Segments<'m, N> {
 }
 
 impl<'m, const N: usize> SegmentSink<'m> for Segments<'m, N> {
+    #[inline(always)]
     fn clear(&mut self) {
         self.len = 0;
     }
 
+    // Inlined: called out of line, the segment goes through the stack, stored a field at
+    // a time and loaded in wider pieces, which the store buffer cannot forward; the load
+    // then waits for the ring stores before it to reach the cache.
+    #[inline(always)]
     fn push(&mut self, seg: Segment<'m>) -> bool {
         if self.len == N {
             return false;

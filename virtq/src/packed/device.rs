@@ -47,15 +47,24 @@ struct UsedSide {
 
 /// Used descriptors whose id and length are written but whose flags are not yet: they are
 /// published together, a cache line (4 descriptors) at a time, so that the line moves to
-/// the driver once per 4 completions rather than once per completion. Each entry is
-/// `position | flags << 16`, 32 bits, and the newest is in the low bits of `entries`. Not
-/// an array: indexing one by the count would keep the compiler from holding `serve`'s
-/// copy of the device state in registers.
+/// the driver once per 4 completions rather than once per completion. Not an array:
+/// indexing one by the count would keep the compiler from holding `serve`'s copy of the
+/// device state in registers. Not a `u128` either: shifting one in memory compiles to a
+/// load that straddles the two halves stored by the last push, which cannot be forwarded
+/// from the store buffer and so waits for every store before it, the used descriptors'
+/// included, to reach the cache.
 #[derive(Clone, Copy)]
 struct PendingUsed {
-    entries: u128,
+    /// Each entry's position, with [`PENDING_WRITTEN`] if the device wrote to its buffer,
+    /// 16 bits each, the newest in the low bits.
+    entries: u64,
+    /// Each entry's wrap counter, a bit each, the newest in bit 0.
+    wraps: u32,
     len: usize,
 }
+
+/// In a [`PendingUsed`] entry: the device wrote to the buffer (positions are below 2^15).
+const PENDING_WRITTEN: u16 = 1 << 15;
 
 /// Descriptors per 64-byte cache line.
 const USED_LINE: usize = 4;
@@ -134,7 +143,7 @@ impl<O: OrderMode> DeviceRing for PackedDeviceLayout<O> {
                 cursor: used,
                 unsignalled: 0,
                 run: InOrderRun::EMPTY,
-                pending: PendingUsed { entries: 0, len: 0 },
+                pending: PendingUsed { entries: 0, wraps: 0, len: 0 },
             },
             event_flags_shadow: ring.device_flags().load(),
             ring,
@@ -265,8 +274,7 @@ impl<O: OrderMode> DeviceRing for PackedDeviceLayout<O> {
                 ring.id(pos).store(chain.id);
                 ring.desc(pos).len().store(written);
             }
-            let flags = used_bits(used.cursor.wrap()) | if written > 0 { DESC_F_WRITE } else { 0 };
-            used.pending.push(pos as u32 | (flags as u32) << 16);
+            used.pending.push(pos, used.cursor.wrap(), written > 0);
             used.advance(chain.descs, ring.size());
             if used.pending.len == USED_LINE || (used.cursor.pos() as usize).is_multiple_of(USED_LINE) {
                 used.pending.flush(ring, barriers);
@@ -368,9 +376,10 @@ impl UsedSide {
 impl PendingUsed {
     /// Holds back one more entry (at most [`USED_LINE`]).
     #[inline(always)]
-    fn push(&mut self, entry: u32) {
-        debug_assert!(self.len < USED_LINE);
-        self.entries = self.entries << 32 | entry as u128;
+    fn push(&mut self, pos: u16, wrap: bool, written: bool) {
+        debug_assert!(self.len < USED_LINE && pos < PENDING_WRITTEN);
+        self.entries = self.entries << 16 | u64::from(pos | if written { PENDING_WRITTEN } else { 0 });
+        self.wraps = self.wraps << 1 | u32::from(wrap);
         self.len += 1;
     }
 
@@ -382,11 +391,13 @@ impl PendingUsed {
             // The ids and lengths before the flags that publish them; pairs with the
             // driver's rmb after it sees the flags (`PackedDriverLayout::get_buf`).
             barriers.wmb();
-            let mut entries = self.entries;
+            let (mut entries, mut wraps) = (self.entries, self.wraps);
             for _ in 0..self.len {
-                let entry = entries as u32;
-                ring.flags(entry as u16).store((entry >> 16) as u16);
-                entries >>= 32;
+                let entry = entries as u16;
+                let written = if entry & PENDING_WRITTEN != 0 { DESC_F_WRITE } else { 0 };
+                ring.flags(entry & !PENDING_WRITTEN).store(used_bits(wraps & 1 != 0) | written);
+                entries >>= 16;
+                wraps >>= 1;
             }
             self.len = 0;
         }
