@@ -38,6 +38,9 @@ fn cycles<'m, L: DriverLayout>(
 
 /// Streaming: `batch` adds, one kick_prepare, the device's half (`device_batch`), then
 /// `batch` get_bufs; `n` buffers in all.
+// Out of line, so that each layout compiles on its own rather than inside one `main`
+// whose register allocation any change elsewhere would reshuffle.
+#[inline(never)]
 fn streams<'m, L: DriverLayout>(
     driver: &mut DriverQueue<u64, &'m TestMemory, (), L>,
     device: &mut Device<'m, TestMemory, L::Device>,

@@ -448,11 +448,11 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
         Some((token, ctx, self.free_chain(head, chain, free, relink)))
     }
 
-    /// The second half of [`Self::release`], once the token is out of `heads[head]`:
-    /// `chain` is that state's `(descs, tail, indirect_entries, mapped)`. Returns `descs`.
+    /// Undoes the mappings of the buffer at `head`, just taken out of flight; `chain` is
+    /// its state's `(descs, tail, indirect_entries, mapped)`.
     #[inline(always)]
-    fn free_chain(&mut self, head: u16, chain: (u16, u16, u16, bool), free: &mut FreeList, relink: bool) -> u16 {
-        let (descs, tail, indirect_entries, mapped) = chain;
+    pub(crate) fn unmap_taken(&self, head: u16, chain: (u16, u16, u16, bool)) {
+        let (descs, _, indirect_entries, mapped) = chain;
         if D::MAPS && mapped {
             if indirect_entries > 0 {
                 let first = head as usize * self.indirect_max as usize;
@@ -462,6 +462,14 @@ impl<T, D: Dma, N: Notify> DriverCore<T, D, N> {
             }
             self.unmap_chain(head, descs as usize);
         }
+    }
+
+    /// The second half of [`Self::release`], once the token is out of `heads[head]`:
+    /// `chain` is that state's `(descs, tail, indirect_entries, mapped)`. Returns `descs`.
+    #[inline(always)]
+    fn free_chain(&mut self, head: u16, chain: (u16, u16, u16, bool), free: &mut FreeList, relink: bool) -> u16 {
+        let (descs, tail, _, _) = chain;
+        self.unmap_taken(head, chain);
         if relink {
             if self.num_free == 0 {
                 free.head.set(head);

@@ -124,18 +124,18 @@ pub trait DriverLayout: Sized + Send + Sync + Sealed {
 }
 
 /// Latches the queue broken if dropped while armed: during unwinding from a panic.
-struct BreakOnUnwind<N: Notify>(Option<Arc<Shared<N>>>);
+struct BreakOnUnwind<'a, N: Notify>(Option<&'a Shared<N>>);
 
-impl<N: Notify> BreakOnUnwind<N> {
+impl<N: Notify> BreakOnUnwind<'_, N> {
     #[inline(always)]
     fn disarm(mut self) {
         self.0 = None;
     }
 }
 
-impl<N: Notify> Drop for BreakOnUnwind<N> {
+impl<N: Notify> Drop for BreakOnUnwind<'_, N> {
     fn drop(&mut self) {
-        if let Some(shared) = &self.0 {
+        if let Some(shared) = self.0 {
             shared.set_broken();
         }
     }
@@ -168,6 +168,10 @@ pub(crate) fn get_one_by_one<L: DriverLayout, T, D: Dma, N: Notify>(
 pub struct DriverQueue<T, D: Dma, N: Notify, L: DriverLayout> {
     core: DriverCore<T, D, N>,
     layout: L,
+    /// The core's shared state once more, for a burst's [`BreakOnUnwind`]: the burst holds
+    /// `core` mutably, and a clone per burst would cost two atomic read-modify-writes,
+    /// each a full barrier on x86 that waits for the burst's descriptor stores.
+    unwind: Arc<Shared<N>>,
 }
 
 impl<T, D: Dma, N: Notify, L: DriverLayout> DriverQueue<T, D, N, L> {
@@ -203,7 +207,8 @@ impl<T, D: Dma, N: Notify, L: DriverLayout> DriverQueue<T, D, N, L> {
     }
 
     fn init(core: DriverCore<T, D, N>, layout: L) -> Self {
-        let mut q = Self { core, layout };
+        let unwind = core.shared.clone();
+        let mut q = Self { core, layout, unwind };
         q.layout.reset(&mut q.core);
         q
     }
@@ -365,10 +370,8 @@ impl<T, D: Dma, N: Notify, L: DriverLayout> DriverQueue<T, D, N, L> {
         }
         // Should `token` panic, the burst is left half-recorded (its buffers written but
         // not published): the queue latches broken on the way out, so that it fails
-        // cleanly, and `detach_unused_buf` or `reset` hands back every token. A clone of
-        // the shared state, as the burst holds `core` mutably; two atomic operations per
-        // burst, not per buffer.
-        let guard = BreakOnUnwind(Some(self.core.shared.clone()));
+        // cleanly, and `detach_unused_buf` or `reset` hands back every token.
+        let guard = BreakOnUnwind(Some(&*self.unwind));
         let added = self.layout.add_each(&mut self.core, sgs, writable, premapped, &mut token);
         guard.disarm();
         match added {

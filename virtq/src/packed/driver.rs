@@ -17,7 +17,7 @@ use super::{
 };
 use crate::driver::core::{Buffer, DriverCore, FreeList, PRIV_PREMAPPED, PRIV_TABLE};
 use crate::driver::queue::{get_one_by_one, DriverLayout, Sealed};
-use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Notify, QueueConfig, Sg};
+use crate::driver::{AddError, AddErrorKind, CreateError, DriverQueue, Fault, Notify, QueueConfig, Sg};
 use crate::event::need_event;
 use crate::memory::{Dma, DmaRegion};
 use crate::Features;
@@ -520,25 +520,53 @@ impl<const IN_ORDER: bool> DriverLayout for PackedDriverLayout<IN_ORDER> {
                     (id, len)
                 }
             };
-            let mut used = self.used;
+            // The run's buffers by position, with the cursor, the freed count and the
+            // context switch in locals: what each buffer costs is its slot's look-up.
+            let context = core.context;
+            let mut pos = self.used.pos();
+            let mut wrap = self.used.wrap();
+            let mut freed = 0u16;
             let mut rest = None;
-            loop {
-                let Some(taken) = core.take_in_order(used.pos(), batch, &mut self.free) else {
-                    // Latched broken: stop here, as `get_buf` would from now on.
-                    broke = true;
-                    break;
-                };
-                used = used.advance(taken.descs, size);
-                n += 1;
-                f(taken.token, taken.len, taken.ctx);
-                if taken.ends_batch {
-                    break;
+            // Laps up to the ring's end, so that the loop over one tests no wrap.
+            'run: loop {
+                while pos < size {
+                    let slot = core.heads.get_mut(usize::from(pos));
+                    let Some((token, state)) = slot.and_then(|state| Some((state.token.take()?, state))) else {
+                        // Only `detach_unused_buf` on a live queue empties a slot the
+                        // device has not returned yet: latched broken, as `get_buf` would be.
+                        core.fail(Fault::UsedIdNotInFlight { id: u32::from(pos) });
+                        broke = true;
+                        break 'run;
+                    };
+                    let ctx = if context { state.ctx.take() } else { None };
+                    let ends_batch = pos == batch.0;
+                    let len = if ends_batch { batch.1 } else { state.writable };
+                    let chain = (state.descs, state.tail, state.indirect_entries, state.mapped);
+                    core.unmap_taken(pos, chain);
+                    freed += chain.0;
+                    pos += chain.0;
+                    n += 1;
+                    f(token, len, ctx);
+                    if ends_batch {
+                        break 'run;
+                    }
+                    if n == max {
+                        rest = Some(batch);
+                        break 'run;
+                    }
                 }
-                if n == max {
-                    rest = Some(batch);
-                    break;
-                }
+                pos -= size;
+                wrap = !wrap;
             }
+            if pos >= size {
+                pos -= size;
+                wrap = !wrap;
+            }
+            core.num_free += freed;
+            // The next add fills these positions again: ask for their lines now, so that
+            // taking them back from the device overlaps the rest of this call.
+            self.ring.prefetch_for_write(self.used.pos(), usize::from(freed));
+            let used = Cursor::new(pos, wrap);
             self.batch_last = rest;
             self.after_used(core, used);
         }
