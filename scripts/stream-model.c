@@ -13,12 +13,14 @@
 //     descriptor's flags and id and returns the id to its free list.
 //   split: descriptor table, avail and used rings on pages of their own; descriptors and
 //     avail entries stored only when they change (buffer n always goes back into the slot
-//     it came from, as in `virtq bench`), one avail index store per batch; the device
+//     it came from, as in `virtq bench`, so with a pool of one buffer per entry neither
+//     changes; with a larger pool each descriptor gets a new address every lap, as with
+//     `virtq bench --buffers`), one avail index store per batch; the device
 //     writes used elements and publishes `used.idx` every 8 and when it runs dry; the
 //     driver keeps a free list of descriptors.
 //
 //   cc -O2 -pthread -o /tmp/stream-model scripts/stream-model.c
-//   /tmp/stream-model packed-in-order|packed|split [bookkeeping 0|1] [prefetch 0|1] [fence 0|1] [buffers]
+//   /tmp/stream-model packed-in-order|packed|split [bookkeeping 0|1] [prefetch 0|1] [fence 0|1] [buffers] [pool]
 //
 // bookkeeping=1 adds what any driver keeps per buffer in flight (token, length, chain
 // shape: seven stores on add, a check and a clear on reap) in private memory. prefetch=1
@@ -86,6 +88,9 @@ static uint16_t next_free[SLOTS];
 static uint16_t free_ids[SLOTS];
 static long total __attribute__((aligned(128)));
 static int bookkeeping, prefetch, fence;
+// Buffers the driver takes turns with (a multiple of SLOTS): their addresses go into the
+// descriptors.
+static long pool = SLOTS;
 
 static void pin(int cpu) {
     cpu_set_t set;
@@ -163,7 +168,7 @@ static uint64_t packed_driver(void) {
                     __asm__ volatile("prefetchw %0" ::"m"(packed[apos + i]));
             unsigned head = apos;
             for (int i = 0; i < BATCH; i++, apos++) {
-                packed[apos].addr = (uint64_t)(added + i);
+                packed[apos].addr = (uint64_t)((added + i) % pool) * 64;
                 packed[apos].len = 64;
                 packed[apos].id = (uint16_t)apos;
                 track((uint16_t)apos, added + i);
@@ -242,7 +247,7 @@ static uint64_t packed_used_driver(void) {
             unsigned head = apos, head_wrap = awrap;
             for (int i = 0; i < BATCH; i++) {
                 uint16_t id = free_ids[--nfree];
-                packed[apos].addr = (uint64_t)(added + i);
+                packed[apos].addr = (uint64_t)((added + i) % pool) * 64;
                 packed[apos].len = 64;
                 packed[apos].id = id;
                 track(id, added + i);
@@ -310,7 +315,7 @@ static uint64_t split_driver(void) {
             for (int i = 0; i < BATCH; i++) {
                 uint16_t head = free_head;
                 free_head = next_free[head];
-                struct split_desc d = {(uint64_t)head * 64, 64, 0, next_free[head]};
+                struct split_desc d = {(uint64_t)((added + i) % pool) * 64, 64, 0, next_free[head]};
                 if (memcmp(&table[head], &d, sizeof d))
                     table[head] = d;
                 track(head, added + i);
@@ -332,7 +337,7 @@ int main(int argc, char **argv) {
     int split = argc > 1 && !strcmp(argv[1], "split");
     int packed_used = argc > 1 && !strcmp(argv[1], "packed");
     if (argc < 2 || (!split && !packed_used && strcmp(argv[1], "packed-in-order"))) {
-        fprintf(stderr, "usage: %s packed-in-order|packed|split [bookkeeping] [prefetch] [fence] [buffers]\n",
+        fprintf(stderr, "usage: %s packed-in-order|packed|split [bookkeeping] [prefetch] [fence] [buffers] [pool]\n",
                 argv[0]);
         return 2;
     }
@@ -340,6 +345,11 @@ int main(int argc, char **argv) {
     prefetch = argc > 3 ? atoi(argv[3]) : 0;
     fence = argc > 4 ? atoi(argv[4]) : 0;
     total = argc > 5 ? atol(argv[5]) : 30000000;
+    pool = argc > 6 ? atol(argv[6]) : SLOTS;
+    if (pool < SLOTS || pool % SLOTS) {
+        fprintf(stderr, "pool must be a multiple of %d\n", SLOTS);
+        return 2;
+    }
     total -= total % BATCH;
     pthread_t t;
     pthread_create(&t, 0, split ? split_device : packed_used ? packed_used_device : packed_device, 0);
@@ -350,7 +360,7 @@ int main(int argc, char **argv) {
     clock_gettime(CLOCK_MONOTONIC, &t1);
     pthread_join(t, 0);
     double s = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
-    printf("%s bookkeeping %d prefetch %d fence %d: %.1f M buffers/s (check %llu)\n", argv[1], bookkeeping, prefetch,
-           fence, (double)total / s / 1e6, (unsigned long long)(check & 1));
+    printf("%s bookkeeping %d prefetch %d fence %d pool %ld: %.1f M buffers/s (check %llu)\n", argv[1], bookkeeping,
+           prefetch, fence, pool, (double)total / s / 1e6, (unsigned long long)(check & 1));
     return 0;
 }

@@ -64,6 +64,8 @@ pub enum Workload {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub ring_size: u16,
+    /// Buffers the driver takes turns with: the ring size, or a multiple of it.
+    pub buffers: u32,
     pub layouts: Vec<LayoutKind>,
     pub batches: Vec<u16>,
     pub modes: Vec<Mode>,
@@ -79,6 +81,7 @@ pub struct Settings {
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
     pub ring_size: u16,
+    pub buffers: u32,
     pub warmup: Duration,
     pub duration: Duration,
     /// Room for latency samples, allocated before the timed loop.
@@ -90,7 +93,13 @@ impl Settings {
         // One sample per 100 ns of measured time covers the fastest round trip two cores
         // can do; past 8 M samples (32 MiB) a cell just ends early.
         let max_samples = (self.duration.as_micros() * 10).clamp(1_000, 8_000_000) as usize;
-        Timing { ring_size: self.ring_size, warmup: self.warmup, duration: self.duration, max_samples }
+        Timing {
+            ring_size: self.ring_size,
+            buffers: self.buffers,
+            warmup: self.warmup,
+            duration: self.duration,
+            max_samples,
+        }
     }
 
     /// The cells in the order they run: per mode, each batch size on every layout in turn,
@@ -164,6 +173,7 @@ pub fn run(settings: &Settings) -> Result<Report, String> {
     let rtt_medians: Vec<f64> = rtts.iter().map(|r| r.ns).collect();
     Ok(Report {
         ring_size: settings.ring_size,
+        buffers: settings.buffers,
         features: BASE_FEATURES.names().collect(),
         layouts: settings.layouts.iter().map(|&l| LayoutInfo::new(l)).collect(),
         buffer_bytes: BUF_LEN,
@@ -216,7 +226,7 @@ fn run_cell<L: BenchLayout>(
 ) -> Result<CellOutcome, String> {
     // Ring, plus one buffer per entry, plus slack for alignment: each cell gets fresh
     // memory because `TestMemory` never reuses what it handed out.
-    let mem = TestMemory::new(ring_memory(timing.ring_size));
+    let mem = TestMemory::new(ring_memory(timing.ring_size, timing.buffers));
     let ctl = Control::default();
     let (to_device, from_driver) = mpsc::sync_channel(1);
     let (mem, ctl_ref) = (&mem, &ctl);
@@ -239,8 +249,8 @@ fn run_cell<L: BenchLayout>(
 }
 
 /// Guest memory for one ring of `size` entries (any layout) and one buffer per entry.
-pub fn ring_memory(size: u16) -> usize {
-    usize::from(size) * (32 + BUF_LEN as usize) + (64 << 10)
+pub fn ring_memory(size: u16, buffers: u32) -> usize {
+    usize::from(size) * 32 + buffers as usize * BUF_LEN as usize + (64 << 10)
 }
 
 /// What the two threads of [`run_pair`] returned.
@@ -355,6 +365,7 @@ mod tests {
     fn settings(layouts: Vec<LayoutKind>, batches: Vec<u16>, modes: Vec<Mode>) -> Settings {
         Settings {
             ring_size: 64,
+            buffers: 64,
             layouts,
             batches,
             modes,
@@ -387,6 +398,22 @@ mod tests {
             let cell = with_layout!(layout, L => run_cell::<L>(mode, workload, timing, None, &name))
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(cell.driver.added > 0, "{name}: nothing moved");
+        }
+    }
+
+    /// With more buffers than ring entries each lap puts new addresses into the
+    /// descriptors: every buffer still comes back exactly once (checked inside
+    /// `run_cell`), over at least one lap of the pool.
+    #[test]
+    fn a_pool_larger_than_the_ring_streams_correctly() {
+        let mut s = settings(LayoutKind::ALL.to_vec(), vec![32], vec![Mode::Poll]);
+        s.buffers = 4 * u32::from(s.ring_size);
+        let timing = s.timing();
+        for layout in LayoutKind::ALL {
+            let name = format!("{layout} with {} buffers", s.buffers);
+            let cell = with_layout!(layout, L => run_cell::<L>(Mode::Poll, Workload::Stream { batch: 32 }, timing, None, &name))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(cell.driver.added >= u64::from(s.buffers), "{name}: not one lap of the pool");
         }
     }
 }

@@ -90,9 +90,9 @@ struct Driver<'a, L: BenchLayout> {
     queue: Queue<'a, L>,
     ctl: &'a Control,
     mode: Mode,
-    /// One buffer per ring entry. Buffer `token % size` carries token `token`: the device
-    /// completes in order, so a buffer is never in flight twice (and it never touches the
-    /// bytes anyway: the benchmark measures the ring, not copies).
+    /// `--buffers` of them, at least one per ring entry. Buffer `token % len` carries token
+    /// `token`: at most a ring's worth are in flight, so a buffer never is twice (and the
+    /// device never touches the bytes anyway: the benchmark measures the ring, not copies).
     bufs: Vec<Sg>,
     added: u64,
     returned: TokenCheck,
@@ -108,7 +108,7 @@ pub fn run<L: BenchLayout>(
     workload: Workload,
     timing: Timing,
 ) -> Result<DriverOutcome, String> {
-    let result = setup::<L>(mem, ctl, to_device, mode, timing.ring_size).and_then(|d| match workload {
+    let result = setup::<L>(mem, ctl, to_device, mode, timing.ring_size, timing.buffers).and_then(|d| match workload {
         Workload::Stream { batch } => d.stream(batch, timing),
         Workload::Latency => d.latency(timing),
     });
@@ -122,6 +122,7 @@ fn setup<'a, L: BenchLayout>(
     to_device: SyncSender<DeviceConfig>,
     mode: Mode,
     size: u16,
+    buffers: u32,
 ) -> Result<Driver<'a, L>, String> {
     let features = crate::layout::features(L::KIND);
     let mut config = QueueConfig::new(0, size, features);
@@ -132,7 +133,7 @@ fn setup<'a, L: BenchLayout>(
         .map_err(|e| format!("driver: cannot create the queue: {e}"))?;
     // The device attaches to the ring where a transport would tell it to.
     to_device.send(device_config(&queue, features)).map_err(|_| "driver: the device thread is gone".to_string())?;
-    let bufs = (0..queue.vring_size()).map(|_| mem.alloc_sg(BUF_LEN)).collect();
+    let bufs = (0..buffers).map(|_| mem.alloc_sg(BUF_LEN)).collect();
     // Both workloads start busy; interrupts are enabled only right before sleeping.
     queue.disable_cb();
     Ok(Driver { queue, ctl, mode, bufs, added: 0, returned: TokenCheck::default() })

@@ -114,6 +114,15 @@ struct BenchArgs {
     #[arg(long, value_name = "ENTRIES", default_value_t = 256, value_parser = parse_ring_size)]
     size: u16,
 
+    /// Buffers the driver takes turns with, a power of two from the ring size to 2^20
+    /// [default: the ring size]. With as many as the ring has entries, buffer n always
+    /// goes back into the descriptor it came from, and a split driver, finding its
+    /// descriptors and avail entries holding the values already, skips those stores;
+    /// twice as many give each descriptor a new address every lap, as a driver refilling
+    /// its ring from a larger pool would.
+    #[arg(long, value_name = "N", conflicts_with = "ringtest", value_parser = parse_buffers)]
+    buffers: Option<u32>,
+
     /// Also draw throughput against batch size (a panel per mode, a line per layout) into
     /// this SVG file.
     #[arg(long, value_name = "FILE.svg", conflicts_with = "ringtest")]
@@ -152,6 +161,15 @@ enum ModeArg {
     Both,
 }
 
+fn parse_buffers(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number from 1 to 2^20"))?;
+    if n.is_power_of_two() && n <= 1 << 20 {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not a power of two from 1 to 2^20"))
+    }
+}
+
 fn parse_ring_size(s: &str) -> Result<u16, String> {
     let n: u16 = s.parse().map_err(|_| format!("`{s}` is not a number from 1 to 32768"))?;
     if n.is_power_of_two() && n <= 32768 {
@@ -177,6 +195,10 @@ impl BenchArgs {
         if let Some(&b) = self.batch.iter().find(|&&b| b > self.size) {
             return Err(format!("a batch of {b} does not fit in a ring of {} entries", self.size));
         }
+        let buffers = self.buffers.unwrap_or(u32::from(self.size));
+        if buffers < u32::from(self.size) {
+            return Err(format!("{buffers} buffers cannot keep a ring of {} entries full", self.size));
+        }
         let default_ms = if self.quick { 100 } else { 750 };
         let duration = Duration::from_millis(self.duration_ms.unwrap_or(default_ms));
         let modes = match self.mode {
@@ -186,6 +208,7 @@ impl BenchArgs {
         };
         Ok(Settings {
             ring_size: self.size,
+            buffers,
             layouts: self.layouts(),
             batches: self.batch.clone(),
             modes,

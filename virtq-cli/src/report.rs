@@ -15,6 +15,8 @@ use virtq::LayoutKind;
 pub struct Report {
     /// Ring entries.
     pub ring_size: u16,
+    /// Buffers the driver took turns with (`--buffers`).
+    pub buffers: u32,
     /// Features negotiated for every layout.
     pub features: Vec<&'static str>,
     /// The layouts measured, with the features that select each.
@@ -236,10 +238,11 @@ impl Report {
             .collect();
         writeln!(
             out,
-            "virtq bench: ring of {} entries, {}; one {}-byte buffer per request",
+            "virtq bench: ring of {} entries, {}; one {}-byte buffer per request, {} buffers in turn",
             self.ring_size,
             self.features.join(" | "),
-            self.buffer_bytes
+            self.buffer_bytes,
+            self.buffers
         )?;
         writeln!(out, "layouts: {}", layouts.join(", "))?;
         let placement = match (self.cpus, self.pinned) {

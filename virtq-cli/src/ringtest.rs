@@ -281,7 +281,7 @@ fn run_once<L: BenchLayout>(
     cpus: Option<(usize, usize)>,
     name: &str,
 ) -> Result<(Outcome, bool), String> {
-    let mem = TestMemory::new(ring_memory(settings.ring_size));
+    let mem = TestMemory::new(ring_memory(settings.ring_size, settings.ring_size.into()));
     let ctl = Control::default();
     let (to_device, from_driver) = mpsc::sync_channel(1);
     let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -482,7 +482,7 @@ fn serve<D: DeviceLayout>(
 /// `laps` rings are measured after one unmeasured lap, and each side's cost is the median
 /// over laps (a lap during which the thread was preempted is an outlier, not a trend).
 fn single_thread_cost<L: BenchLayout>(size: u16, laps: u32) -> Result<SingleThreadCost, String> {
-    let mem = TestMemory::new(ring_memory(size));
+    let mem = TestMemory::new(ring_memory(size, size.into()));
     let ctl = Control::default();
     let features = layout::features(L::KIND);
     let mut queue = Queue::<L>::new(ringtest_config(size, features), &mem, Kicker(&ctl.device_bell))
