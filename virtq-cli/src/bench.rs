@@ -403,7 +403,8 @@ mod tests {
 
     /// With more buffers than ring entries each lap puts new addresses into the
     /// descriptors: every buffer still comes back exactly once (checked inside
-    /// `run_cell`), over at least one lap of the pool.
+    /// `run_cell`). The measured window waits for a first lap of the pool, however slow
+    /// the machine.
     #[test]
     fn a_pool_larger_than_the_ring_streams_correctly() {
         let mut s = settings(LayoutKind::ALL.to_vec(), vec![32], vec![Mode::Poll]);

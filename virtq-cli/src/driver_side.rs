@@ -252,11 +252,12 @@ impl<L: BenchLayout> Driver<'_, L> {
     }
 
     /// Streaming: keep the ring full, `batch` buffers per kick; after the measured window,
-    /// stop adding and drain.
+    /// stop adding and drain. The window opens after the warm-up and a first lap of the
+    /// buffer pool.
     fn stream(mut self, batch: u16, timing: Timing) -> Result<DriverOutcome, String> {
         let start = Instant::now();
         let measure_from = start + timing.warmup;
-        let measure_until = measure_from + timing.duration;
+        let mut measure_until = measure_from + timing.duration;
         let mut first: Option<Snapshot> = None;
         let mut window = None;
         let mut iterations = 0u32;
@@ -276,8 +277,13 @@ impl<L: BenchLayout> Driver<'_, L> {
             iterations = iterations.wrapping_add(1);
             if window.is_none() && iterations.is_multiple_of(16) {
                 let now = Instant::now();
+                // Warm means every buffer of the pool has been through the ring once,
+                // however long that takes on a busy machine.
                 match first {
-                    None if now >= measure_from => first = Some(self.snapshot(now)),
+                    None if now >= measure_from && self.added >= u64::from(timing.buffers) => {
+                        first = Some(self.snapshot(now));
+                        measure_until = now + timing.duration;
+                    }
                     Some(f) if now >= measure_until => window = Some((f, self.snapshot(now))),
                     _ => {}
                 }
