@@ -24,6 +24,9 @@ const SIZE: u16 = 256;
 
 use virtq_bench_support::cycle::{pop_complete, round_trip};
 
+// Out of line, so that each layout compiles on its own rather than inside one `main`
+// whose register allocation any change elsewhere would reshuffle.
+#[inline(never)]
 fn cycles<'m, L: DriverLayout>(
     driver: &mut DriverQueue<u64, &'m TestMemory, (), L>,
     device: &mut Device<'m, TestMemory, L::Device>,
@@ -38,8 +41,7 @@ fn cycles<'m, L: DriverLayout>(
 
 /// Streaming: `batch` adds, one kick_prepare, the device's half (`device_batch`), then
 /// `batch` get_bufs; `n` buffers in all.
-// Out of line, so that each layout compiles on its own rather than inside one `main`
-// whose register allocation any change elsewhere would reshuffle.
+// Out of line, as `cycles`.
 #[inline(never)]
 fn streams<'m, L: DriverLayout>(
     driver: &mut DriverQueue<u64, &'m TestMemory, (), L>,
