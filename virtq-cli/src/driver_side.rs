@@ -257,7 +257,6 @@ impl<L: BenchLayout> Driver<'_, L> {
     fn stream(mut self, batch: u16, timing: Timing) -> Result<DriverOutcome, String> {
         let start = Instant::now();
         let measure_from = start + timing.warmup;
-        let mut measure_until = measure_from + timing.duration;
         let mut first: Option<Snapshot> = None;
         let mut window = None;
         let mut iterations = 0u32;
@@ -282,9 +281,8 @@ impl<L: BenchLayout> Driver<'_, L> {
                 match first {
                     None if now >= measure_from && self.added >= u64::from(timing.buffers) => {
                         first = Some(self.snapshot(now));
-                        measure_until = now + timing.duration;
                     }
-                    Some(f) if now >= measure_until => window = Some((f, self.snapshot(now))),
+                    Some(f) if now >= f.at + timing.duration => window = Some((f, self.snapshot(now))),
                     _ => {}
                 }
             }
